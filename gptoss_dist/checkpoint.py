@@ -1,0 +1,268 @@
+"""The published Hugging Face checkpoint layout: reading it tensor by tensor, and loading a model from it.
+
+A checkpoint directory holds `config.json`, one or several `*.safetensors` files and, when there are several,
+`model.safetensors.index.json`. Expert weights are stored either as MXFP4 (`<name>_blocks`, `<name>_scales`,
+as openai/gpt-oss-* publish them) or dequantized (`<name>`, as transformers saves them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from gptoss_dist import mxfp4
+from gptoss_dist.config import ConfigError, ModelConfig
+from gptoss_dist.model import GptOss
+
+INDEX_FILE = "model.safetensors.index.json"
+CONFIG_FILE = "config.json"
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+PACKED_SUFFIXES = ("_blocks", "_scales")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names the file or the tensor."""
+
+
+class SafetensorsFile:
+    """One `.safetensors` file, read lazily: `read(name)` maps only that tensor's bytes.
+
+    (safetensors' own numpy reader has no bfloat16, the dtype of every non-expert GPT-OSS weight.)
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with path.open("rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise CheckpointError(f"{path}: truncated: the header claims {header_len} bytes")
+                header = json.loads(f.read(header_len))
+        except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self.tensors: dict[str, dict[str, Any]] = header
+        data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if self._data_start + data_end > size:
+            raise CheckpointError(
+                f"{path}: truncated: its header describes {self._data_start + data_end} bytes, the file has {size}"
+            )
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name]["shape"])
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.tensors[name]
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        if end - begin != dtype.itemsize * int(np.prod(shape)):
+            raise CheckpointError(f"{self.path}: tensor {name}: {end - begin} bytes do not hold {shape} {dtype}")
+        data = np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
+        return np.array(data)
+
+
+class HfCheckpoint:
+    """The tensors of a Hugging Face checkpoint directory, by name, each read on demand."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: no such checkpoint directory")
+        self._file_of = self._locate_tensors()
+        self._files: dict[str, SafetensorsFile] = {}
+
+    def _locate_tensors(self) -> dict[str, str]:
+        index = self.directory / INDEX_FILE
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise CheckpointError(f"{index}: not a safetensors index: {err}") from err
+            for file in sorted(set(weight_map.values())):
+                if not (self.directory / file).exists():
+                    raise CheckpointError(f"{self.directory / file}: missing, but {INDEX_FILE} lists it")
+            return dict(weight_map)
+        files = sorted(self.directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.directory}: holds no .safetensors file")
+        return {name: file.name for file in files for name in SafetensorsFile(file).tensors}
+
+    def _file(self, name: str) -> SafetensorsFile:
+        file = self._file_of[name]
+        if file not in self._files:
+            self._files[file] = SafetensorsFile(self.directory / file)
+        handle = self._files[file]
+        if name not in handle.tensors:
+            raise CheckpointError(f"{handle.path}: has no tensor {name}, but {INDEX_FILE} places it there")
+        return handle
+
+    def names(self) -> set[str]:
+        return set(self._file_of)
+
+    def where(self, name: str) -> str:
+        return str(self.directory / self._file_of[name])
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._file(name).read(name)
+
+    def config(self) -> ModelConfig:
+        path = self.directory / CONFIG_FILE
+        if not path.exists():
+            raise CheckpointError(f"{path}: missing")
+        try:
+            return ModelConfig.from_json(path)
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from err
+
+
+@dataclasses.dataclass(frozen=True)
+class HfTensor:
+    """One model weight as the checkpoint stores it.
+
+    `shape` is its Hugging Face (transformers) shape; `transpose` reorders those axes into ours before a
+    reshape to the parameter's shape; `mxfp4` marks expert weights that may be stored packed.
+    """
+
+    name: str
+    param: tuple[str | int, ...]
+    shape: tuple[int, ...]
+    transpose: tuple[int, ...] | None = None
+    mxfp4: bool = False
+
+
+def hf_tensors(cfg: ModelConfig) -> list[HfTensor]:
+    """Every weight of the model, declared once: its checkpoint name, our parameter path, its layout."""
+    hidden, vocab, inter, experts = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts
+    q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    swap = (1, 0)
+    tensors = [HfTensor("model.embed_tokens.weight", ("embed",), (vocab, hidden))]
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", ("layers", i)
+        attn, mlp = ours + ("attn",), ours + ("mlp",)
+        tensors += [
+            HfTensor(hf + "input_layernorm.weight", ours + ("attn_norm", "scale"), (hidden,)),
+            HfTensor(hf + "self_attn.q_proj.weight", attn + ("q",), (q_width, hidden), swap),
+            HfTensor(hf + "self_attn.q_proj.bias", attn + ("q_bias",), (q_width,)),
+            HfTensor(hf + "self_attn.k_proj.weight", attn + ("k",), (kv_width, hidden), swap),
+            HfTensor(hf + "self_attn.k_proj.bias", attn + ("k_bias",), (kv_width,)),
+            HfTensor(hf + "self_attn.v_proj.weight", attn + ("v",), (kv_width, hidden), swap),
+            HfTensor(hf + "self_attn.v_proj.bias", attn + ("v_bias",), (kv_width,)),
+            HfTensor(hf + "self_attn.o_proj.weight", attn + ("o",), (hidden, q_width), swap),
+            HfTensor(hf + "self_attn.o_proj.bias", attn + ("o_bias",), (hidden,)),
+            HfTensor(hf + "self_attn.sinks", attn + ("sinks",), (cfg.num_heads,)),
+            HfTensor(hf + "post_attention_layernorm.weight", ours + ("mlp_norm", "scale"), (hidden,)),
+            HfTensor(hf + "mlp.router.weight", mlp + ("router",), (experts, hidden), swap),
+            HfTensor(hf + "mlp.router.bias", mlp + ("router_bias",), (experts,)),
+            HfTensor(hf + "mlp.experts.gate_up_proj", mlp + ("gate_up",), (experts, hidden, 2 * inter), mxfp4=True),
+            HfTensor(hf + "mlp.experts.gate_up_proj_bias", mlp + ("gate_up_bias",), (experts, 2 * inter)),
+            HfTensor(hf + "mlp.experts.down_proj", mlp + ("down",), (experts, inter, hidden), mxfp4=True),
+            HfTensor(hf + "mlp.experts.down_proj_bias", mlp + ("down_bias",), (experts, hidden)),
+        ]
+    tensors += [
+        HfTensor("model.norm.weight", ("norm", "scale"), (hidden,)),
+        HfTensor("lm_head.weight", ("unembed",), (vocab, hidden), swap),
+    ]
+    return tensors
+
+
+def packed_shapes(tensor: HfTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """MXFP4 blocks and scales shapes of an expert weight (E, in, out): stored (E, out, in/32, 16) and (E, out, in/32)."""
+    experts, fan_in, fan_out = tensor.shape
+    groups = fan_in // mxfp4.VALUES_PER_BLOCK
+    return (experts, fan_out, groups, mxfp4.VALUES_PER_BLOCK // 2), (experts, fan_out, groups)
+
+
+def is_packed(ckpt: HfCheckpoint, tensor: HfTensor) -> bool:
+    return tensor.mxfp4 and tensor.name + "_blocks" in ckpt.names()
+
+
+def stored_names(ckpt: HfCheckpoint, tensor: HfTensor) -> list[str]:
+    return [tensor.name + s for s in PACKED_SUFFIXES] if is_packed(ckpt, tensor) else [tensor.name]
+
+
+def check_names(ckpt: HfCheckpoint, tensors: list[HfTensor]) -> None:
+    """Refuses a checkpoint whose tensor names differ from what its config.json describes."""
+    expected = {name for t in tensors for name in stored_names(ckpt, t)}
+    present = ckpt.names()
+    if missing := sorted(expected - present):
+        raise CheckpointError(f"{ckpt.directory}: missing tensors: {', '.join(missing[:8])}")
+    if unknown := sorted(present - expected):
+        raise CheckpointError(
+            f"{ckpt.directory}: tensors that config.json does not describe: {', '.join(unknown[:8])}"
+        )
+
+
+def _check_shape(ckpt: HfCheckpoint, name: str, expected: tuple[int, ...]) -> None:
+    actual = ckpt.shape(name)
+    if actual != expected:
+        raise CheckpointError(
+            f"{ckpt.where(name)}: tensor {name} has shape {actual}, but config.json implies {expected}"
+        )
+
+
+def read_hf_tensor(ckpt: HfCheckpoint, tensor: HfTensor) -> np.ndarray:
+    """One weight in the Hugging Face layout (`tensor.shape`), MXFP4 decoded exactly to float32."""
+    if is_packed(ckpt, tensor):
+        blocks_shape, scales_shape = packed_shapes(tensor)
+        _check_shape(ckpt, tensor.name + "_blocks", blocks_shape)
+        _check_shape(ckpt, tensor.name + "_scales", scales_shape)
+        decoded = mxfp4.decode_np(ckpt.read(tensor.name + "_blocks"), ckpt.read(tensor.name + "_scales"))
+        return decoded.transpose(0, 2, 1)
+    _check_shape(ckpt, tensor.name, tensor.shape)
+    return ckpt.read(tensor.name)
+
+
+def to_param_layout(value: np.ndarray, tensor: HfTensor, param_shape: tuple[int, ...]) -> np.ndarray:
+    if tensor.transpose is not None:
+        value = value.transpose(tensor.transpose)
+    return value.reshape(param_shape)
+
+
+def iter_params(ckpt: HfCheckpoint, abstract_state: nnx.State) -> Iterator[tuple[tuple, np.ndarray]]:
+    """Yields (parameter path, value in our layout) one weight at a time, after checking every name."""
+    tensors = hf_tensors(ckpt.config())
+    check_names(ckpt, tensors)
+    shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(abstract_state)}
+    for tensor in tensors:
+        yield tensor.param, to_param_layout(read_hf_tensor(ckpt, tensor), tensor, shapes[tensor.param])
+
+
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None) -> GptOss:
+    """The model's structure with shapes and dtypes only: nothing is allocated."""
+    return nnx.eval_shape(lambda: GptOss(cfg, param_dtype=dtype, compute_dtype=compute_dtype))
+
+
+def from_pretrained(path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None) -> GptOss:
+    """Loads a model from a checkpoint directory in the published Hugging Face layout.
+
+    `dtype` is the parameters' dtype (bfloat16 for serving, float32 for parity); `compute_dtype` defaults to
+    it. Tensors are read and placed one at a time.
+    """
+    ckpt = HfCheckpoint(path)
+    graphdef, state = nnx.split(abstract_model(ckpt.config(), dtype=dtype, compute_dtype=compute_dtype))
+    flat = dict(nnx.to_flat_state(state))
+    for param, value in iter_params(ckpt, state):
+        flat[param].set_value(jax.device_put(value.astype(flat[param].get_value().dtype)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))

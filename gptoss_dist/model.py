@@ -1,0 +1,292 @@
+"""GPT-OSS in Flax NNX.
+
+Every weight is declared once, here, with the logical names of its axes (`Param(..., logical_axes=...)`);
+`gptoss_dist.sharding` maps those names to mesh axes. Layouts are JAX's (inputs first): a Hugging Face
+`Linear` weight (out, in) is stored transposed. Softmax, norms and the router run in float32 whatever the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_dist.config import ModelConfig
+
+F32 = jnp.float32
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stddev: float) -> nnx.Param:
+    value = (jax.random.normal(rngs.params(), shape, F32) * stddev).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+def _constant(shape: tuple[int, ...], axes: tuple[str, ...], dtype, fill: float) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, fill, dtype), logical_axes=axes)
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """YaRN inverse frequencies (head_dim/2,), computed in float32 the way transformers does."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+
+    def correction_dim(rotations: float) -> float:
+        return dim * np.log(cfg.rope_original_max_position / (rotations * 2 * np.pi)) / (2 * np.log(base))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = np.floor(low), np.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    pos_freqs = np.float32(base) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - np.float32(low)) / np.float32(high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (1 / (cfg.rope_factor * pos_freqs)) * (1 - extrapolation) + (1 / pos_freqs) * extrapolation
+    return inv_freq.astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, cfg: ModelConfig, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, head_dim/2] for integer positions [B, T], scaled by YaRN's attention factor."""
+    angles = positions.astype(F32)[..., None] * jnp.asarray(rope_inv_freq(cfg))
+    scale = cfg.rope_attention_scale
+    return (jnp.cos(angles) * scale).astype(dtype), (jnp.sin(angles) * scale).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Half-split rotation of x [B, T, heads, head_dim]."""
+    first, second = jnp.split(x, 2, axis=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+
+def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, window: int | None) -> jax.Array:
+    """[B, T, S] bool: query t may see key s (causal, valid, and within `window` keys when one is set)."""
+    distance = q_pos[:, :, None] - k_pos[:, None, :]
+    mask = k_valid[:, None, :] & (distance >= 0)
+    if window is not None:
+        mask &= distance < window
+    return mask
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped attention with a learned sink logit per head.
+
+    q [B, T, Hq, D], k and v [B, S, Hkv, D], sinks [Hq], mask [B, T, S] -> [B, T, Hq, D]. The sink joins each
+    row's softmax as one more (unscaled) logit and is then dropped, so a row may give less than 1 to its keys.
+    """
+    batch, length, num_heads, head_dim = q.shape
+    num_kv = k.shape[2]
+    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * head_dim**-0.5
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    sink = jnp.broadcast_to(sinks.astype(F32).reshape(1, num_kv, -1, 1, 1), (*scores.shape[:-1], 1))
+    probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
+    return out.reshape(batch, length, num_heads, head_dim)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, param_dtype, rngs: nnx.Rngs):
+        hidden, heads, kv_heads, dim = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        std = hidden**-0.5
+        self.q = _param(rngs, (hidden, heads, dim), ("embed", "q_heads", "head_dim"), param_dtype, std)
+        self.q_bias = _constant((heads, dim), ("q_heads", "head_dim"), param_dtype, 0.0)
+        self.k = _param(rngs, (hidden, kv_heads, dim), ("embed", "kv_heads", "head_dim"), param_dtype, std)
+        self.k_bias = _constant((kv_heads, dim), ("kv_heads", "head_dim"), param_dtype, 0.0)
+        self.v = _param(rngs, (hidden, kv_heads, dim), ("embed", "kv_heads", "head_dim"), param_dtype, std)
+        self.v_bias = _constant((kv_heads, dim), ("kv_heads", "head_dim"), param_dtype, 0.0)
+        self.o = _param(rngs, (heads, dim, hidden), ("q_heads", "head_dim", "embed"), param_dtype, (heads * dim) ** -0.5)
+        self.o_bias = _constant((hidden,), ("embed",), param_dtype, 0.0)
+        self.sinks = _constant((heads,), ("q_heads",), param_dtype, 0.0)
+        self.window = cfg.window(layer)
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Projects x [B, T, hidden] to rotated q [B, T, Hq, D], rotated k and v [B, T, Hkv, D]."""
+        dtype = x.dtype
+        q = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dtype)) + self.q_bias[...].astype(dtype)
+        k = jnp.einsum("bte,ehd->bthd", x, self.k[...].astype(dtype)) + self.k_bias[...].astype(dtype)
+        v = jnp.einsum("bte,ehd->bthd", x, self.v[...].astype(dtype)) + self.v_bias[...].astype(dtype)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def project_out(self, attended: jax.Array) -> jax.Array:
+        dtype = attended.dtype
+        return jnp.einsum("bthd,hde->bte", attended, self.o[...].astype(dtype)) + self.o_bias[...].astype(dtype)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        q, k, v = self.qkv(x, cos, sin)
+        return self.project_out(attend(q, k, v, self.sinks[...], mask))
+
+
+# ------------------------------------------------------------------------------------------------- MoE
+
+
+def clamped_swiglu(gate_up: jax.Array, limit: float, alpha: float) -> jax.Array:
+    """GPT-OSS's activation on interleaved columns (gate even, up odd) -> [..., intermediate]."""
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+    return gate * jax.nn.sigmoid(alpha * gate) * (up + 1)
+
+
+def route(x: jax.Array, router: jax.Array, router_bias: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+    """Float32 router over tokens x [N, hidden]: the chosen experts [N, k] and their softmaxed weights [N, k]."""
+    logits = x.astype(F32) @ router.astype(F32) + router_bias.astype(F32)
+    top_logits, experts = jax.lax.top_k(logits, top_k)
+    return experts, jax.nn.softmax(top_logits, axis=-1)
+
+
+def routed_experts(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    gate_up: jax.Array,
+    gate_up_bias: jax.Array,
+    down: jax.Array,
+    down_bias: jax.Array,
+    *,
+    limit: float,
+    alpha: float,
+    first_expert: jax.Array | int = 0,
+) -> jax.Array:
+    """Sum over each token's chosen experts of weight * expert(token), for the experts held here.
+
+    x [N, hidden]; experts and weights [N, k]; the expert weights hold experts first_expert.. of the model
+    ([E_here, hidden, 2I], [E_here, I, hidden], ...). Token copies are sorted by expert and each expert's rows
+    go through one grouped matmul (`ragged_dot`), so an expert only sees the tokens routed to it. Copies
+    routed to experts held elsewhere are sorted last and contribute zero. Returns float32 [N, hidden].
+    """
+    num_tokens, top_k = experts.shape
+    num_here = gate_up.shape[0]
+    local = experts.reshape(-1) - first_expert
+    held = (local >= 0) & (local < num_here)
+    group = jnp.where(held, local, num_here)
+    order = jnp.argsort(group, stable=True)
+    token = order // top_k
+    sorted_group = group[order]
+    sizes = jnp.bincount(group, length=num_here + 1)[:num_here].astype(jnp.int32)
+    expert_of_row = jnp.minimum(sorted_group, num_here - 1)
+
+    rows = x[token]
+    hidden = jax.lax.ragged_dot(rows, gate_up.astype(x.dtype), sizes) + gate_up_bias.astype(x.dtype)[expert_of_row]
+    activated = clamped_swiglu(hidden, limit, alpha)
+    out = jax.lax.ragged_dot(activated, down.astype(x.dtype), sizes) + down_bias.astype(x.dtype)[expert_of_row]
+    row_weight = jnp.where(sorted_group < num_here, weights.reshape(-1)[order], 0.0)
+    return jnp.zeros((num_tokens, x.shape[-1]), F32).at[token].add(out.astype(F32) * row_weight[:, None])
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        hidden, inter, num = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+        self.router = _param(rngs, (hidden, num), ("embed", "router_experts"), param_dtype, hidden**-0.5)
+        self.router_bias = _constant((num,), ("router_experts",), param_dtype, 0.0)
+        self.gate_up = _param(
+            rngs, (num, hidden, 2 * inter), ("experts", "embed", "expert_mlp"), param_dtype, hidden**-0.5
+        )
+        self.gate_up_bias = _constant((num, 2 * inter), ("experts", "expert_mlp"), param_dtype, 0.0)
+        self.down = _param(rngs, (num, inter, hidden), ("experts", "expert_mlp", "embed"), param_dtype, inter**-0.5)
+        self.down_bias = _constant((num, hidden), ("experts", "embed"), param_dtype, 0.0)
+        self.top_k, self.limit, self.alpha = cfg.experts_per_token, cfg.swiglu_limit, cfg.swiglu_alpha
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        tokens = x.reshape(-1, x.shape[-1])
+        experts, weights = route(tokens, self.router[...], self.router_bias[...], self.top_k)
+        out = routed_experts(
+            tokens, experts, weights, self.gate_up[...], self.gate_up_bias[...], self.down[...],
+            self.down_bias[...], limit=self.limit, alpha=self.alpha,
+        )
+        return out.astype(x.dtype).reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------- the model
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, *, param_dtype):
+        self.scale = _constant((size,), ("embed",), param_dtype, 1.0)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(F32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (self.scale[...].astype(F32) * normed).astype(x.dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, param_dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.attn = Attention(cfg, layer, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MoE(cfg, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def positions_from_mask(valid: jax.Array) -> jax.Array:
+    """Positions [B, T] counting only valid tokens, so that left padding does not shift a prompt."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class GptOss(nnx.Module):
+    """The causal language model: int token ids [B, T] -> float32 logits [B, T, vocab]."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        param_dtype=jnp.bfloat16,
+        compute_dtype=None,
+        rngs: nnx.Rngs | None = None,
+    ):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = cfg
+        self.compute_dtype = compute_dtype or param_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, 1.0)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, param_dtype=param_dtype, rngs=rngs) for i in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.unembed = _param(
+            rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype, cfg.hidden_size**-0.5
+        )
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return self.embed[...][tokens].astype(self.compute_dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        x = self.norm(x)
+        return jnp.einsum("bte,ev->btv", x, self.unembed[...].astype(x.dtype), preferred_element_type=F32)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """tokens [B, T]; attention_mask [B, T] marks real tokens (0 for padding, left or right);
+        positions default to the count of real tokens before each one."""
+        valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        positions = positions_from_mask(valid) if positions is None else positions
+        x = self.embed_tokens(tokens)
+        cos, sin = rope_cos_sin(positions, self.config, x.dtype)
+        windows = {layer.attn.window for layer in self.layers}
+        masks = {w: causal_mask(positions, positions, valid, w) for w in windows}
+        for layer in self.layers:
+            x = layer(x, cos, sin, masks[layer.attn.window])
+        return self.logits(x)
+
+
+
+@nnx.jit
+def forward(model: GptOss, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+    """`model(tokens, attention_mask)` compiled."""
+    return model(tokens, attention_mask)

@@ -1,0 +1,71 @@
+"""MXFP4, the published checkpoint's format for expert weights.
+
+A tensor `W` of shape (..., N) is stored as `blocks` (..., N/32, 16) uint8 and `scales` (..., N/32) uint8:
+each byte holds two FP4 (e2m1) codes, low nibble first, and each group of 32 values shares one scale,
+so that value = FP4_VALUES[code] * 2**(scale - 127).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FP4_VALUES = np.array(
+    [+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=np.float32,
+)
+VALUES_PER_BLOCK = 32
+SCALE_BIAS = 127
+
+
+def _check_layout(blocks_shape: tuple[int, ...], scales_shape: tuple[int, ...]) -> None:
+    if blocks_shape[-1] != VALUES_PER_BLOCK // 2 or blocks_shape[:-1] != scales_shape:
+        raise ValueError(
+            f"MXFP4 blocks {blocks_shape} and scales {scales_shape} do not match: "
+            f"expected blocks (..., G, {VALUES_PER_BLOCK // 2}) and scales (..., G)"
+        )
+
+
+def decode_np(blocks: np.ndarray, scales: np.ndarray, dtype: np.dtype = np.float32) -> np.ndarray:
+    """Dequantizes on the host: (..., G, 16) blocks and (..., G) scales -> (..., G * 32) values."""
+    _check_layout(blocks.shape, scales.shape)
+    blocks = np.asarray(blocks, np.uint8)
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # low nibble first
+    exponents = np.asarray(scales, np.int32)[..., None, None] - SCALE_BIAS
+    with np.errstate(over="ignore"):  # scale 255 overflows float32 to inf, as the reference does
+        values = np.ldexp(FP4_VALUES[codes], exponents)
+    return values.reshape(*scales.shape[:-1], -1).astype(dtype)
+
+
+def decode(blocks: jax.Array, scales: jax.Array, dtype: jnp.dtype = jnp.bfloat16) -> jax.Array:
+    """Dequantizes on the device; same layout and values as `decode_np`.
+
+    XLA flushes subnormal floats to zero, so the two agree bit for bit wherever the value is a normal
+    float (every scale >= 2, which includes every scale a trained checkpoint holds).
+    """
+    _check_layout(blocks.shape, scales.shape)
+    codes = jnp.stack([blocks & 0x0F, blocks >> 4], axis=-1)
+    exponents = scales.astype(jnp.int32)[..., None, None] - SCALE_BIAS
+    values = jnp.ldexp(jnp.asarray(FP4_VALUES)[codes], exponents)
+    return values.reshape(*scales.shape[:-1], -1).astype(dtype)
+
+
+def encode_np(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantizes (..., N) values, N a multiple of 32, to the nearest MXFP4 codes: returns (blocks, scales).
+
+    Each group's scale is the smallest power of two that brings the group's largest magnitude within 6,
+    the largest FP4 value.
+    """
+    values = np.asarray(values, np.float32)
+    if values.shape[-1] % VALUES_PER_BLOCK:
+        raise ValueError(f"last axis {values.shape[-1]} is not a multiple of {VALUES_PER_BLOCK}")
+    groups = values.reshape(*values.shape[:-1], -1, VALUES_PER_BLOCK)
+    peak = np.max(np.abs(groups), axis=-1)
+    exponents = np.ceil(np.log2(np.maximum(peak, np.finfo(np.float32).tiny) / FP4_VALUES.max()))
+    exponents = np.clip(exponents, -SCALE_BIAS, 255 - SCALE_BIAS).astype(np.int32)
+    scaled = np.ldexp(groups, -exponents[..., None])
+    codes = np.argmin(np.abs(scaled[..., None] - FP4_VALUES), axis=-1).astype(np.uint8)
+    pairs = codes.reshape(*codes.shape[:-1], VALUES_PER_BLOCK // 2, 2)
+    blocks = pairs[..., 0] | (pairs[..., 1] << 4)
+    return blocks.astype(np.uint8), (exponents + SCALE_BIAS).astype(np.uint8)

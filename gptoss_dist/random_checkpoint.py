@@ -1,0 +1,137 @@
+"""Writes a random GPT-OSS checkpoint in the published Hugging Face layout, for tests, demos and benchmarks.
+
+The layout is openai/gpt-oss-*'s: `config.json`, one safetensors file per layer plus one for the embeddings,
+`model.safetensors.index.json`, bfloat16 weights and MXFP4 experts (or dequantized experts with
+`packed=False`, as transformers saves them). Files are written one tensor at a time, so a checkpoint with
+the true 20B layer shapes never needs more host memory than its largest tensor.
+
+    python -m gptoss_dist.random_checkpoint --config=configs/tiny.py --out=/tmp/tiny-hf
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from gptoss_dist import mxfp4
+from gptoss_dist.checkpoint import CONFIG_FILE, INDEX_FILE, HfTensor, hf_tensors, packed_shapes
+from gptoss_dist.config import ModelConfig
+from gptoss_dist.settings import model_config
+
+_DTYPE_NAMES = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
+
+# What the published config.json says of its MXFP4 experts.
+MXFP4_QUANTIZATION = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+}
+# A stored tensor: its name, shape, dtype and a function that makes its value.
+StoredTensor = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+
+
+def write_safetensors(path: Path, tensors: list[StoredTensor]) -> None:
+    """Writes a safetensors file whose tensors are made and written one at a time."""
+    header, offset = {}, 0
+    for name, shape, dtype, _ in tensors:
+        size = int(np.prod(shape)) * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, shape, dtype, make in tensors:
+            value = make()
+            assert value.shape == shape and value.dtype == dtype, (name, value.shape, value.dtype)
+            f.write(np.ascontiguousarray(value).tobytes())
+
+
+def _stddev(tensor: HfTensor, cfg: ModelConfig) -> tuple[float, float]:
+    """(mean, stddev) of a weight: scaled so activations stay O(1) and the SwiGLU clamp is sometimes hit."""
+    name = tensor.name
+    if name.endswith("norm.weight"):
+        return 1.0, 0.1
+    if name.endswith(("bias", "_bias")):
+        return 0.0, 0.1
+    if name.endswith(("sinks", "embed_tokens.weight")):
+        return 0.0, 1.0
+    if name.endswith("gate_up_proj"):
+        return 0.0, 3.0 / np.sqrt(cfg.hidden_size)
+    fan_in = tensor.shape[1] if tensor.transpose else tensor.shape[-2]
+    return 0.0, 1.0 / np.sqrt(fan_in)
+
+
+def _stored(tensor: HfTensor, cfg: ModelConfig, rng_seed: list[int], packed: bool) -> list[StoredTensor]:
+    mean, std = _stddev(tensor, cfg)
+
+    def values() -> np.ndarray:
+        return np.random.default_rng(rng_seed).normal(mean, std, tensor.shape).astype(np.float32)
+
+    if not (tensor.mxfp4 and packed):
+        bf16 = np.dtype(ml_dtypes.bfloat16)
+        return [(tensor.name, tensor.shape, bf16, lambda: values().astype(bf16))]
+    blocks_shape, scales_shape = packed_shapes(tensor)
+    u8 = np.dtype(np.uint8)
+    # (E, in, out) is stored as (E, out, in), quantized along `in`.
+    encoded = functools.cache(lambda: mxfp4.encode_np(values().transpose(0, 2, 1)))
+    return [
+        (tensor.name + "_blocks", blocks_shape, u8, lambda: encoded()[0]),
+        (tensor.name + "_scales", scales_shape, u8, lambda: encoded()[1]),
+    ]
+
+
+def _file_groups(cfg: ModelConfig, tensors: list[HfTensor]) -> list[list[HfTensor]]:
+    """One file per layer and one for everything outside the layers."""
+    by_layer: list[list[HfTensor]] = [[] for _ in range(cfg.num_layers + 1)]
+    for tensor in tensors:
+        layer = tensor.param[1] if tensor.param[0] == "layers" else cfg.num_layers
+        by_layer[layer].append(tensor)
+    return by_layer
+
+
+def write_random_checkpoint(
+    directory: str | Path, cfg: ModelConfig, *, seed: int = 0, packed: bool = True
+) -> Path:
+    """Writes a random checkpoint of `cfg` to `directory` and returns it."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(cfg)
+    seeds = {t.name: [seed, i] for i, t in enumerate(tensors)}
+    groups = _file_groups(cfg, tensors)
+    weight_map = {}
+    for k, group in enumerate(groups):
+        file = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        stored = [s for t in group for s in _stored(t, cfg, seeds[t.name], packed)]
+        write_safetensors(directory / file, stored)
+        weight_map |= {name: file for name, *_ in stored}
+    (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    hf_config = cfg.to_hf_dict() | ({"quantization_config": MXFP4_QUANTIZATION} if packed else {})
+    (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+    return directory
+
+
+def main(argv: Iterable[str] | None = None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "A config file whose `model` section describes the model.")
+    out = flags.DEFINE_string("out", None, "Directory to write the checkpoint to.", required=True)
+    seed = flags.DEFINE_integer("seed", 0, "Random seed.")
+    unpacked = flags.DEFINE_bool("unpacked", False, "Store experts dequantized instead of MXFP4.")
+
+    def run(_):
+        cfg = model_config(config.value)
+        path = write_random_checkpoint(out.value, cfg, seed=seed.value, packed=not unpacked.value)
+        print(f"wrote a random {cfg.num_layers}-layer GPT-OSS checkpoint to {path}")
+
+    app.run(run, argv=list(argv) if argv is not None else None)
+
+
+if __name__ == "__main__":
+    main()

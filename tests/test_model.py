@@ -1,0 +1,102 @@
+"""The model's logits against transformers' GptOssForCausalLM on random checkpoints."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import small_config
+from gptoss_dist import from_pretrained
+from gptoss_dist.config import FULL, SLIDING
+from gptoss_dist.model import GptOss, causal_mask, forward
+from gptoss_dist.random_checkpoint import write_random_checkpoint
+from reference import load_reference, reference_logits
+
+pytest.importorskip("transformers")
+
+# Two configs: (1) 3 layers, 2 query heads per KV head, top-3 of 6 experts, MXFP4 experts;
+# (2) 5 layers with an irregular sliding/full pattern, 4 query heads per KV head, top-1 of 4 experts,
+# a sliding window of 5, experts stored dequantized.
+CONFIGS = {
+    "odd-layers-top3-mxfp4": (small_config(), True),
+    "irregular-layers-top1-unpacked": (
+        small_config(
+            num_layers=5, num_heads=8, num_kv_heads=2, num_experts=4, experts_per_token=1, sliding_window=5,
+            layer_types=(FULL, SLIDING, SLIDING, FULL, SLIDING), intermediate_size=96,
+        ),
+        False,
+    ),
+}  # fmt: skip
+
+
+def left_pad(prompts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(map(len, prompts))
+    tokens = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, width - len(prompt) :] = prompt
+        mask[row, width - len(prompt) :] = 1
+    return tokens, mask
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers_on_a_padded_batch(tmp_path, name):
+    cfg, packed = CONFIGS[name]
+    directory = write_random_checkpoint(tmp_path, cfg, seed=3, packed=packed)
+    ours = from_pretrained(directory, dtype=jnp.float32)
+    reference = load_reference(directory)
+
+    rng = np.random.default_rng(0)
+    lengths = [37, 20, 3, 9]  # the longest spans several sliding windows
+    prompts = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
+    tokens, mask = left_pad(prompts)
+    logits = np.asarray(forward(ours, jnp.asarray(tokens), jnp.asarray(mask)))
+
+    for row, prompt in enumerate(prompts):
+        expected = reference_logits(reference, prompt)
+        got = logits[row, tokens.shape[1] - len(prompt) :]
+        scale = np.abs(expected).max()
+        assert np.abs(got - expected).max() <= 1e-4 * scale, f"prompt {row} (length {len(prompt)})"
+
+
+def test_right_padding_gives_the_same_logits_as_no_padding(small_checkpoint):
+    model = from_pretrained(small_checkpoint, dtype=jnp.float32)
+    prompt = np.arange(1, 13, dtype=np.int32)
+    alone = np.asarray(forward(model, jnp.asarray(prompt[None])))
+    padded = np.concatenate([prompt, np.zeros(5, np.int32)])[None]
+    mask = (np.arange(17) < 12).astype(np.int32)[None]
+    together = np.asarray(forward(model, jnp.asarray(padded), jnp.asarray(mask)))
+    np.testing.assert_allclose(together[:, :12], alone, atol=1e-5)
+
+
+def test_sliding_mask_keeps_exactly_the_window():
+    positions = jnp.arange(20)[None]
+    valid = jnp.ones((1, 20), bool)
+    mask = np.asarray(causal_mask(positions, positions, valid, 8))[0]
+    for q in range(20):
+        assert list(np.flatnonzero(mask[q])) == list(range(max(0, q - 7), q + 1))
+    full = np.asarray(causal_mask(positions, positions, valid, None))[0]
+    assert (full == np.tril(np.ones((20, 20), bool))).all()
+
+
+def test_layers_slide_as_layer_types_say():
+    cfg = small_config(num_layers=4, layer_types=(FULL, FULL, SLIDING, FULL))
+    model = nnx.eval_shape(lambda: GptOss(cfg))
+    assert [layer.attn.window for layer in model.layers] == [None, None, 8, None]
+
+
+def test_bfloat16_model_is_as_close_to_float32_as_transformers_in_bfloat16(small_checkpoint):
+    import torch
+
+    tokens = np.random.default_rng(1).integers(0, 128, (2, 24))
+    exact = np.asarray(forward(from_pretrained(small_checkpoint, dtype=jnp.float32), jnp.asarray(tokens)))
+    fast_model = from_pretrained(small_checkpoint, dtype=jnp.bfloat16)
+    assert fast_model.embed[...].dtype == jnp.bfloat16
+    ours = np.asarray(forward(fast_model, jnp.asarray(tokens)))
+    reference = load_reference(small_checkpoint, dtype=torch.bfloat16)
+    theirs = np.stack([reference_logits(reference, row) for row in tokens])
+
+    def relative_error(logits):
+        return np.abs(logits - exact).mean() / np.abs(exact).mean()
+
+    assert relative_error(ours) <= 1.5 * relative_error(theirs)
