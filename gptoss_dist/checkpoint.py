@@ -23,6 +23,7 @@ from flax import nnx
 from gptoss_dist import mxfp4
 from gptoss_dist.config import ConfigError, ModelConfig
 from gptoss_dist.model import GptOss
+from gptoss_dist.sharding import param_shardings, put
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -254,15 +255,20 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None) 
     return nnx.eval_shape(lambda: GptOss(cfg, param_dtype=dtype, compute_dtype=compute_dtype))
 
 
-def from_pretrained(path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None) -> GptOss:
+def from_pretrained(
+    path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None, mesh: jax.sharding.Mesh | None = None
+) -> GptOss:
     """Loads a model from a checkpoint directory in the published Hugging Face layout.
 
     `dtype` is the parameters' dtype (bfloat16 for serving, float32 for parity); `compute_dtype` defaults to
-    it. Tensors are read and placed one at a time.
+    it. Tensors are read and placed one at a time; with a `mesh`, each goes straight into its sharding (run
+    the model under `jax.set_mesh(mesh)`).
     """
     ckpt = HfCheckpoint(path)
     graphdef, state = nnx.split(abstract_model(ckpt.config(), dtype=dtype, compute_dtype=compute_dtype))
+    shardings = dict(nnx.to_flat_state(param_shardings(state, mesh))) if mesh is not None else {}
     flat = dict(nnx.to_flat_state(state))
     for param, value in iter_params(ckpt, state):
-        flat[param].set_value(jax.device_put(value.astype(flat[param].get_value().dtype)))
+        value = value.astype(flat[param].get_value().dtype)
+        flat[param].set_value(put(value, shardings[param]) if mesh is not None else jax.device_put(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_dist.config import ModelConfig
+from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
 
 F32 = jnp.float32
 
@@ -114,11 +115,15 @@ class Attention(nnx.Module):
         q = jnp.einsum("bte,ehd->bthd", x, self.q[...].astype(dtype)) + self.q_bias[...].astype(dtype)
         k = jnp.einsum("bte,ehd->bthd", x, self.k[...].astype(dtype)) + self.k_bias[...].astype(dtype)
         v = jnp.einsum("bte,ehd->bthd", x, self.v[...].astype(dtype)) + self.v_bias[...].astype(dtype)
+        q = constrain(q, ("batch", "seq", "q_heads", "head_dim"))
+        k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def project_out(self, attended: jax.Array) -> jax.Array:
         dtype = attended.dtype
-        return jnp.einsum("bthd,hde->bte", attended, self.o[...].astype(dtype)) + self.o_bias[...].astype(dtype)
+        out = jnp.einsum("bthd,hde->bte", attended, self.o[...].astype(dtype)) + self.o_bias[...].astype(dtype)
+        return constrain(out, ("batch", "seq", "embed"))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         q, k, v = self.qkv(x, cos, sin)
@@ -196,13 +201,46 @@ class MoE(nnx.Module):
         self.top_k, self.limit, self.alpha = cfg.experts_per_token, cfg.swiglu_limit, cfg.swiglu_alpha
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        tokens = x.reshape(-1, x.shape[-1])
+        tokens = constrain(x.reshape(-1, x.shape[-1]), ("batch", "embed"))
         experts, weights = route(tokens, self.router[...], self.router_bias[...], self.top_k)
-        out = routed_experts(
-            tokens, experts, weights, self.gate_up[...], self.gate_up_bias[...], self.down[...],
-            self.down_bias[...], limit=self.limit, alpha=self.alpha,
-        )
+        params = (self.gate_up[...], self.gate_up_bias[...], self.down[...], self.down_bias[...])
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            out = routed_experts(tokens, experts, weights, *params, limit=self.limit, alpha=self.alpha)
+        else:
+            out = expert_parallel(mesh, tokens, experts, weights, *params, limit=self.limit, alpha=self.alpha)
         return out.astype(x.dtype).reshape(x.shape)
+
+
+EXPERT_PARAM_AXES = (
+    ("experts", "embed", "expert_mlp"),  # gate_up
+    ("experts", "expert_mlp"),  # gate_up_bias
+    ("experts", "expert_mlp", "embed"),  # down
+    ("experts", "embed"),  # down_bias
+)
+
+
+def expert_parallel(mesh, tokens, experts, weights, *params, limit: float, alpha: float) -> jax.Array:
+    """`routed_experts` over the mesh: each device runs only its experts (`expert` axis) and its slice of
+    their intermediate dimension (`tensor` axis) on its data shard's tokens, and a sum over both axes
+    combines the partial results. Expert weights never move."""
+    sizes = mesh_sizes(mesh)
+    token_spec = logical_to_spec(("batch", "embed"), tokens.shape, sizes)
+    route_spec = logical_to_spec(("batch", None), experts.shape, sizes)
+    param_specs = tuple(logical_to_spec(a, p.shape, sizes) for a, p in zip(EXPERT_PARAM_AXES, params, strict=True))
+
+    def local(tokens, experts, weights, gate_up, gate_up_bias, down, down_bias):
+        first_expert = jax.lax.axis_index("expert") * gate_up.shape[0]
+        down_bias = jnp.where(jax.lax.axis_index("tensor") == 0, down_bias, 0)  # add the bias once
+        out = routed_experts(
+            tokens, experts, weights, gate_up, gate_up_bias, down, down_bias,
+            limit=limit, alpha=alpha, first_expert=first_expert,
+        )  # fmt: skip
+        return jax.lax.psum(out, ("tensor", "expert"))
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(token_spec, route_spec, route_spec, *param_specs), out_specs=token_spec
+    )(tokens, experts, weights, *params)
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -229,6 +267,26 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def vocab_parallel_lookup(mesh, table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """table[tokens] with the table's vocabulary sharded: each device looks up the ids in its own rows and a
+    sum over the vocabulary's mesh axes assembles the result, so the table is never gathered."""
+    sizes = mesh_sizes(mesh)
+    table_spec = logical_to_spec(("vocab", "embed"), table.shape, sizes)
+    vocab_axes = table_spec[0] or ()
+    vocab_axes = (vocab_axes,) if isinstance(vocab_axes, str) else vocab_axes
+
+    def local(table, tokens):
+        first = jax.lax.axis_index(vocab_axes) * table.shape[0] if vocab_axes else 0
+        index = tokens - first
+        held = (index >= 0) & (index < table.shape[0])
+        rows = jnp.where(held[..., None], table[jnp.clip(index, 0, table.shape[0] - 1)], 0)
+        return jax.lax.psum(rows, vocab_axes) if vocab_axes else rows
+
+    token_spec = logical_to_spec(("batch", "seq"), tokens.shape, sizes)
+    out_spec = logical_to_spec(("batch", "seq", "embed"), (*tokens.shape, table.shape[1]), sizes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, token_spec), out_specs=out_spec)(table, tokens)
 
 
 def positions_from_mask(valid: jax.Array) -> jax.Array:
@@ -260,11 +318,15 @@ class GptOss(nnx.Module):
         )
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return self.embed[...][tokens].astype(self.compute_dtype)
+        mesh = jax.sharding.get_abstract_mesh()
+        table = self.embed[...]
+        rows = table[tokens] if mesh.empty else vocab_parallel_lookup(mesh, table, tokens)
+        return constrain(rows.astype(self.compute_dtype), ("batch", "seq", "embed"))
 
     def logits(self, x: jax.Array) -> jax.Array:
         x = self.norm(x)
-        return jnp.einsum("bte,ev->btv", x, self.unembed[...].astype(x.dtype), preferred_element_type=F32)
+        logits = jnp.einsum("bte,ev->btv", x, self.unembed[...].astype(x.dtype), preferred_element_type=F32)
+        return constrain(logits, ("batch", "seq", "vocab"))
 
     def __call__(
         self,

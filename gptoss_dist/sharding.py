@@ -1,0 +1,193 @@
+"""The device mesh and the one table that places every weight, the KV cache and the activations on it.
+
+The mesh has three axes: `data` (batch), `tensor` (attention heads, the experts' intermediate dimension,
+the vocabulary) and `expert` (experts, and the vocabulary too). Weights, cache and activations name their
+axes logically (`model.py` declares each weight's names once); `RULES` maps a logical name to mesh axes.
+
+KV heads: when the tensor axis does not divide the number of KV heads (say 8 KV heads on 16 chips), the
+KV projections and the KV cache are replicated over `tensor` instead; each device then computes every KV
+head, which costs 2 x hidden x kv_heads x head_dim weights, small beside the query heads.
+
+    python -m gptoss_dist.sharding --config=configs/gpt_oss_20b.py --config.mesh.tensor=4 --config.mesh.expert=2
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from gptoss_dist.config import ModelConfig
+
+MESH_AXES = ("data", "tensor", "expert")
+
+# Logical axis -> mesh axes. None replicates.
+RULES: dict[str, tuple[str, ...] | None] = {
+    # weights
+    "vocab": ("tensor", "expert"),
+    "embed": None,
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),  # replicated where `tensor` does not divide the KV heads (see above)
+    "head_dim": None,
+    "router_experts": None,
+    "experts": ("expert",),
+    "expert_mlp": ("tensor",),
+    # activations and KV cache
+    "batch": ("data",),
+    "seq": None,
+    "cache_seq": None,
+}
+# Logical axes that fall back to replication when their mesh axes do not divide them.
+REPLICATE_IF_INDIVISIBLE = {"kv_heads"}
+
+
+class MeshError(ValueError):
+    """Mesh settings that do not fit the devices or the model."""
+
+
+def mesh_shape(settings: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Resolves the mesh sizes (one may be -1, "the rest") against the number of devices."""
+    sizes = {axis: int(settings[axis]) for axis in MESH_AXES}
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise MeshError(f"mesh {sizes}: only one axis may be -1")
+    if any(size == 0 or size < -1 for size in sizes.values()):
+        raise MeshError(f"mesh {sizes}: sizes must be positive (or -1 for the rest)")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if rest:
+        if num_devices % known:
+            raise MeshError(f"mesh {sizes}: {num_devices} devices do not divide by {known}")
+        sizes[rest[0]] = num_devices // known
+    if math.prod(sizes.values()) != num_devices:
+        raise MeshError(
+            f"mesh {sizes} has {math.prod(sizes.values())} devices but there are {num_devices}; "
+            "set mesh.data, mesh.tensor and mesh.expert so that their product is the device count"
+        )
+    return sizes
+
+
+def check_model_fits_mesh(cfg: ModelConfig, sizes: Mapping[str, int]) -> None:
+    """Raises MeshError where a mesh axis does not divide what it shards."""
+    tensor, expert = sizes["tensor"], sizes["expert"]
+    problems = []
+    if cfg.num_heads % tensor:
+        problems.append(f"{cfg.num_heads} query heads do not divide over mesh.tensor={tensor}")
+    if cfg.intermediate_size % tensor:
+        problems.append(f"expert intermediate size {cfg.intermediate_size} does not divide over mesh.tensor={tensor}")
+    if cfg.num_experts % expert:
+        problems.append(f"{cfg.num_experts} experts do not divide over mesh.expert={expert}")
+    if cfg.vocab_size % (tensor * expert):
+        problems.append(f"vocabulary {cfg.vocab_size} does not divide over mesh.tensor x mesh.expert={tensor * expert}")
+    if problems:
+        raise MeshError("; ".join(problems))
+
+
+def make_mesh(settings: Mapping[str, int], cfg: ModelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh with axes (data, tensor, expert) over `devices` (default: every device of every process)."""
+    devices = list(devices) if devices is not None else jax.devices()
+    sizes = mesh_shape(settings, len(devices))
+    check_model_fits_mesh(cfg, sizes)
+    shape = tuple(sizes[axis] for axis in MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None], shape: Sequence[int], sizes: Mapping[str, int]
+) -> PartitionSpec:
+    """The PartitionSpec of an array with these logical axes, on a mesh of these sizes."""
+    spec = []
+    for name, dim in zip(logical_axes, shape, strict=True):
+        axes = tuple(a for a in (RULES[name] or ()) if sizes[a] > 1) if name is not None else ()
+        if axes and dim % math.prod(sizes[a] for a in axes):
+            if name not in REPLICATE_IF_INDIVISIBLE:
+                raise MeshError(f"axis {name!r} of size {dim} does not divide over mesh axes {axes}")
+            axes = ()
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def spec_divisor(spec: PartitionSpec, sizes: Mapping[str, int]) -> list[int]:
+    """How many ways each array axis is split by `spec`."""
+    divisors = []
+    for entry in spec:
+        axes = (entry,) if isinstance(entry, str) else (entry or ())
+        divisors.append(math.prod(sizes[a] for a in axes))
+    return divisors
+
+
+def mesh_sizes(mesh: Mesh | jax.sharding.AbstractMesh) -> dict[str, int]:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+
+
+def param_specs(state: nnx.State, sizes: Mapping[str, int]) -> nnx.State:
+    """The PartitionSpec of every parameter, from its logical axes."""
+
+    def spec(var: nnx.Variable) -> PartitionSpec:
+        return logical_to_spec(var.get_metadata()["logical_axes"], var.get_value().shape, sizes)
+
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    specs = param_specs(state, mesh_sizes(mesh))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's sharding by logical axes when a mesh is set (`jax.set_mesh`); else returns x."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh_sizes(mesh)))
+
+
+def put(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Places a host array into its sharding; each process transfers only its own devices' shards."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def describe(cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16")) -> str:
+    """A table of every weight: shape, PartitionSpec and bytes per device, with the totals per device."""
+    from gptoss_dist.checkpoint import abstract_model
+
+    _, state = nnx.split(abstract_model(cfg, dtype=dtype))
+    specs = dict(nnx.to_flat_state(param_specs(state, sizes)))
+    lines, total, per_device = [], 0, 0
+    for path, var in nnx.to_flat_state(state):
+        value = var.get_value()
+        nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
+        device_bytes = nbytes // math.prod(spec_divisor(specs[path], sizes))
+        total, per_device = total + nbytes, per_device + device_bytes
+        name = ".".join(map(str, path))
+        lines.append(f"{name:<40} {str(value.shape):<22} {str(specs[path]):<40} {device_bytes:>14,}")
+    header = f"{'weight':<40} {'shape':<22} {'partition spec':<40} {'bytes/device':>14}"
+    mesh = ", ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+    footer = f"mesh ({mesh}): {total:,} bytes in all, {per_device:,} bytes per device"
+    return "\n".join([header, *lines, footer])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from absl import app
+    from ml_collections import config_flags
+
+    from gptoss_dist import settings
+
+    config = config_flags.DEFINE_config_file("config", None, "A run config (configs/*.py).")
+
+    def run(_):
+        cfg = settings.model_config(config.value)
+        mesh = config.value.mesh
+        num_devices = math.prod(v for v in mesh.values() if v != -1) if -1 not in mesh.values() else None
+        sizes = mesh_shape(mesh, num_devices or jax.device_count())
+        check_model_fits_mesh(cfg, sizes)
+        print(describe(cfg, sizes, np.dtype(settings.dtype(config.value))))
+
+    app.run(run, argv=list(argv) if argv is not None else None)
+
+
+if __name__ == "__main__":
+    main()
