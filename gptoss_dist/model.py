@@ -8,15 +8,23 @@ compute dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gptoss_dist.config import ModelConfig
-from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
+from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_shardings
 
 F32 = jnp.float32
+
+# Where a layer's attention finds its keys: called with (layer index, new k, new v) of the tokens being run,
+# it returns (keys, values, key positions [B, S], key validity [B, S]). Without a cache that is the new keys
+# themselves; with one (`engine.py`) it stores them and returns the cache.
+Keys = Callable[[int, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stddev: float) -> nnx.Param:
@@ -108,6 +116,7 @@ class Attention(nnx.Module):
         self.o_bias = _constant((hidden,), ("embed",), param_dtype, 0.0)
         self.sinks = _constant((heads,), ("q_heads",), param_dtype, 0.0)
         self.window = cfg.window(layer)
+        self.index = layer
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Projects x [B, T, hidden] to rotated q [B, T, Hq, D], rotated k and v [B, T, Hkv, D]."""
@@ -125,8 +134,10 @@ class Attention(nnx.Module):
         out = jnp.einsum("bthd,hde->bte", attended, self.o[...].astype(dtype)) + self.o_bias[...].astype(dtype)
         return constrain(out, ("batch", "seq", "embed"))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, keys: Keys) -> jax.Array:
         q, k, v = self.qkv(x, cos, sin)
+        k, v, k_pos, k_valid = keys(self.index, k, v)
+        mask = causal_mask(positions, k_pos, k_valid, self.window)
         return self.project_out(attend(q, k, v, self.sinks[...], mask))
 
 
@@ -264,8 +275,8 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MoE(cfg, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, keys: Keys) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), cos, sin, positions, keys)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -287,6 +298,11 @@ def vocab_parallel_lookup(mesh, table: jax.Array, tokens: jax.Array) -> jax.Arra
     token_spec = logical_to_spec(("batch", "seq"), tokens.shape, sizes)
     out_spec = logical_to_spec(("batch", "seq", "embed"), (*tokens.shape, table.shape[1]), sizes)
     return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, token_spec), out_specs=out_spec)(table, tokens)
+
+
+def self_attention_keys(positions: jax.Array, valid: jax.Array, layer: int, k: jax.Array, v: jax.Array):
+    """Keys without a cache: the tokens attend to each other."""
+    return k, v, positions, valid
 
 
 def positions_from_mask(valid: jax.Array) -> jax.Array:
@@ -338,13 +354,15 @@ class GptOss(nnx.Module):
         positions default to the count of real tokens before each one."""
         valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
         positions = positions_from_mask(valid) if positions is None else positions
+        return self.logits(self.hidden_states(tokens, positions, partial(self_attention_keys, positions, valid)))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array, keys: Keys) -> jax.Array:
+        """The last layer's output [B, T, hidden] for tokens at `positions`, attending to what `keys` gives."""
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(positions, self.config, x.dtype)
-        windows = {layer.attn.window for layer in self.layers}
-        masks = {w: causal_mask(positions, positions, valid, w) for w in windows}
         for layer in self.layers:
-            x = layer(x, cos, sin, masks[layer.attn.window])
-        return self.logits(x)
+            x = layer(x, cos, sin, positions, keys)
+        return x
 
 
 
@@ -352,3 +370,14 @@ class GptOss(nnx.Module):
 def forward(model: GptOss, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """`model(tokens, attention_mask)` compiled."""
     return model(tokens, attention_mask)
+
+
+def random_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
+    """A model with random weights, each created on the devices in its sharding (for benchmarks)."""
+
+    def init() -> nnx.State:
+        return nnx.state(GptOss(cfg, param_dtype=dtype, rngs=nnx.Rngs(seed)))
+
+    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: GptOss(cfg, param_dtype=dtype)))
+    shardings = param_shardings(abstract_state, mesh) if mesh is not None else None
+    return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())

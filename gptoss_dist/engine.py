@@ -1,0 +1,382 @@
+"""Batched decoding: a KV cache in fixed slots, bucketed prefill, many decode steps per host round trip, and
+continuous batching (a slot whose sequence ends takes the next waiting request).
+
+The cache keeps, per layer, [slots, length, kv_heads, head_dim] keys and values. Full-attention layers keep
+`max_len` positions; sliding layers keep only their window, as a ring buffer (position p at index p % window),
+which for GPT-OSS's 128-key window and long contexts halves the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss_dist.config import ModelConfig
+from gptoss_dist.model import GptOss
+from gptoss_dist.sampling import sample, token_keys
+from gptoss_dist.sharding import logical_to_spec, mesh_sizes
+
+# GPT-OSS's stop tokens: <|return|>, <|endoftext|>, <|call|>.
+DEFAULT_STOP_TOKENS = (200002, 199999, 200012)
+CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+SLOT_AXES = ("batch",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's."""
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop: Sequence[int] = ()
+    id: Any = None
+
+
+@dataclasses.dataclass
+class Result:
+    """A finished request: its generated tokens (a final stop token included) and why it ended:
+    "stop" (a stop token), "length" (max_new_tokens) or "context" (the engine's max_len)."""
+
+    id: Any
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+
+# ------------------------------------------------------------------------------------------- KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per layer, keys and values [slots, cache length, kv_heads, head_dim]."""
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+
+
+def cache_lengths(cfg: ModelConfig, max_len: int) -> list[int]:
+    """Positions each layer keeps: its window for sliding layers, `max_len` for the others."""
+    return [min(cfg.window(i) or max_len, max_len) for i in range(cfg.num_layers)]
+
+
+def cache_bytes_per_sequence(cfg: ModelConfig, max_len: int, dtype=jnp.bfloat16) -> int:
+    """Bytes of keys and values that one sequence of up to `max_len` tokens holds in the cache."""
+    per_position = 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    return per_position * sum(cache_lengths(cfg, max_len))
+
+
+def ring_positions(length: int, last: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Positions [B, length] that a layer's cache holds once position `last` [B] is written, and which are real.
+
+    Position p lives at index p % length. For a sliding layer that is a ring over its window; a full layer's
+    cache is as long as the context, so there the index is the position itself.
+    """
+    positions = last[:, None] - (last[:, None] - jnp.arange(length)) % length
+    return positions, positions >= 0
+
+
+def _prefill_keys(cache: KVCache, slots, lengths, positions, valid, layer, k, v):
+    """Keys for new prompts [n, T] (right-padded to T): they attend to each other, and each prompt's slot in
+    the cache is rewritten with the positions that layer keeps."""
+    held, real = ring_positions(cache.k[layer].shape[1], lengths - 1)
+    source = jnp.clip(held, 0)[:, :, None, None]
+    for store, new in ((cache.k, k), (cache.v, v)):
+        rows = jnp.where(real[:, :, None, None], jnp.take_along_axis(new, source, axis=1), 0)
+        store[layer] = store[layer].at[slots].set(rows.astype(store[layer].dtype), mode="drop")
+    return k, v, positions, valid
+
+
+def _decode_keys(cache: KVCache, position, layer, k, v):
+    """Keys for one new token per slot at `position` [B]: stored in the cache, which it then attends to."""
+    length = cache.k[layer].shape[1]
+    rows = jnp.arange(position.shape[0])
+    for store, new in ((cache.k, k), (cache.v, v)):
+        store[layer] = store[layer].at[rows, position % length].set(new[:, 0].astype(store[layer].dtype))
+    held, real = ring_positions(length, position)
+    return cache.k[layer].astype(k.dtype), cache.v[layer].astype(v.dtype), held, real
+
+
+# -------------------------------------------------------------------------------------------- slots
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Slots:
+    """What the device keeps per slot between steps: the cache, the token to feed next, counts, settings."""
+
+    cache: KVCache
+    token: jax.Array  # [B] int32: the last generated token, not yet in the cache
+    length: jax.Array  # [B] int32: tokens in the cache (the position `token` goes to)
+    generated: jax.Array  # [B] int32: tokens generated so far
+    active: jax.Array  # [B] bool
+    max_new: jax.Array  # [B] int32
+    temperature: jax.Array  # [B] float32
+    top_k: jax.Array  # [B] int32
+    top_p: jax.Array  # [B] float32
+    seed: jax.Array  # [B] uint32
+    stop: jax.Array  # [B, S] int32, padded with -1
+
+
+def _finished(slots: Slots, max_len: int) -> jax.Array:
+    """Slots whose last token ends them: a stop token, max_new_tokens, or a full context."""
+    stopped = jnp.any(slots.token[:, None] == slots.stop, axis=-1)
+    return stopped | (slots.generated >= slots.max_new) | (slots.length + 1 >= max_len)
+
+
+def _next_tokens(model: GptOss, slots: Slots, hidden: jax.Array) -> jax.Array:
+    logits = model.logits(hidden)[:, -1]
+    keys = token_keys(slots.seed, slots.generated)
+    return sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+
+
+def prefill(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    slots: Slots,
+    prompts: jax.Array,
+    lengths: jax.Array,
+    targets: jax.Array,
+    settings: dict[str, jax.Array],
+    *,
+    max_len: int,
+) -> tuple[Slots, jax.Array]:
+    """Runs new prompts [n, T] (right-padded; `lengths` [n]) into slots `targets` [n] (out of range: ignored)
+    and samples each one's first token. Returns the slots and the first tokens [n]."""
+    model = nnx.merge(graphdef, params)
+    width = prompts.shape[1]
+    positions = jnp.broadcast_to(jnp.arange(width), prompts.shape)
+    valid = positions < lengths[:, None]
+    cache = KVCache(list(slots.cache.k), list(slots.cache.v))
+    hidden = model.hidden_states(prompts, positions, partial(_prefill_keys, cache, targets, lengths, positions, valid))
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+    new = Slots(cache=cache, token=prompts[:, 0], length=lengths, generated=jnp.zeros_like(lengths),
+                active=jnp.ones_like(lengths, bool), **settings)  # fmt: skip
+    first = _next_tokens(model, new, last)
+    new = dataclasses.replace(new, token=first, generated=new.generated + 1)
+    new = dataclasses.replace(new, active=~_finished(new, max_len))
+
+    def scatter(old, update):
+        return old.at[targets].set(update, mode="drop")
+
+    merged = jax.tree.map(scatter, dataclasses.replace(slots, cache=None), dataclasses.replace(new, cache=None))
+    return dataclasses.replace(merged, cache=cache), first
+
+
+def decode(
+    graphdef: nnx.GraphDef, params: nnx.State, slots: Slots, *, steps: int, max_len: int
+) -> tuple[Slots, jax.Array, jax.Array]:
+    """`steps` decode steps for every slot in one call. Returns the slots, the tokens [steps, B] and which of
+    them were generated by an active slot [steps, B]."""
+    model = nnx.merge(graphdef, params)
+
+    def step(slots: Slots, _):
+        cache = KVCache(list(slots.cache.k), list(slots.cache.v))
+        position = slots.length
+        hidden = model.hidden_states(slots.token[:, None], position[:, None], partial(_decode_keys, cache, position))
+        token = _next_tokens(model, slots, hidden)
+        live = slots.active
+        slots = dataclasses.replace(
+            slots,
+            cache=cache,
+            token=jnp.where(live, token, slots.token),
+            length=slots.length + live,
+            generated=slots.generated + live,
+        )
+        slots = dataclasses.replace(slots, active=live & ~_finished(slots, max_len))
+        return slots, (token, live)
+
+    slots, (tokens, emitted) = jax.lax.scan(step, slots, length=steps)
+    return slots, tokens, emitted
+
+
+# Compiled once per model structure and shape, shared by every engine; the slots are donated.
+_prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "max_len"), donate_argnames=("slots",))
+_decode_jit = jax.jit(decode, static_argnames=("graphdef", "steps", "max_len"), donate_argnames=("slots",))
+
+# ------------------------------------------------------------------------------------------- engine
+
+
+def _buckets(smallest: int, largest: int) -> list[int]:
+    """smallest, 2*smallest, 4*smallest, ... below `largest`, then `largest`."""
+    sizes = [smallest * 2**i for i in range(max(0, math.ceil(math.log2(largest / smallest))))]
+    return [s for s in sizes if s < largest] + [largest]
+
+
+def _fit(buckets: list[int], size: int) -> int:
+    return next(b for b in buckets if b >= size)
+
+
+class Engine:
+    """Generates for a stream of requests with `max_slots` sequences in flight, each of at most `max_len`
+    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip."""
+
+    def __init__(
+        self,
+        model: GptOss,
+        mesh: jax.sharding.Mesh | None = None,
+        *,
+        max_slots: int,
+        max_len: int,
+        steps_per_call: int = 8,
+        stop_tokens: Sequence[int] = DEFAULT_STOP_TOKENS,
+        min_prefill_len: int = 16,
+    ):
+        self.config: ModelConfig = model.config
+        self.mesh = mesh
+        self.max_slots, self.max_len, self.steps_per_call = max_slots, max_len, steps_per_call
+        self.stop_tokens = tuple(stop_tokens)
+        data = mesh_sizes(mesh)["data"] if mesh is not None else 1
+        if max_slots % data:
+            raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
+        self.row_buckets = _buckets(data, max_slots)
+        self.length_buckets = _buckets(min(min_prefill_len, max_len), max_len)
+        self.graphdef, self.params = nnx.split(model)
+        self.dtype = model.compute_dtype
+        self._prefill = partial(_prefill_jit, graphdef=self.graphdef, max_len=max_len)
+        self._decode = partial(_decode_jit, graphdef=self.graphdef, steps=steps_per_call, max_len=max_len)
+        self.slot_steps = 0  # decode steps x slots spent, for measuring batching efficiency
+
+    def cache_bytes_per_sequence(self) -> int:
+        return cache_bytes_per_sequence(self.config, self.max_len, self.dtype)
+
+    def _placed(self, array: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+        if self.mesh is None:
+            return array
+        spec = logical_to_spec(axes, array.shape, mesh_sizes(self.mesh))
+        return jax.device_put(array, jax.sharding.NamedSharding(self.mesh, spec))
+
+    def empty_slots(self, stop_width: int) -> Slots:
+        cfg, slots = self.config, self.max_slots
+        shape = lambda length: (slots, length, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
+        cache = [self._placed(jnp.zeros(shape(n), self.dtype), CACHE_AXES) for n in cache_lengths(cfg, self.max_len)]
+        cache_v = [self._placed(jnp.zeros_like(k), CACHE_AXES) for k in cache]
+        per_slot = lambda dtype, fill=0: self._placed(jnp.full((slots,), fill, dtype), SLOT_AXES)  # noqa: E731
+        return Slots(
+            cache=KVCache(cache, cache_v), token=per_slot(jnp.int32), length=per_slot(jnp.int32),
+            generated=per_slot(jnp.int32), active=per_slot(bool), max_new=per_slot(jnp.int32),
+            temperature=per_slot(jnp.float32), top_k=per_slot(jnp.int32), top_p=per_slot(jnp.float32, 1.0),
+            seed=per_slot(jnp.uint32), stop=self._placed(jnp.full((slots, stop_width), -1, jnp.int32), SLOT_AXES + (None,)),
+        )  # fmt: skip
+
+    def validate(self, request: Request) -> None:
+        """Raises ValueError, naming the request, for one that cannot run."""
+        name = f"request {request.id!r}" if request.id is not None else "request"
+        if not request.prompt:
+            raise ValueError(f"{name}: empty prompt")
+        if len(request.prompt) >= self.max_len:
+            raise ValueError(
+                f"{name}: prompt of {len(request.prompt)} tokens leaves no room in a context of {self.max_len}"
+            )
+        if min(request.prompt) < 0 or max(request.prompt) >= self.config.vocab_size:
+            raise ValueError(f"{name}: prompt token ids must be in [0, {self.config.vocab_size})")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"{name}: max_new_tokens must be at least 1, not {request.max_new_tokens}")
+        if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
+            raise ValueError(f"{name}: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        if not 0 <= request.seed < 2**32:
+            raise ValueError(f"{name}: seed must be in [0, 2**32)")
+
+    def generate(self, requests: Iterable[Request]) -> list[Result]:
+        """Results in the order of `requests`."""
+        requests = list(requests)
+        order = {id(r): i for i, r in enumerate(requests)}
+        results = [None] * len(requests)
+        for request, result in self.run(requests):
+            results[order[id(request)]] = result
+        return results
+
+    def run(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Result]]:
+        """Yields (request, result) as each request finishes, while the others keep running."""
+        waiting = deque(requests)
+        for request in waiting:
+            self.validate(request)
+        stop_width = 1 + max((len(r.stop) for r in waiting), default=0) + len(self.stop_tokens)
+        context = jax.set_mesh(self.mesh) if self.mesh is not None else _no_mesh()
+        with context:
+            slots = self.empty_slots(stop_width)
+            running: dict[int, tuple[Request, list[int]]] = {}
+            while waiting or running:
+                while waiting and len(running) < self.max_slots:  # again if some end at their first token
+                    free = [s for s in range(self.max_slots) if s not in running]
+                    admitted = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
+                    slots, done = self._admit(slots, admitted, free, stop_width, running)
+                    yield from done
+                if running:
+                    slots, done = self._step(slots, running)
+                    yield from done
+
+    def _admit(self, slots, admitted, free, stop_width, running):
+        rows = _fit(self.row_buckets, len(admitted))
+        width = _fit(self.length_buckets, max(len(r.prompt) for r in admitted))
+        prompts = np.zeros((rows, width), np.int32)
+        lengths = np.ones(rows, np.int32)
+        targets = np.full(rows, self.max_slots, np.int32)  # out of range: padding rows write nowhere
+        stop = np.full((rows, stop_width), -1, np.int32)
+        settings = {name: np.zeros(rows, dtype) for name, dtype in
+                    (("max_new", np.int32), ("temperature", np.float32), ("top_k", np.int32), ("seed", np.uint32))}  # fmt: skip
+        settings["top_p"] = np.ones(rows, np.float32)
+        for row, (request, slot) in enumerate(zip(admitted, free)):
+            prompts[row, : len(request.prompt)] = request.prompt
+            lengths[row], targets[row] = len(request.prompt), slot
+            stops = (*self.stop_tokens, *request.stop)
+            stop[row, : len(stops)] = stops
+            for name, value in (("max_new", request.max_new_tokens), ("temperature", request.temperature),
+                                ("top_k", request.top_k), ("top_p", request.top_p), ("seed", request.seed)):  # fmt: skip
+                settings[name][row] = value
+            running[slot] = (request, [])
+        settings["stop"] = stop
+        slots, first = self._prefill(params=self.params, slots=slots, prompts=prompts, lengths=lengths,
+                                     targets=targets, settings=settings)
+        first = np.asarray(first)
+        for row, slot in enumerate(free[: len(admitted)]):
+            running[slot][1].append(int(first[row]))
+        return slots, self._collect_finished(slots, running)
+
+    def _step(self, slots, running):
+        slots, tokens, emitted = self._decode(params=self.params, slots=slots)
+        self.slot_steps += self.steps_per_call * self.max_slots
+        tokens, emitted = np.asarray(tokens), np.asarray(emitted)
+        for slot, (_, generated) in running.items():
+            generated.extend(int(t) for t in tokens[emitted[:, slot], slot])
+        return slots, self._collect_finished(slots, running)
+
+    def _collect_finished(self, slots: Slots, running) -> list[tuple[Request, Result]]:
+        active = np.asarray(slots.active)
+        finished = []
+        for slot in [s for s in running if not active[s]]:
+            request, tokens = running.pop(slot)
+            finished.append((request, Result(request.id, tokens, self._reason(request, tokens), len(request.prompt))))
+        return finished
+
+    def _reason(self, request: Request, tokens: list[int]) -> str:
+        if tokens[-1] in self.stop_tokens or tokens[-1] in request.stop:
+            return "stop"
+        if len(tokens) >= request.max_new_tokens:
+            return "length"
+        return "context"
+
+
+class _no_mesh:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,158 @@
+"""The decoding engine: greedy tokens equal transformers' generate, seeded sampling is reproducible
+anywhere, the cache keeps only what each layer needs, and continuous batching keeps slots busy."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import small_config
+from gptoss_dist import from_pretrained
+from gptoss_dist.engine import Engine, Request, cache_bytes_per_sequence, cache_lengths
+from gptoss_dist.random_checkpoint import write_random_checkpoint
+from gptoss_dist.sharding import MESH_AXES, make_mesh
+from reference import load_reference
+
+CONFIG = small_config(num_heads=8, num_kv_heads=2, num_experts=8, experts_per_token=3, intermediate_size=96)
+PROMPT_LENGTHS = (3, 20, 9, 40, 1, 13)  # several longer than the window of 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("engine-hf"), CONFIG, seed=4)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return from_pretrained(checkpoint, dtype=jnp.float32)
+
+
+def prompts(lengths=PROMPT_LENGTHS, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, CONFIG.vocab_size, n).tolist() for n in lengths]
+
+
+def mesh_of(shape):
+    return make_mesh(dict(zip(MESH_AXES, shape)), CONFIG, jax.devices()[: math.prod(shape)])
+
+
+@pytest.fixture(scope="module")
+def transformers_greedy(checkpoint):
+    import torch
+
+    reference = load_reference(checkpoint)
+    outputs = []
+    for prompt in prompts():
+        ids = torch.tensor([prompt])
+        out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=36, do_sample=False)
+        outputs.append(out[0, len(prompt) :].tolist())
+    return outputs
+
+
+@pytest.mark.parametrize("shape", [None, (2, 2, 2)], ids=["unsharded", "mesh-2x2x2"])
+def test_greedy_tokens_equal_transformers_generate(checkpoint, model, transformers_greedy, shape):
+    mesh = mesh_of(shape) if shape else None
+    model = from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh) if mesh else model
+    engine = Engine(model, mesh, max_slots=4, max_len=96, steps_per_call=8)
+    results = engine.generate([Request(p, max_new_tokens=36, id=i) for i, p in enumerate(prompts())])
+    for result, expected in zip(results, transformers_greedy, strict=True):
+        assert result.tokens == expected, f"request {result.id}"
+        assert result.finish_reason == "length"
+        assert result.prompt_tokens == PROMPT_LENGTHS[result.id] and result.completion_tokens == 36
+
+
+def sampled(prompt, **settings):
+    return Request(prompt, max_new_tokens=24, temperature=1.0, top_k=40, top_p=0.9, seed=1234, id="probe", **settings)
+
+
+def test_seeded_sampling_depends_only_on_the_request(checkpoint, model):
+    probe = prompts([11], seed=7)[0]
+    others = [Request(p, max_new_tokens=n, temperature=0.8, seed=i) for i, (p, n) in
+              enumerate(zip(prompts(), (5, 30, 2, 12, 7, 3)))]  # fmt: skip
+
+    def probe_tokens(engine, requests):
+        return next(r.tokens for r in engine.generate(requests) if r.id == "probe")
+
+    alone = probe_tokens(Engine(model, max_slots=1, max_len=64), [sampled(probe)])
+    assert len(set(alone)) > 3  # really sampled
+    in_batch = probe_tokens(Engine(model, max_slots=4, max_len=64), [others[1], sampled(probe), *others[2:4]])
+    after_refill = probe_tokens(Engine(model, max_slots=4, max_len=64), [*others, sampled(probe)])
+    mesh = mesh_of((2, 2, 2))
+    sharded = from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh)
+    on_mesh = probe_tokens(Engine(sharded, mesh, max_slots=4, max_len=64), [*others[:5], sampled(probe)])
+    assert alone == in_batch == after_refill == on_mesh
+    other_seed = Engine(model, max_slots=1, max_len=64).generate([Request(probe, 24, 1.0, 40, 0.9, seed=99)])
+    assert other_seed[0].tokens != alone
+
+
+def test_sliding_layers_keep_only_their_window(model):
+    engine = Engine(model, max_slots=4, max_len=64)
+    slots = engine.empty_slots(stop_width=4)
+    for layer, keys in enumerate(slots.cache.k):
+        expected = CONFIG.sliding_window if CONFIG.window(layer) else 64
+        assert keys.shape == (4, expected, CONFIG.num_kv_heads, CONFIG.head_dim)
+    assert cache_lengths(CONFIG, 64) == [8, 64, 8]
+    per_position = 2 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
+    assert engine.cache_bytes_per_sequence() == per_position * (8 + 64 + 8)
+    # GPT-OSS-20B at 8k context: 12 layers keep 128 positions, 12 keep 8192.
+    from gptoss_dist import ModelConfig
+
+    assert cache_bytes_per_sequence(ModelConfig(), 8192) == 2 * 8 * 64 * 2 * (12 * 128 + 12 * 8192)
+
+
+def ideal_slot_steps(budgets: list[int], slots: int) -> int:
+    """Slot-steps of continuous batching refilled at every step: first come, first served; a request's first
+    token comes from its prefill, each later one takes a decode step of every slot."""
+    waiting, running, steps = list(budgets), [], 0
+    while waiting or running:
+        while waiting and len(running) < slots:
+            remaining = waiting.pop(0) - 1
+            if remaining:
+                running.append(remaining)
+        if running:
+            steps += 1
+            running = [r - 1 for r in running if r > 1]
+    return steps * slots
+
+
+def test_continuous_batching_keeps_slots_busy(model):
+    budgets = [60, 2, 5, 45, 1, 30, 8, 3, 50, 12]
+    requests = [Request(p, max_new_tokens=n, id=i) for i, (p, n) in enumerate(zip(prompts([4] * 10, seed=3), budgets))]
+    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=4)
+    results = engine.generate(requests)
+    assert [len(r.tokens) for r in results] == budgets
+    # A slot that ends mid-call idles until the call's end: at most steps_per_call - 1 steps per request.
+    slack = len(budgets) * (engine.steps_per_call - 1) + engine.max_slots * engine.steps_per_call
+    assert engine.slot_steps <= ideal_slot_steps(budgets, 4) + slack
+    static = sum(4 * (max(budgets[i : i + 4]) - 1) for i in range(0, 10, 4))  # batches of 4, run to the longest
+    assert engine.slot_steps < 0.75 * static
+
+
+def test_stop_tokens_and_context_limit(model):
+    probe = prompts([6], seed=5)[0]
+    free_run = Engine(model, max_slots=2, max_len=64).generate([Request(probe, max_new_tokens=12)])[0].tokens
+    stop_at = free_run[4]
+    stopped = Engine(model, max_slots=2, max_len=64, stop_tokens=()).generate(
+        [Request(probe, max_new_tokens=12, stop=[stop_at])]
+    )[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.tokens == free_run[: free_run.index(stop_at) + 1]
+    cut = Engine(model, max_slots=2, max_len=10).generate([Request(probe, max_new_tokens=12)])[0]
+    assert cut.finish_reason == "context" and cut.tokens == free_run[:4]
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (Request([], id="a"), "request 'a': empty prompt"),
+        (Request([1] * 64, id="b"), "prompt of 64 tokens leaves no room"),
+        (Request([1], max_new_tokens=0, id="c"), "max_new_tokens must be at least 1"),
+        (Request([1], temperature=-1.0, id="d"), "temperature >= 0"),
+        (Request([1000], id="e"), r"token ids must be in \[0, 128\)"),
+    ],
+)
+def test_bad_requests_are_refused_by_name(model, request_, message):
+    with pytest.raises(ValueError, match=message):
+        Engine(model, max_slots=2, max_len=64).generate([request_])
