@@ -175,27 +175,63 @@ def routed_experts(
     """Sum over each token's chosen experts of weight * expert(token), for the experts held here.
 
     x [N, hidden]; experts and weights [N, k]; the expert weights hold experts first_expert.. of the model
-    ([E_here, hidden, 2I], [E_here, I, hidden], ...). Token copies are sorted by expert and each expert's rows
-    go through one grouped matmul (`ragged_dot`), so an expert only sees the tokens routed to it. Copies
-    routed to experts held elsewhere are sorted last and contribute zero. Returns float32 [N, hidden].
+    ([E_here, hidden, 2I], [E_here, I, hidden], ...). Token copies are sorted by expert so that each expert
+    runs only on the tokens routed to it, and copies routed to experts held elsewhere contribute zero.
+    No token is dropped. Returns float32 [N, hidden].
     """
-    num_tokens, top_k = experts.shape
     num_here = gate_up.shape[0]
     local = experts.reshape(-1) - first_expert
-    held = (local >= 0) & (local < num_here)
-    group = jnp.where(held, local, num_here)
+    group = jnp.where((local >= 0) & (local < num_here), local, num_here)  # num_here: held elsewhere
     order = jnp.argsort(group, stable=True)
-    token = order // top_k
-    sorted_group = group[order]
     sizes = jnp.bincount(group, length=num_here + 1)[:num_here].astype(jnp.int32)
-    expert_of_row = jnp.minimum(sorted_group, num_here - 1)
+    ffn = partial(_experts_ragged if jax.default_backend() == "tpu" else _experts_blocked, limit=limit, alpha=alpha)
+    out = ffn(x[order // experts.shape[1]], group[order], sizes, gate_up, gate_up_bias, down, down_bias)
+    row_weight = jnp.where(group[order] < num_here, weights.reshape(-1)[order], 0.0)
+    tokens = jnp.zeros((x.shape[0], x.shape[-1]), F32)
+    return tokens.at[order // experts.shape[1]].add(out.astype(F32) * row_weight[:, None])
 
-    rows = x[token]
-    hidden = jax.lax.ragged_dot(rows, gate_up.astype(x.dtype), sizes) + gate_up_bias.astype(x.dtype)[expert_of_row]
+
+def _experts_ragged(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
+    """The experts on rows sorted by expert, as two grouped matmuls (`ragged_dot`). TPUs run these natively;
+    elsewhere XLA expands them into dense matmuls over every expert."""
+    expert = jnp.minimum(row_group, gate_up.shape[0] - 1)
+    dtype = rows.dtype
+    hidden = jax.lax.ragged_dot(rows, gate_up.astype(dtype), sizes) + gate_up_bias.astype(dtype)[expert]
     activated = clamped_swiglu(hidden, limit, alpha)
-    out = jax.lax.ragged_dot(activated, down.astype(x.dtype), sizes) + down_bias.astype(x.dtype)[expert_of_row]
-    row_weight = jnp.where(sorted_group < num_here, weights.reshape(-1)[order], 0.0)
-    return jnp.zeros((num_tokens, x.shape[-1]), F32).at[token].add(out.astype(F32) * row_weight[:, None])
+    return jax.lax.ragged_dot(activated, down.astype(dtype), sizes) + down_bias.astype(dtype)[expert]
+
+
+def _experts_blocked(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
+    """The experts on rows sorted by expert, block by block: each expert's rows are padded to whole blocks,
+    and a loop runs each used block through its expert's weights (blocks past the used ones are skipped), so
+    the work and the weights read follow the routing."""
+    num_rows, num_experts = rows.shape[0], gate_up.shape[0]
+    block = int(np.clip(_next_power_of_2(num_rows // num_experts), 8, 128))
+    num_blocks = -(-num_rows // block) + num_experts  # enough for any routing
+    blocks_of = -(-sizes // block)
+    first_row = (jnp.cumsum(blocks_of) - blocks_of) * block  # of each expert, in the padded layout
+    group = jnp.minimum(row_group, num_experts - 1)
+    rank = jnp.arange(num_rows) - (jnp.cumsum(sizes) - sizes)[group]
+    slot = jnp.where(row_group < num_experts, first_row[group] + rank, num_blocks * block)
+    padded = jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype).at[slot].set(rows, mode="drop")
+    block_expert = jnp.searchsorted(jnp.cumsum(blocks_of), jnp.arange(num_blocks), side="right")
+
+    def run_block(_, block_and_expert):
+        x, expert = block_and_expert
+
+        def ffn():
+            e = jnp.minimum(expert, num_experts - 1)
+            hidden = x @ gate_up[e].astype(x.dtype) + gate_up_bias[e].astype(x.dtype)
+            return clamped_swiglu(hidden, limit, alpha) @ down[e].astype(x.dtype) + down_bias[e].astype(x.dtype)
+
+        return None, jax.lax.cond(expert < num_experts, ffn, lambda: jnp.zeros((block, down.shape[-1]), x.dtype))
+
+    _, out = jax.lax.scan(run_block, None, (padded.reshape(num_blocks, block, -1), block_expert))
+    return out.reshape(num_blocks * block, -1).at[slot].get(mode="fill", fill_value=0)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 class MoE(nnx.Module):
@@ -249,8 +285,10 @@ def expert_parallel(mesh, tokens, experts, weights, *params, limit: float, alpha
         )  # fmt: skip
         return jax.lax.psum(out, ("tensor", "expert"))
 
+    # check_vma=False: the blocked experts' lax.cond has a branch that reads no expert weights
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(token_spec, route_spec, route_spec, *param_specs), out_specs=token_spec
+        local, mesh=mesh, in_specs=(token_spec, route_spec, route_spec, *param_specs), out_specs=token_spec,
+        check_vma=False,
     )(tokens, experts, weights, *params)
 
 

@@ -100,3 +100,23 @@ def test_bfloat16_model_is_as_close_to_float32_as_transformers_in_bfloat16(small
         return np.abs(logits - exact).mean() / np.abs(exact).mean()
 
     assert relative_error(ours) <= 1.5 * relative_error(theirs)
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 300])
+def test_blocked_experts_equal_ragged_dot_experts(num_tokens):
+    """The two expert kernels (blocks on CPU/GPU, ragged_dot on TPU) agree, unused experts included."""
+    from gptoss_dist import model
+
+    rng = np.random.default_rng(num_tokens)
+    experts, hidden, inter, top_k = 6, 32, 48, 2
+    rows = jnp.asarray(rng.normal(size=(num_tokens * top_k, hidden)), jnp.float32)
+    group = np.sort(rng.choice([0, 2, 3, 6], num_tokens * top_k))  # experts 1, 4, 5 idle; 6 = held elsewhere
+    sizes = jnp.asarray(np.bincount(group, minlength=7)[:6], jnp.int32)
+    weights = [jnp.asarray(rng.normal(size=shape) / 4, jnp.float32) for shape in
+               ((experts, hidden, 2 * inter), (experts, 2 * inter), (experts, inter, hidden), (experts, hidden))]  # fmt: skip
+    args = (rows, jnp.asarray(group), sizes, *weights)
+    blocked = model._experts_blocked(*args, limit=7.0, alpha=1.702)
+    ragged = model._experts_ragged(*args, limit=7.0, alpha=1.702)
+    held = group < experts
+    np.testing.assert_allclose(np.asarray(blocked)[held], np.asarray(ragged)[held], rtol=1e-5, atol=1e-5)
+    assert np.all(np.asarray(blocked)[~held] == 0)
