@@ -14,6 +14,7 @@ head, which costs 2 x hidden x kv_heads x head_dim weights, small beside the que
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -181,9 +182,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run(_):
         cfg = settings.model_config(config.value)
         mesh = config.value.mesh
-        num_devices = math.prod(v for v in mesh.values() if v != -1) if -1 not in mesh.values() else None
-        sizes = mesh_shape(mesh, num_devices or jax.device_count())
-        check_model_fits_mesh(cfg, sizes)
+        # Without -1 the mesh names its own device count: describe it without needing those devices here.
+        num_devices = math.prod(mesh.values()) if -1 not in mesh.values() else jax.device_count()
+        try:
+            sizes = mesh_shape(mesh, num_devices)
+            check_model_fits_mesh(cfg, sizes)
+        except MeshError as err:
+            sys.exit(f"error: {err}")
         print(describe(cfg, sizes, np.dtype(settings.dtype(config.value))))
 
     app.run(run, argv=list(argv) if argv is not None else None)

@@ -165,3 +165,18 @@ def test_description_of_the_20b_model_on_a_mesh():
     assert "P(('tensor', 'expert'), None)" in lines["embed"]
     assert len(lines) == 3 + 24 * 17  # every weight is listed
     assert "bytes per device" in text.splitlines()[-1]
+
+
+def test_sharding_command_prints_the_plan_and_refuses_bad_meshes():
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "configs" / "gpt_oss_20b.py"
+    command = [sys.executable, "-m", "gptoss_dist.sharding", f"--config={config}"]
+    ok = subprocess.run([*command, "--config.mesh.tensor=4", "--config.mesh.expert=2"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[-1].startswith("mesh (data=1, tensor=4, expert=2):")
+    bad = subprocess.run([*command, "--config.mesh.expert=3"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "32 experts do not divide over mesh.expert=3" in bad.stderr
