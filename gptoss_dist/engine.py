@@ -8,6 +8,7 @@ which for GPT-OSS's 128-key window and long contexts halves the cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections import deque
@@ -27,6 +28,7 @@ from gptoss_dist.sharding import logical_to_spec, mesh_sizes
 
 # GPT-OSS's stop tokens: <|return|>, <|endoftext|>, <|call|>.
 DEFAULT_STOP_TOKENS = (200002, 199999, 200012)
+MAX_REQUEST_STOP_TOKENS = 16  # stop token ids a request may add to the engine's
 CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 SLOT_AXES = ("batch",)
 
@@ -243,6 +245,7 @@ class Engine:
         self.mesh = mesh
         self.max_slots, self.max_len, self.steps_per_call = max_slots, max_len, steps_per_call
         self.stop_tokens = tuple(stop_tokens)
+        self.stop_width = len(self.stop_tokens) + MAX_REQUEST_STOP_TOKENS
         data = mesh_sizes(mesh)["data"] if mesh is not None else 1
         if max_slots % data:
             raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
@@ -257,23 +260,25 @@ class Engine:
     def cache_bytes_per_sequence(self) -> int:
         return cache_bytes_per_sequence(self.config, self.max_len, self.dtype)
 
-    def _placed(self, array: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-        if self.mesh is None:
-            return array
-        spec = logical_to_spec(axes, array.shape, mesh_sizes(self.mesh))
-        return jax.device_put(array, jax.sharding.NamedSharding(self.mesh, spec))
+    def _filled(self, shape: tuple[int, ...], dtype, axes: Sequence[str | None], fill=0) -> jax.Array:
+        """A new array, created on the devices in its sharding (never whole on one device)."""
+        sharding = None
+        if self.mesh is not None:
+            spec = logical_to_spec(axes, shape, mesh_sizes(self.mesh))
+            sharding = jax.sharding.NamedSharding(self.mesh, spec)
+        return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)()
 
-    def empty_slots(self, stop_width: int) -> Slots:
-        cfg, slots = self.config, self.max_slots
-        shape = lambda length: (slots, length, cfg.num_kv_heads, cfg.head_dim)  # noqa: E731
-        cache = [self._placed(jnp.zeros(shape(n), self.dtype), CACHE_AXES) for n in cache_lengths(cfg, self.max_len)]
-        cache_v = [self._placed(jnp.zeros_like(k), CACHE_AXES) for k in cache]
-        per_slot = lambda dtype, fill=0: self._placed(jnp.full((slots,), fill, dtype), SLOT_AXES)  # noqa: E731
+    def empty_slots(self) -> Slots:
+        """Slots with an empty cache; sliding layers' caches hold only their window."""
+        cfg, count = self.config, self.max_slots
+        cache_shapes = [(count, n, cfg.num_kv_heads, cfg.head_dim) for n in cache_lengths(cfg, self.max_len)]
+        k, v = ([self._filled(shape, self.dtype, CACHE_AXES) for shape in cache_shapes] for _ in range(2))
+        per_slot = partial(self._filled, (count,), axes=SLOT_AXES)
         return Slots(
-            cache=KVCache(cache, cache_v), token=per_slot(jnp.int32), length=per_slot(jnp.int32),
+            cache=KVCache(k, v), token=per_slot(jnp.int32), length=per_slot(jnp.int32),
             generated=per_slot(jnp.int32), active=per_slot(bool), max_new=per_slot(jnp.int32),
-            temperature=per_slot(jnp.float32), top_k=per_slot(jnp.int32), top_p=per_slot(jnp.float32, 1.0),
-            seed=per_slot(jnp.uint32), stop=self._placed(jnp.full((slots, stop_width), -1, jnp.int32), SLOT_AXES + (None,)),
+            temperature=per_slot(jnp.float32), top_k=per_slot(jnp.int32), top_p=per_slot(jnp.float32, fill=1.0),
+            seed=per_slot(jnp.uint32), stop=self._filled((count, self.stop_width), jnp.int32, SLOT_AXES + (None,), -1),
         )  # fmt: skip
 
     def validate(self, request: Request) -> None:
@@ -293,6 +298,8 @@ class Engine:
             raise ValueError(f"{name}: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
         if not 0 <= request.seed < 2**32:
             raise ValueError(f"{name}: seed must be in [0, 2**32)")
+        if len(request.stop) > MAX_REQUEST_STOP_TOKENS:
+            raise ValueError(f"{name}: at most {MAX_REQUEST_STOP_TOKENS} stop tokens, not {len(request.stop)}")
 
     def generate(self, requests: Iterable[Request]) -> list[Result]:
         """Results in the order of `requests`."""
@@ -304,32 +311,39 @@ class Engine:
         return results
 
     def run(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Result]]:
-        """Yields (request, result) as each request finishes, while the others keep running."""
-        waiting = deque(requests)
-        for request in waiting:
-            self.validate(request)
-        stop_width = 1 + max((len(r.stop) for r in waiting), default=0) + len(self.stop_tokens)
-        context = jax.set_mesh(self.mesh) if self.mesh is not None else _no_mesh()
-        with context:
-            slots = self.empty_slots(stop_width)
+        """Yields (request, result) as each request finishes, while the others keep running. Requests are
+        drawn from `requests` only as slots free up, so the iterable may be long and lazily read."""
+        pending, exhausted = iter(requests), False
+        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+            slots = self.empty_slots()
             running: dict[int, tuple[Request, list[int]]] = {}
-            while waiting or running:
-                while waiting and len(running) < self.max_slots:  # again if some end at their first token
-                    free = [s for s in range(self.max_slots) if s not in running]
-                    admitted = [waiting.popleft() for _ in range(min(len(free), len(waiting)))]
-                    slots, done = self._admit(slots, admitted, free, stop_width, running)
-                    yield from done
-                if running:
-                    slots, done = self._step(slots, running)
-                    yield from done
+            while True:
+                free = [s for s in range(self.max_slots) if s not in running]
+                if free and not exhausted:
+                    admitted = self._take(pending, len(free))
+                    exhausted = len(admitted) < len(free)
+                    if admitted:
+                        slots, done = self._admit(slots, admitted, free, running)
+                        yield from done
+                        continue  # refill again if some ended at their first token
+                if not running:
+                    return
+                slots, done = self._step(slots, running)
+                yield from done
 
-    def _admit(self, slots, admitted, free, stop_width, running):
+    def _take(self, pending: Iterator[Request], count: int) -> list[Request]:
+        taken = [request for _, request in zip(range(count), pending)]
+        for request in taken:
+            self.validate(request)
+        return taken
+
+    def _admit(self, slots, admitted, free, running):
         rows = _fit(self.row_buckets, len(admitted))
         width = _fit(self.length_buckets, max(len(r.prompt) for r in admitted))
         prompts = np.zeros((rows, width), np.int32)
         lengths = np.ones(rows, np.int32)
         targets = np.full(rows, self.max_slots, np.int32)  # out of range: padding rows write nowhere
-        stop = np.full((rows, stop_width), -1, np.int32)
+        stop = np.full((rows, self.stop_width), -1, np.int32)
         settings = {name: np.zeros(rows, dtype) for name, dtype in
                     (("max_new", np.int32), ("temperature", np.float32), ("top_k", np.int32), ("seed", np.uint32))}  # fmt: skip
         settings["top_p"] = np.ones(rows, np.float32)
@@ -372,11 +386,3 @@ class Engine:
         if len(tokens) >= request.max_new_tokens:
             return "length"
         return "context"
-
-
-class _no_mesh:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -89,7 +89,7 @@ def test_seeded_sampling_depends_only_on_the_request(checkpoint, model):
 
 def test_sliding_layers_keep_only_their_window(model):
     engine = Engine(model, max_slots=4, max_len=64)
-    slots = engine.empty_slots(stop_width=4)
+    slots = engine.empty_slots()
     for layer, keys in enumerate(slots.cache.k):
         expected = CONFIG.sliding_window if CONFIG.window(layer) else 64
         assert keys.shape == (4, expected, CONFIG.num_kv_heads, CONFIG.head_dim)
