@@ -228,7 +228,8 @@ def _fit(buckets: list[int], size: int) -> int:
 
 class Engine:
     """Generates for a stream of requests with `max_slots` sequences in flight, each of at most `max_len`
-    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip."""
+    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip. New prompts are
+    prefilled together, in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory."""
 
     def __init__(
         self,
@@ -240,10 +241,12 @@ class Engine:
         steps_per_call: int = 8,
         stop_tokens: Sequence[int] = DEFAULT_STOP_TOKENS,
         min_prefill_len: int = 16,
+        prefill_tokens: int = 8192,
     ):
         self.config: ModelConfig = model.config
         self.mesh = mesh
         self.max_slots, self.max_len, self.steps_per_call = max_slots, max_len, steps_per_call
+        self.prefill_tokens = prefill_tokens
         self.stop_tokens = tuple(stop_tokens)
         self.stop_width = len(self.stop_tokens) + MAX_REQUEST_STOP_TOKENS
         data = mesh_sizes(mesh)["data"] if mesh is not None else 1
@@ -338,6 +341,26 @@ class Engine:
         return taken
 
     def _admit(self, slots, admitted, free, running):
+        """Prefills `admitted` into `free` slots, in as many calls as the prefill token budget asks."""
+        finished = []
+        while admitted:
+            count = self._prefill_rows(admitted)
+            slots, done = self._prefill_call(slots, admitted[:count], free[:count], running)
+            finished += done
+            admitted, free = admitted[count:], free[count:]
+        return slots, finished
+
+    def _prefill_rows(self, requests: list[Request]) -> int:
+        """How many of `requests` (at least one) go into the next prefill call within `prefill_tokens`."""
+        count = 1
+        while count < len(requests):
+            width = _fit(self.length_buckets, max(len(r.prompt) for r in requests[: count + 1]))
+            if _fit(self.row_buckets, count + 1) * width > self.prefill_tokens:
+                break
+            count += 1
+        return count
+
+    def _prefill_call(self, slots, admitted, free, running):
         rows = _fit(self.row_buckets, len(admitted))
         width = _fit(self.length_buckets, max(len(r.prompt) for r in admitted))
         prompts = np.zeros((rows, width), np.int32)

@@ -13,6 +13,7 @@ head, which costs 2 x hidden x kv_heads x head_dim weights, small beside the que
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -151,22 +152,39 @@ def put(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def describe(cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16")) -> str:
-    """A table of every weight: shape, PartitionSpec and bytes per device, with the totals per device."""
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one weight goes: its shape, PartitionSpec, and bytes in all and on each device."""
+
+    name: str
+    shape: tuple[int, ...]
+    spec: PartitionSpec
+    nbytes: int
+    bytes_per_device: int
+
+
+def weight_placements(cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16")) -> list[Placement]:
+    """Every weight's placement on a mesh of these sizes, from the abstract model (nothing is allocated)."""
     from gptoss_dist.checkpoint import abstract_model
 
     _, state = nnx.split(abstract_model(cfg, dtype=dtype))
     specs = dict(nnx.to_flat_state(param_specs(state, sizes)))
-    lines, total, per_device = [], 0, 0
+    placements = []
     for path, var in nnx.to_flat_state(state):
         value = var.get_value()
         nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
-        device_bytes = nbytes // math.prod(spec_divisor(specs[path], sizes))
-        total, per_device = total + nbytes, per_device + device_bytes
-        name = ".".join(map(str, path))
-        lines.append(f"{name:<40} {str(value.shape):<22} {str(specs[path]):<40} {device_bytes:>14,}")
+        per_device = nbytes // math.prod(spec_divisor(specs[path], sizes))
+        placements.append(Placement(".".join(map(str, path)), value.shape, specs[path], nbytes, per_device))
+    return placements
+
+
+def describe(cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16")) -> str:
+    """A table of every weight: shape, PartitionSpec and bytes per device, with the totals per device."""
+    placements = weight_placements(cfg, sizes, dtype)
+    lines = [f"{p.name:<40} {str(p.shape):<22} {str(p.spec):<40} {p.bytes_per_device:>14,}" for p in placements]
     header = f"{'weight':<40} {'shape':<22} {'partition spec':<40} {'bytes/device':>14}"
     mesh = ", ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+    total, per_device = sum(p.nbytes for p in placements), sum(p.bytes_per_device for p in placements)
     footer = f"mesh ({mesh}): {total:,} bytes in all, {per_device:,} bytes per device"
     return "\n".join([header, *lines, footer])
 

@@ -156,3 +156,14 @@ def test_stop_tokens_and_context_limit(model):
 def test_bad_requests_are_refused_by_name(model, request_, message):
     with pytest.raises(ValueError, match=message):
         Engine(model, max_slots=2, max_len=64).generate([request_])
+
+
+def test_prefill_calls_stay_within_the_token_budget(model, transformers_greedy):
+    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=8, prefill_tokens=64)
+    shapes = []
+    prefill = engine._prefill
+    engine._prefill = lambda **kw: shapes.append(kw["prompts"].shape) or prefill(**kw)
+    results = engine.generate([Request(p, max_new_tokens=36) for p in prompts()])
+    assert all(rows * width <= 64 or rows == 1 for rows, width in shapes)
+    assert len(shapes) > 2  # the six prompts did not go in one call
+    assert [r.tokens for r in results] == transformers_greedy

@@ -1,0 +1,143 @@
+"""Will it fit: per chip, the bytes of the weights, the KV cache and the working memory of a run.
+
+    python -m gptoss_dist.plan --config=configs/gpt_oss_20b.py --config.mesh.tensor=4 --config.max_slots=64
+
+Weights come from the sharding rules (exactly what each device holds). The KV cache is the engine's: every
+slot's keys and values, sliding layers holding only their window, split over `data` and, where they divide,
+the KV heads over `tensor`. Working memory is an estimate of the largest call's live activations: a prefill
+of as many `max_len`-token prompts as `prefill_tokens` allows (float32 attention scores and probabilities, the experts' token
+copies, the residual stream, the last positions' logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from gptoss_dist.config import ModelConfig
+from gptoss_dist.engine import cache_bytes_per_sequence
+from gptoss_dist.sharding import MESH_AXES, weight_placements
+
+GiB = 1 << 30
+# Device memory per chip.
+CHIPS = {"v5e": 16 * GiB, "v6e": 32 * GiB, "v5p": 95 * GiB, "h100": 80 * GiB, "h200": 141 * GiB}
+F32 = 4
+
+
+class PlanError(ValueError):
+    """A run that cannot fit its chips; the message says which setting to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes one chip needs for a run."""
+
+    weights: int
+    kv_cache: int
+    working: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv_cache + self.working
+
+
+def kv_cache_per_chip(cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, dtype) -> int:
+    kv_split = sizes["tensor"] if cfg.num_kv_heads % sizes["tensor"] == 0 else 1
+    return max_slots * cache_bytes_per_sequence(cfg, max_len, dtype) // (sizes["data"] * kv_split)
+
+
+def working_per_chip(
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, prefill_tokens: int, dtype
+) -> int:
+    """Largest live activations of a prefill call of `max_len`-token prompts, on one chip (an estimate)."""
+    prompts = min(max_slots, max(sizes["data"], prefill_tokens // max_len))
+    rows, tensor, width = math.ceil(prompts / sizes["data"]), sizes["tensor"], max_len
+    itemsize = np.dtype(dtype).itemsize
+    scores = 2 * rows * math.ceil(cfg.num_heads / tensor) * width * (width + 1) * F32
+    expert_rows = rows * width * cfg.experts_per_token
+    experts = expert_rows * (2 * cfg.hidden_size + 3 * cfg.intermediate_size // tensor) * itemsize
+    residual = 4 * rows * width * cfg.hidden_size * F32
+    logits = rows * cfg.vocab_size // (tensor * sizes["expert"]) * F32
+    return scores + experts + residual + logits
+
+
+def plan_memory(
+    cfg: ModelConfig,
+    sizes: Mapping[str, int],
+    *,
+    max_slots: int,
+    max_len: int,
+    prefill_tokens: int = 8192,
+    dtype=np.dtype("bfloat16"),
+) -> MemoryPlan:
+    weights = sum(p.bytes_per_device for p in weight_placements(cfg, sizes, dtype))
+    return MemoryPlan(
+        weights=weights,
+        kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, dtype),
+        working=working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype),
+    )
+
+
+def check_fits(plan: MemoryPlan, chip_bytes: int, chip: str) -> None:
+    """Raises PlanError, naming the setting to turn, where the plan exceeds the chip."""
+    if plan.total <= chip_bytes:
+        return
+    need = f"needs {plan.total / GiB:.1f} GiB per chip, {chip} has {chip_bytes / GiB:.0f} GiB"
+    if plan.weights > 0.9 * chip_bytes:
+        knob = "shard the weights over more chips: raise mesh.tensor or mesh.expert"
+    elif plan.kv_cache >= plan.working:
+        knob = "shrink the KV cache: lower max_slots or max_len, or spread slots over a larger mesh.data"
+    else:
+        knob = "shrink the prefill: lower prefill_tokens or max_len"
+    raise PlanError(
+        f"{need} (weights {plan.weights / GiB:.1f}, KV cache {plan.kv_cache / GiB:.1f}, "
+        f"working {plan.working / GiB:.1f} GiB); {knob}"
+    )
+
+
+def render(plan: MemoryPlan, sizes: Mapping[str, int], chips: Sequence[str]) -> str:
+    mesh = ", ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+    lines = [
+        f"per chip on mesh ({mesh}): weights {plan.weights / GiB:.2f} GiB, KV cache {plan.kv_cache / GiB:.2f} GiB, "
+        f"working {plan.working / GiB:.2f} GiB, total {plan.total / GiB:.2f} GiB",
+        f"{'chip':<6} {'memory':>9} {'used':>6}  fits",
+    ]
+    for chip in chips:
+        used = plan.total / CHIPS[chip]
+        lines.append(f"{chip:<6} {CHIPS[chip] / GiB:>6.0f} GiB {used:>6.0%}  {'yes' if used <= 1 else 'no'}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from absl import app
+    from ml_collections import config_flags
+
+    from gptoss_dist import settings
+    from gptoss_dist.sharding import MeshError, check_model_fits_mesh, mesh_shape
+
+    config = config_flags.DEFINE_config_file("config", None, "A run config (configs/*.py).")
+
+    def run(_):
+        run_settings = config.value
+        cfg = settings.model_config(run_settings)
+        mesh = run_settings.mesh
+        if -1 in mesh.values():
+            sys.exit("error: give every mesh size (no -1) to plan without the devices")
+        try:
+            sizes = mesh_shape(mesh, math.prod(mesh.values()))
+            check_model_fits_mesh(cfg, sizes)
+        except MeshError as err:
+            sys.exit(f"error: {err}")
+        plan = plan_memory(cfg, sizes, max_slots=run_settings.max_slots, max_len=run_settings.max_len,
+                           dtype=np.dtype(settings.dtype(run_settings)))  # fmt: skip
+        print(render(plan, sizes, list(CHIPS)))
+
+    app.run(run, argv=list(argv) if argv is not None else None)
+
+
+if __name__ == "__main__":
+    main()
