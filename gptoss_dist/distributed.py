@@ -36,15 +36,13 @@ def resolve(settings: Mapping[str, Any]) -> dict[str, Any]:
 def initialize(settings: Mapping[str, Any]) -> None:
     """Connects this process to the others; call before anything touches `jax.devices()`.
 
-    `settings` holds `tpu_pod` (let JAX find the pod's hosts itself), `coordinator`, `num_processes`,
-    `process_id`, `cpu_devices` and `timeout_s` (how long to wait for every process to join).
+    `settings` holds `coordinator`, `num_processes`, `process_id`, `cpu_devices`, `timeout_s` (how long to
+    wait for every process to join) and `tpu_pod` (with no explicit processes: let JAX find the pod's hosts).
     """
     config = resolve(settings)
     if config.get("cpu_devices"):
         jax.config.update("jax_num_cpu_devices", int(config["cpu_devices"]))
-    if config.get("tpu_pod"):
-        jax.distributed.initialize()
-    elif int(config.get("num_processes") or 1) > 1:
+    if int(config.get("num_processes") or 1) > 1:
         if not config.get("coordinator"):
             raise ValueError(f"{config['num_processes']} processes need a coordinator (set {ENV['coordinator']})")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only where devices are CPUs
@@ -54,6 +52,8 @@ def initialize(settings: Mapping[str, Any]) -> None:
             process_id=int(config["process_id"]),
             initialization_timeout=int(config.get("timeout_s") or 300),
         )
+    elif config.get("tpu_pod"):
+        jax.distributed.initialize()
 
 
 def is_writer() -> bool:

@@ -33,9 +33,9 @@ def relay(process: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
-def start(command: list[str], processes: int, devices: int) -> list[subprocess.Popen]:
+def start(command: list[str], processes: int, devices: int) -> tuple[list[subprocess.Popen], list[threading.Thread]]:
     coordinator = f"127.0.0.1:{free_port()}"
-    children = []
+    children, relays = [], []
     for index in range(processes):
         env = os.environ | {
             "GPTOSS_COORDINATOR": coordinator,
@@ -45,9 +45,10 @@ def start(command: list[str], processes: int, devices: int) -> list[subprocess.P
             "PYTHONUNBUFFERED": "1",
         }
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=relay, args=(child, f"[process {index}]"), daemon=True).start()
+        relays.append(threading.Thread(target=relay, args=(child, f"[process {index}]"), daemon=True))
+        relays[-1].start()
         children.append(child)
-    return children
+    return children, relays
 
 
 def stop(children: list[subprocess.Popen], grace_s: float) -> None:
@@ -88,7 +89,7 @@ def main() -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command to run after --")
-    children = start(command, args.processes, args.devices)
+    children, relays = start(command, args.processes, args.devices)
 
     def forward(signum, _frame):
         for child in children:
@@ -97,7 +98,10 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, forward)
     signal.signal(signal.SIGTERM, forward)
-    sys.exit(supervise(children, args.grace_s))
+    status = supervise(children, args.grace_s)
+    for thread in relays:  # the last lines of output
+        thread.join(timeout=5)
+    sys.exit(status)
 
 
 if __name__ == "__main__":
