@@ -2,23 +2,28 @@
 
 A checkpoint directory holds `config.json`, one or several `*.safetensors` files and, when there are several,
 `model.safetensors.index.json`. Expert weights are stored either as MXFP4 (`<name>_blocks`, `<name>_scales`,
-as openai/gpt-oss-* publish them) or dequantized (`<name>`, as transformers saves them).
+as openai/gpt-oss-* publish them) or dequantized (`<name>`, as transformers saves them). The directory is a
+local path (tensors are memory-mapped) or a `gs://` URL (each tensor is one byte-range read, through gcsfs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import posixpath
 import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
+from fsspec.implementations.local import LocalFileSystem
 
 from gptoss_dist import mxfp4
 from gptoss_dist.config import ConfigError, ModelConfig
@@ -39,21 +44,43 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read: the message names the file or the tensor."""
 
 
+def filesystem(path: str | Path) -> fsspec.AbstractFileSystem:
+    """The filesystem of a local path or a `gs://` URL (fsspec imports gcsfs only for the latter)."""
+    return fsspec.core.url_to_fs(str(path))[0]
+
+
+def join(directory: str | Path, name: str) -> str:
+    """`directory/name` for a local path or a URL."""
+    return f"{str(directory).rstrip('/')}/{name}"
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    """The model config of a checkpoint directory: its `config.json`."""
+    path = join(directory, CONFIG_FILE)
+    fs = filesystem(path)
+    if not fs.exists(path):
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return ModelConfig.from_hf_dict(json.loads(fs.cat_file(path)))
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+
+
 class SafetensorsFile:
-    """One `.safetensors` file, read lazily: `read(name)` maps only that tensor's bytes.
+    """One `.safetensors` file, read lazily: `read(name)` reads only that tensor's bytes (or some of its rows).
 
     (safetensors' own numpy reader has no bfloat16, the dtype of every non-expert GPT-OSS weight.)
     """
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._fs = filesystem(path)
         try:
-            size = path.stat().st_size
-            with path.open("rb") as f:
-                (header_len,) = struct.unpack("<Q", f.read(8))
-                if header_len > size - 8:
-                    raise CheckpointError(f"{path}: truncated: the header claims {header_len} bytes")
-                header = json.loads(f.read(header_len))
+            size = self._fs.size(self.path)
+            (header_len,) = struct.unpack("<Q", self._fs.cat_file(self.path, 0, 8))
+            if header_len > size - 8:
+                raise CheckpointError(f"{path}: truncated: the header claims {header_len} bytes")
+            header = json.loads(self._fs.cat_file(self.path, 8, 8 + header_len))
         except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file: {err}") from err
         header.pop("__metadata__", None)
@@ -68,49 +95,58 @@ class SafetensorsFile:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.tensors[name]["shape"])
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        """The tensor `name`, or only `rows` (a slice with start and stop) of its first axis."""
         info = self.tensors[name]
         if info["dtype"] not in _DTYPES:
             raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {info['dtype']}")
         begin, end = info["data_offsets"]
         dtype = np.dtype(_DTYPES[info["dtype"]])
         shape = tuple(info["shape"])
-        if end - begin != dtype.itemsize * int(np.prod(shape)):
+        if end - begin != dtype.itemsize * math.prod(shape):
             raise CheckpointError(f"{self.path}: tensor {name}: {end - begin} bytes do not hold {shape} {dtype}")
-        data = np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin, shape=shape)
-        return np.array(data)
+        offset = self._data_start + begin
+        if rows is not None:
+            offset += rows.start * (end - begin) // shape[0]
+            shape = (rows.stop - rows.start, *shape[1:])
+        if isinstance(self._fs, LocalFileSystem):
+            return np.array(np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape))
+        data = self._fs.cat_file(self.path, offset, offset + dtype.itemsize * math.prod(shape))
+        return np.frombuffer(data, dtype).reshape(shape)
 
 
 class HfCheckpoint:
-    """The tensors of a Hugging Face checkpoint directory, by name, each read on demand."""
+    """The tensors of a Hugging Face checkpoint directory (a local path or a `gs://` URL), by name, each
+    read on demand."""
 
     def __init__(self, directory: str | Path):
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
+        self.directory = str(directory).rstrip("/")
+        self._fs = filesystem(self.directory)
+        if not self._fs.isdir(self.directory):
             raise CheckpointError(f"{self.directory}: no such checkpoint directory")
         self._file_of = self._locate_tensors()
         self._files: dict[str, SafetensorsFile] = {}
 
     def _locate_tensors(self) -> dict[str, str]:
-        index = self.directory / INDEX_FILE
-        if index.exists():
+        index = join(self.directory, INDEX_FILE)
+        if self._fs.exists(index):
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
+                weight_map = json.loads(self._fs.cat_file(index))["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError) as err:
                 raise CheckpointError(f"{index}: not a safetensors index: {err}") from err
             for file in sorted(set(weight_map.values())):
-                if not (self.directory / file).exists():
-                    raise CheckpointError(f"{self.directory / file}: missing, but {INDEX_FILE} lists it")
+                if not self._fs.exists(join(self.directory, file)):
+                    raise CheckpointError(f"{join(self.directory, file)}: missing, but {INDEX_FILE} lists it")
             return dict(weight_map)
-        files = sorted(self.directory.glob("*.safetensors"))
+        files = sorted(posixpath.basename(path) for path in self._fs.glob(join(self.directory, "*.safetensors")))
         if not files:
             raise CheckpointError(f"{self.directory}: holds no .safetensors file")
-        return {name: file.name for file in files for name in SafetensorsFile(file).tensors}
+        return {name: file for file in files for name in SafetensorsFile(join(self.directory, file)).tensors}
 
     def _file(self, name: str) -> SafetensorsFile:
         file = self._file_of[name]
         if file not in self._files:
-            self._files[file] = SafetensorsFile(self.directory / file)
+            self._files[file] = SafetensorsFile(join(self.directory, file))
         handle = self._files[file]
         if name not in handle.tensors:
             raise CheckpointError(f"{handle.path}: has no tensor {name}, but {INDEX_FILE} places it there")
@@ -120,22 +156,16 @@ class HfCheckpoint:
         return set(self._file_of)
 
     def where(self, name: str) -> str:
-        return str(self.directory / self._file_of[name])
+        return join(self.directory, self._file_of[name])
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._file(name).shape(name)
 
-    def read(self, name: str) -> np.ndarray:
-        return self._file(name).read(name)
+    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
+        return self._file(name).read(name, rows)
 
     def config(self) -> ModelConfig:
-        path = self.directory / CONFIG_FILE
-        if not path.exists():
-            raise CheckpointError(f"{path}: missing")
-        try:
-            return ModelConfig.from_json(path)
-        except ConfigError as err:
-            raise CheckpointError(str(err)) from err
+        return read_config(self.directory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,16 +253,21 @@ def _check_shape(ckpt: HfCheckpoint, name: str, expected: tuple[int, ...]) -> No
         )
 
 
-def read_hf_tensor(ckpt: HfCheckpoint, tensor: HfTensor) -> np.ndarray:
-    """One weight in the Hugging Face layout (`tensor.shape`), MXFP4 decoded exactly to float32."""
+def check_shapes(ckpt: HfCheckpoint, tensor: HfTensor) -> None:
+    """Refuses a weight whose stored shapes differ from what config.json implies."""
+    expected = packed_shapes(tensor) if is_packed(ckpt, tensor) else [tensor.shape]
+    for name, shape in zip(stored_names(ckpt, tensor), expected, strict=True):
+        _check_shape(ckpt, name, shape)
+
+
+def read_hf_tensor(ckpt: HfCheckpoint, tensor: HfTensor, rows: slice | None = None) -> np.ndarray:
+    """One weight in the Hugging Face layout (`tensor.shape`), MXFP4 decoded exactly to float32; or only
+    `rows` of its first axis (the experts, for expert weights)."""
+    check_shapes(ckpt, tensor)
     if is_packed(ckpt, tensor):
-        blocks_shape, scales_shape = packed_shapes(tensor)
-        _check_shape(ckpt, tensor.name + "_blocks", blocks_shape)
-        _check_shape(ckpt, tensor.name + "_scales", scales_shape)
-        decoded = mxfp4.decode_np(ckpt.read(tensor.name + "_blocks"), ckpt.read(tensor.name + "_scales"))
-        return decoded.transpose(0, 2, 1)
-    _check_shape(ckpt, tensor.name, tensor.shape)
-    return ckpt.read(tensor.name)
+        blocks, scales = (ckpt.read(name, rows) for name in stored_names(ckpt, tensor))
+        return mxfp4.decode_np(blocks, scales).transpose(0, 2, 1)
+    return ckpt.read(tensor.name, rows)
 
 
 def to_param_layout(value: np.ndarray, tensor: HfTensor, param_shape: tuple[int, ...]) -> np.ndarray:
@@ -258,12 +293,17 @@ def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None) 
 def from_pretrained(
     path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None, mesh: jax.sharding.Mesh | None = None
 ) -> GptOss:
-    """Loads a model from a checkpoint directory in the published Hugging Face layout.
+    """Loads a model from a checkpoint directory in the published Hugging Face layout, or converted by
+    `gptoss-convert` (`gptoss_dist.store`); either may be local or on `gs://`.
 
     `dtype` is the parameters' dtype (bfloat16 for serving, float32 for parity); `compute_dtype` defaults to
     it. Tensors are read and placed one at a time; with a `mesh`, each goes straight into its sharding (run
     the model under `jax.set_mesh(mesh)`).
     """
+    from gptoss_dist import store  # it builds on this module
+
+    if store.is_converted(path):
+        return store.load(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh)
     ckpt = HfCheckpoint(path)
     graphdef, state = nnx.split(abstract_model(ckpt.config(), dtype=dtype, compute_dtype=compute_dtype))
     shardings = dict(nnx.to_flat_state(param_shardings(state, mesh))) if mesh is not None else {}

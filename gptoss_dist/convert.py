@@ -1,0 +1,165 @@
+"""`gptoss-convert`: a Hugging Face checkpoint to a converted checkpoint (`gptoss_dist.store`), local or on GCS.
+
+    python -m gptoss_dist.convert --src=gs://bucket/gpt-oss-20b --dst=gs://bucket/gpt-oss-20b-bf16
+
+The source is checked whole first (every file, name and shape), so bad input fails before anything is
+written. Weights then stream one at a time, and the large ones (experts, embeddings) a block of rows at a
+time, so host memory stays near 1.5 GB whatever the model's size; writes go out in parallel, up to
+IN_FLIGHT_BYTES at once. The checkpoint is marked complete only after every array has landed; a rerun after
+an interruption resumes with the arrays not yet recorded as written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from flax import nnx
+from tqdm import tqdm
+
+from gptoss_dist import store
+from gptoss_dist.checkpoint import (
+    CONFIG_FILE,
+    CheckpointError,
+    HfCheckpoint,
+    HfTensor,
+    abstract_model,
+    check_names,
+    check_shapes,
+    filesystem,
+    hf_tensors,
+    join,
+    read_hf_tensor,
+    to_param_layout,
+)
+
+log = logging.getLogger(__name__)
+
+# Copied beside the arrays when the source has them.
+SIDE_FILES = (
+    CONFIG_FILE, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "chat_template.jinja",
+)  # fmt: skip
+READ_BLOCK_BYTES = 128 << 20  # rows read from the source at a time, counted in float32 (MXFP4 decodes to it)
+IN_FLIGHT_BYTES = 512 << 20  # bytes handed to tensorstore and not yet written
+
+
+def _rows_axis(tensor: HfTensor, shape: tuple[int, ...]) -> int | None:
+    """The axis of our layout that is the Hugging Face first axis (experts, vocabulary) where our layout only
+    transposes theirs; None where it reshapes it."""
+    order = tensor.transpose or tuple(range(len(tensor.shape)))
+    return order.index(0) if tuple(tensor.shape[i] for i in order) == shape else None
+
+
+def _blocks(ckpt: HfCheckpoint, tensor: HfTensor, spec: store.ArraySpec) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(axis, first index, block in our layout) of a weight: blocks of whole write chunks along the axis that
+    holds the Hugging Face rows, READ_BLOCK_BYTES or so at a time, or else the whole weight at once."""
+    shape = spec.shape
+    axis = _rows_axis(tensor, shape)
+    if axis is None:
+        yield 0, 0, to_param_layout(read_hf_tensor(ckpt, tensor), tensor, shape)
+        return
+    chunk = spec.write_chunk[axis]
+    step = chunk * max(1, READ_BLOCK_BYTES // (chunk * math.prod(shape) // shape[axis] * 4))
+    for first in range(0, shape[axis], step):
+        rows = slice(first, min(first + step, shape[axis]))
+        block_shape = (*shape[:axis], rows.stop - first, *shape[axis + 1 :])
+        yield axis, first, to_param_layout(read_hf_tensor(ckpt, tensor, rows), tensor, block_shape)
+
+
+def _write_weight(
+    ckpt: HfCheckpoint, tensor: HfTensor, array: ts.TensorStore, spec: store.ArraySpec, in_flight: store.InFlight,
+    bar: tqdm,
+) -> None:  # fmt: skip
+    """Starts writing one weight, one write chunk per tensorstore write."""
+    for axis, first, block in _blocks(ckpt, tensor, spec):
+        for box in spec.write_chunks(axis, range(first, first + block.shape[axis])):
+            local = list(box)
+            local[axis] = slice(box[axis].start - first, box[axis].stop - first)
+            piece = block[tuple(local)].astype(spec.dtype, copy=False)
+            in_flight.add([array[box].write(piece)], piece.nbytes, then=functools.partial(bar.update, piece.nbytes))
+
+
+def _copy_side_files(src: str, dst: str) -> None:
+    src_fs, dst_fs = filesystem(src), filesystem(dst)
+    for name in SIDE_FILES:
+        if src_fs.exists(join(src, name)):
+            dst_fs.pipe_file(join(dst, name), src_fs.cat_file(join(src, name)))
+
+
+def _check_source(ckpt: HfCheckpoint, tensors: list[HfTensor]) -> None:
+    """Every file, name and shape, before anything is written."""
+    check_names(ckpt, tensors)
+    for tensor in tensors:
+        check_shapes(ckpt, tensor)
+
+
+def _write_arrays(
+    ckpt: HfCheckpoint, tensors: list[HfTensor], conversion: store.Conversion, show_progress: bool
+) -> None:
+    """Writes the arrays not yet written, recording each once all its writes have landed."""
+    specs, in_flight = conversion.specs, store.InFlight(IN_FLIGHT_BYTES)
+    bar = tqdm(
+        total=sum(spec.nbytes for spec in specs.values()), initial=sum(specs[name].nbytes for name in conversion.done),
+        unit="B", unit_scale=True, unit_divisor=1024, desc="converting", disable=not show_progress,
+    )  # fmt: skip
+    with bar:
+        for tensor in tensors:
+            name = store.array_name(tensor.param)
+            if name not in conversion.done:
+                array = store.create_array(conversion.directory, name, specs[name])
+                _write_weight(ckpt, tensor, array, specs[name], in_flight, bar)
+                in_flight.add([], then=functools.partial(conversion.record, name))
+        in_flight.drain()
+
+
+def convert(
+    src: str, dst: str, *, dtype: str = "bfloat16", overwrite: bool = False, show_progress: bool = True
+) -> None:
+    """Converts the Hugging Face checkpoint at `src` into `dst` (local paths or `gs://` URLs), weights in `dtype`.
+
+    Raises CheckpointError, naming the file, tensor or directory, for a bad source or a destination that
+    already holds a complete checkpoint (unless `overwrite`).
+    """
+    ckpt = HfCheckpoint(src)
+    cfg = ckpt.config()
+    tensors = hf_tensors(cfg)
+    _check_source(ckpt, tensors)
+    _, state = nnx.split(abstract_model(cfg, dtype=jnp.dtype(dtype)))
+    specs = store.array_specs(state)
+    source = src if "://" in src else os.path.abspath(src)  # the same source however it is spelt
+    conversion = store.Conversion(dst, specs, source=source, overwrite=overwrite)
+    if conversion.done:
+        log.info("resuming: %d of %d arrays already written", len(conversion.done), len(specs))
+    _copy_side_files(src, dst)
+    _write_arrays(ckpt, tensors, conversion, show_progress)
+    conversion.complete()
+    log.info("wrote %d arrays (%.2f GB, %s) to %s", len(specs), sum(s.nbytes for s in specs.values()) / 1e9, dtype, dst)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="gptoss-convert", description="Convert a Hugging Face GPT-OSS checkpoint to a sharded tensorstore one."
+    )
+    parser.add_argument("--src", required=True, help="Hugging Face checkpoint directory, local or gs://")
+    parser.add_argument("--dst", required=True, help="where to write the converted checkpoint, local or gs://")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="stored weight dtype")
+    parser.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint at --dst")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.no_progress)
+    except CheckpointError as err:
+        raise SystemExit(f"gptoss-convert: error: {err}") from err
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""gptoss-convert: a Hugging Face checkpoint to a sharded tensorstore checkpoint, locally and on GCS (a real
+GCS API on loopback), restored on meshes with the same logits as the Hugging Face directory; chunks that
+suit every mesh; clear errors for bad input; a killed conversion that resumes."""
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from conftest import small_config
+from gptoss_dist import CheckpointError, ModelConfig, from_pretrained
+from gptoss_dist.checkpoint import abstract_model, filesystem
+from gptoss_dist.config import FULL, SLIDING
+from gptoss_dist.convert import convert, main
+from gptoss_dist.model import forward
+from gptoss_dist.random_checkpoint import write_random_checkpoint
+from gptoss_dist.sharding import MESH_AXES, MeshError, check_model_fits_mesh, make_mesh, param_specs, put, spec_divisor
+from gptoss_dist.store import MARKER_FILE, PROGRESS_FILE, array_name, array_specs, read_specs
+from test_checkpoint import layer_file, rewrite_without
+
+pytest_plugins = ["gcs_emulator"]
+
+CONFIG = small_config()
+MESHES = [(1, 1, 1), (2, 2, 2)]
+TOKENIZER = b'{"model": "stands in for tokenizer.json"}'
+
+
+def logits_on(path, shape) -> np.ndarray:
+    """float32 logits of a left-padded batch, the model loaded from `path` onto a mesh of `shape`."""
+    mesh = make_mesh(dict(zip(MESH_AXES, shape)), CONFIG, jax.devices()[: math.prod(shape)])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CONFIG.vocab_size, (4, 12)).astype(np.int32)
+    mask = (np.arange(12)[None] >= np.array([[0], [3], [0], [7]])).astype(np.int32)
+    model = from_pretrained(path, dtype=jnp.float32, mesh=mesh)
+    batch = NamedSharding(mesh, PartitionSpec("data"))
+    with jax.set_mesh(mesh):
+        return np.asarray(forward(model, put(tokens, batch), put(mask, batch)))
+
+
+@pytest.fixture(scope="module")
+def source(small_checkpoint, tmp_path_factory):
+    """The small Hugging Face checkpoint with a tokenizer file."""
+    directory = shutil.copytree(small_checkpoint, tmp_path_factory.mktemp("convert") / "hf")
+    (directory / "tokenizer.json").write_bytes(TOKENIZER)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def local_converted(source, tmp_path_factory):
+    destination = tmp_path_factory.mktemp("converted") / "ckpt"
+    convert(str(source), str(destination), dtype="float32", show_progress=False)
+    return str(destination)
+
+
+@pytest.fixture(scope="module")
+def gcs_converted(source, gcs_bucket):
+    """Converted from a copy of the source on gs:// to gs://."""
+    fs = filesystem(gcs_bucket)
+    for file in source.iterdir():
+        fs.put_file(str(file), f"{gcs_bucket}/hf/{file.name}")
+    convert(f"{gcs_bucket}/hf", f"{gcs_bucket}/converted", dtype="float32", show_progress=False)
+    return f"{gcs_bucket}/converted"
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=str)
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_converted_checkpoint_gives_the_logits_of_the_hugging_face_one(request, source, where, shape):
+    converted = request.getfixturevalue(f"{where}_converted")
+    np.testing.assert_array_equal(logits_on(converted, shape), logits_on(source, shape))
+    fs = filesystem(converted)
+    assert fs.cat_file(f"{converted}/tokenizer.json") == TOKENIZER
+    assert fs.cat_file(f"{converted}/config.json") == (source / "config.json").read_bytes()
+    assert not fs.exists(f"{converted}/{PROGRESS_FILE}")
+
+
+def test_bfloat16_conversion_in_the_smallest_pieces_holds_the_weights_a_direct_load_holds(source, tmp_path):
+    """One read chunk per write chunk and per block read from the source: every slicing path at work."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gptoss_dist.store.WRITE_CHUNK_BYTES", 1)
+        patch.setattr("gptoss_dist.convert.READ_BLOCK_BYTES", 1)
+        convert(str(source), str(tmp_path / "bf16"), show_progress=False)
+    specs = read_specs(str(tmp_path / "bf16"))
+    assert specs["unembed"].write_chunk == (64, 128 // 8) and specs["layers.0.mlp.gate_up"].write_chunk[0] == 3
+    restored = nnx.to_flat_state(nnx.state(from_pretrained(tmp_path / "bf16")))
+    direct = dict(nnx.to_flat_state(nnx.state(from_pretrained(source))))
+    for path, var in restored:
+        assert var.get_value().dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(var.get_value(), direct[path].get_value(), err_msg=str(path))
+
+
+GPT_OSS_120B = dataclasses.replace(ModelConfig(), num_layers=36, num_experts=128, layer_types=(SLIDING, FULL) * 18)
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(), GPT_OSS_120B], ids=["20b", "120b"])
+def test_every_shard_on_every_mesh_is_made_of_whole_read_chunks(cfg):
+    _, state = nnx.split(abstract_model(cfg))
+    specs = array_specs(state)
+    assert specs["layers.0.mlp.gate_up"].read_chunk == (1, 2880, 90)  # one expert, 1/64 of the intermediate
+    assert specs["layers.0.attn.q"].read_chunk == (2880, 1, 64)  # one head
+    assert specs["unembed"].read_chunk == (2880, 201088 // 128)
+    assert all(math.prod(spec.write_chunk) * 2 <= 64 << 20 for spec in specs.values())
+    meshes = 0
+    for tensor in (1, 2, 4, 8, 16, 32, 64):
+        for expert in (1, 2, 4, 8, 16, 32, 64, 128):
+            sizes = {"data": 1, "tensor": tensor, "expert": expert}
+            try:
+                check_model_fits_mesh(cfg, sizes)
+            except MeshError:
+                continue
+            meshes += 1
+            for path, partition in nnx.to_flat_state(param_specs(state, sizes)):
+                spec = specs[array_name(path)]
+                for dim, split, chunk in zip(spec.shape, spec_divisor(partition, sizes), spec.read_chunk):
+                    assert (dim // split) % chunk == 0, (path, sizes)
+    assert meshes > 20
+
+
+# Restores a converted checkpoint (argv: coordinator, process id, path) onto a mesh (1, 4, 2) spread over two
+# processes of four CPU devices, checks each shard against the Hugging Face directory loaded the same way,
+# and reports the bytes that tensorstore read from files.
+RESTORE_IN_ONE_OF_TWO_PROCESSES = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import numpy as np, tensorstore as ts
+from flax import nnx
+from gptoss_dist import from_pretrained
+from gptoss_dist.checkpoint import read_config
+from gptoss_dist.sharding import make_mesh
+
+path, source = sys.argv[3], sys.argv[4]
+mesh = make_mesh({"data": 1, "tensor": 4, "expert": 2}, read_config(path))
+converted = nnx.to_flat_state(nnx.state(from_pretrained(path, mesh=mesh)))
+(read,) = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/bytes_read")
+direct = dict(nnx.to_flat_state(nnx.state(from_pretrained(source, mesh=mesh))))
+for param, var in converted:
+    for mine, theirs in zip(var.get_value().addressable_shards, direct[param].get_value().addressable_shards):
+        assert mine.index == theirs.index and np.array_equal(mine.data, theirs.data), param
+print("RESULT", json.dumps({"bytes_read": read["values"][0]["value"]}), flush=True)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def restore_in_a_process(process_id: int, coordinator: str, converted, source) -> subprocess.Popen:
+    command = [sys.executable, "-c", RESTORE_IN_ONE_OF_TWO_PROCESSES, coordinator, str(process_id), str(converted)]
+    return subprocess.Popen([*command, str(source)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_each_process_reads_only_the_chunks_its_devices_hold(source, tmp_path):
+    converted = tmp_path / "bf16"
+    convert(str(source), str(converted), show_progress=False)
+    coordinator = f"127.0.0.1:{free_port()}"
+    processes = [restore_in_a_process(i, coordinator, converted, source) for i in range(2)]
+    outputs = [process.communicate(timeout=120)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], outputs
+    lines = [line for output in outputs for line in output.splitlines() if line.startswith("RESULT ")]
+    reads = [json.loads(line.removeprefix("RESULT "))["bytes_read"] for line in lines]
+    stored = sum(file.stat().st_size for file in (converted / "arrays").rglob("*") if file.is_file())
+    assert len(reads) == 2 and sum(reads) >= stored  # between them, they read every chunk...
+    assert max(reads) < 0.6 * stored, (reads, stored)  # ...each about half: what its devices hold
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def break_missing_shard(directory):
+    layer_file(directory, 1).unlink()
+
+
+def break_truncated_file(directory):
+    path = layer_file(directory, 0)
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def break_shape(directory):
+    name = "model.layers.2.mlp.router.bias"
+    rewrite_without(directory, name, (name, np.zeros(5, np.float32)))
+
+
+def break_unknown_names(directory):
+    """A config.json of two layers: the third layer's tensors are unknown."""
+    config = json.loads((directory / "config.json").read_text())
+    config |= {"num_hidden_layers": 2, "layer_types": config["layer_types"][:2]}
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (break_missing_shard, r"model-00002-of-00004\.safetensors: missing"),
+        (break_truncated_file, r"model-00001-of-00004\.safetensors: truncated"),
+        (break_shape, r"tensor model\.layers\.2\.mlp\.router\.bias has shape \(5,\)"),
+        (break_unknown_names, r"tensors that config\.json does not describe: model\.layers\.2\."),
+    ],
+    ids=lambda x: x.__name__ if callable(x) else "",
+)
+def test_bad_input_fails_clearly_and_marks_nothing_complete(source, tmp_path, damage, message):
+    broken = shutil.copytree(source, tmp_path / "hf")
+    damage(broken)
+    with pytest.raises(SystemExit, match=message) as exit:
+        main([f"--src={broken}", f"--dst={tmp_path / 'out'}", "--no-progress"])
+    assert str(exit.value.code).startswith("gptoss-convert: error: ")  # printed to stderr, exit status 1
+    assert not (tmp_path / "out" / MARKER_FILE).exists()
+
+
+def test_complete_destination_is_refused_unless_overwrite(source, tmp_path):
+    destination = tmp_path / "out"
+    convert(str(source), str(destination), show_progress=False)
+    command = [sys.executable, "-m", "gptoss_dist.convert", f"--src={source}", f"--dst={destination}", "--no-progress"]
+    refused = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1
+    assert "already holds a complete converted checkpoint; pass --overwrite" in refused.stderr
+    convert(str(source), str(destination), dtype="float32", overwrite=True, show_progress=False)
+    assert json.loads((destination / MARKER_FILE).read_text())["arrays"]["embed"]["dtype"] == "float32"
+
+
+def test_destination_holding_other_files_is_refused(source, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="not empty and not a converted checkpoint"):
+        convert(str(source), str(tmp_path), show_progress=False, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------ interruption
+
+
+@pytest.fixture(scope="module")
+def larger_source(tmp_path_factory):
+    """A checkpoint whose conversion takes a couple of seconds."""
+    cfg = small_config(
+        hidden_size=256, intermediate_size=512, num_experts=16, num_layers=4, layer_types=(SLIDING, FULL) * 2
+    )
+    return write_random_checkpoint(tmp_path_factory.mktemp("larger-hf"), cfg, seed=3)
+
+
+def wait_for_an_array(progress_path, process, timeout_s=60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if json.loads(progress_path.read_text())["done"]:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"no array recorded in {progress_path} before the converter ended ({process.poll()})")
+
+
+def test_conversion_killed_and_run_again_ends_complete_and_correct(larger_source, tmp_path, caplog):
+    destination = tmp_path / "out"
+    command = [sys.executable, "-m", "gptoss_dist.convert", f"--src={larger_source}", f"--dst={destination}",
+               "--dtype=float32", "--no-progress"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_an_array(destination / PROGRESS_FILE, process)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (destination / MARKER_FILE).exists(), "the converter finished before it was killed"
+    with pytest.raises(CheckpointError, match=r"an incomplete converted checkpoint \(\d+ of \d+ arrays written"):
+        from_pretrained(destination)
+
+    done = json.loads((destination / PROGRESS_FILE).read_text())["done"]
+    kept = destination / "arrays" / done[0] / "zarr.json"
+    kept_mtime = kept.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="gptoss_dist.convert"):
+        convert(str(larger_source), str(destination), dtype="float32", show_progress=False)
+    assert f"resuming: {len(done)} of" in caplog.text
+    assert kept.stat().st_mtime_ns == kept_mtime  # written by the killed run, not again
+
+    restored = dict(nnx.to_flat_state(nnx.state(from_pretrained(destination, dtype=jnp.float32))))
+    for path, var in nnx.to_flat_state(nnx.state(from_pretrained(larger_source, dtype=jnp.float32))):
+        np.testing.assert_array_equal(restored[path].get_value(), var.get_value(), err_msg=str(path))
