@@ -5,6 +5,10 @@ The layout is openai/gpt-oss-*'s: `config.json`, one safetensors file per layer 
 `packed=False`, as transformers saves them). Files are written one tensor at a time, so a checkpoint with
 the true 20B layer shapes never needs more host memory than its largest tensor.
 
+Where the vocabulary has room, a `tokenizer.json` comes along: byte-level, one token per byte and no merges,
+plus the harmony control tokens, so text round-trips and harmony prompts render (the real o200k_harmony
+vocabulary cannot be built without test-only packages).
+
     python -m gptoss_dist.random_checkpoint --config=configs/tiny.py --out=/tmp/tiny-hf
 """
 
@@ -18,6 +22,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import tokenizers
 
 from gptoss_dist import mxfp4
 from gptoss_dist.checkpoint import CONFIG_FILE, INDEX_FILE, HfTensor, hf_tensors, packed_shapes
@@ -31,6 +36,13 @@ MXFP4_QUANTIZATION = {
     "quant_method": "mxfp4",
     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
 }
+# The byte tokenizer's control tokens, with ids 256, 257, ... in this order.
+CONTROL_TOKENS = (
+    "<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>",
+    "<|message|>", "<|call|>",
+)  # fmt: skip
+BYTE_TOKENIZER_SIZE = 256 + len(CONTROL_TOKENS)
+TOKENIZER_FILE = "tokenizer.json"
 # A stored tensor: its name, shape, dtype and a function that makes its value.
 StoredTensor = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
 
@@ -95,10 +107,41 @@ def _file_groups(cfg: ModelConfig, tensors: list[HfTensor]) -> list[list[HfTenso
     return by_layer
 
 
+def byte_level_tokenizer() -> tokenizers.Tokenizer:
+    """Token b is byte b (as the byte-level alphabet spells it), then CONTROL_TOKENS as special tokens."""
+    alphabet = _byte_level_alphabet()
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = tokenizers.decoders.ByteLevel()
+    backend.add_special_tokens(list(CONTROL_TOKENS))
+    return backend
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The printable character that byte-level BPE (GPT-2's `bytes_to_unicode`) uses for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    unprintable = (b for b in range(256) if b not in printable)
+    stand_ins = {b: chr(256 + i) for i, b in enumerate(unprintable)}
+    return [chr(b) if b in printable else stand_ins[b] for b in range(256)]
+
+
+def write_byte_tokenizer(directory: str | Path, vocab_size: int) -> Path:
+    """Writes `byte_level_tokenizer()` as `directory/tokenizer.json` for a model of `vocab_size` ids."""
+    if vocab_size < BYTE_TOKENIZER_SIZE:
+        raise ValueError(
+            f"a vocabulary of {vocab_size} ids cannot hold the byte tokenizer's {BYTE_TOKENIZER_SIZE} "
+            "(256 bytes and the harmony control tokens)"
+        )
+    path = Path(directory) / TOKENIZER_FILE
+    byte_level_tokenizer().save(str(path))
+    return path
+
+
 def write_random_checkpoint(
     directory: str | Path, cfg: ModelConfig, *, seed: int = 0, packed: bool = True
 ) -> Path:
-    """Writes a random checkpoint of `cfg` to `directory` and returns it."""
+    """Writes a random checkpoint of `cfg` to `directory` and returns it, with the byte tokenizer's
+    `tokenizer.json` where `cfg.vocab_size` holds it."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = hf_tensors(cfg)
@@ -113,6 +156,8 @@ def write_random_checkpoint(
     (directory / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     hf_config = cfg.to_hf_dict() | ({"quantization_config": MXFP4_QUANTIZATION} if packed else {})
     (directory / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+    if cfg.vocab_size >= BYTE_TOKENIZER_SIZE:
+        write_byte_tokenizer(directory, cfg.vocab_size)
     return directory
 
 
@@ -128,7 +173,9 @@ def main(argv: Iterable[str] | None = None) -> None:
     def run(_):
         cfg = model_config(config.value)
         path = write_random_checkpoint(out.value, cfg, seed=seed.value, packed=not unpacked.value)
-        print(f"wrote a random {cfg.num_layers}-layer GPT-OSS checkpoint to {path}")
+        has_tokenizer = (path / TOKENIZER_FILE).exists()
+        note = "" if has_tokenizer else f" (no {TOKENIZER_FILE}: fewer than {BYTE_TOKENIZER_SIZE} ids)"
+        print(f"wrote a random {cfg.num_layers}-layer GPT-OSS checkpoint to {path}{note}")
 
     app.run(run, argv=list(argv) if argv is not None else None)
 

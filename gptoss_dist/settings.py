@@ -28,6 +28,23 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "dtype": "bfloat16",  # parameters and compute; "float32" for parity checks
             "mesh": {"data": 1, "tensor": 1, "expert": 1},
             "checkpoint": "",
+            # the batch job (gptoss_dist.generate); the checkpoint, not `model`, defines its model
+            "input": "",  # JSONL of requests, local or gs://
+            "output": "",  # directory for the results and errors JSONL, local or gs://
+            "max_slots": 64,  # sequences in flight
+            "max_len": 4096,  # tokens per sequence, prompt and completion
+            "steps_per_call": 8,  # decode steps per host round trip
+            "min_prefill_len": 16,  # prompts are padded to this length, doubled until max_len: fewer compiled shapes
+            "prefill_tokens": 8192,  # (padded) prompt tokens per prefill call: bounds prefill memory
+            "chip": "",  # the accelerator to plan memory for (gptoss_dist.plan.CHIPS); "" reads the device's
+            # several processes: from these or GPTOSS_* variables (gptoss_dist.distributed); on a TPU pod,
+            # tpu_pod=True lets JAX find the hosts
+            "distributed": {"tpu_pod": False, "coordinator": "", "num_processes": 1, "process_id": 0,
+                            "cpu_devices": 0, "timeout_s": 300},
+            "part_records": 1000,  # remote output: records per uploaded part file...
+            "part_seconds": 60.0,  # ...or fewer, once the oldest waiting record is this old
+            "sampling": {"max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0},
+            "harmony": {"reasoning_effort": "medium", "current_date": ""},  # "": no date line
         }
     )
     settings.update(overrides)

@@ -1,0 +1,328 @@
+"""`gptoss-generate`: a batch generation job, JSONL requests in, JSONL results out, local or on `gs://`.
+
+    python -m gptoss_dist.generate --config=configs/gpt_oss_20b.py --config.checkpoint=gs://bucket/gpt-oss-20b \\
+        --config.input=gs://bucket/requests.jsonl --config.output=gs://bucket/run-1
+
+The checkpoint (the Hugging Face layout or a converted one, local or `gs://`) defines the model and holds its
+`tokenizer.json`; the config file holds the run's settings (`gptoss_dist.settings`: mesh, slots, lengths,
+sampling defaults, paths), each of which can be overridden as `--config.x=y`. `gptoss_dist.records` describes
+the records, `gptoss_dist.storage` how the output is written exactly once: a job that is killed and started
+again with the same settings continues where it stopped.
+
+Every request is checked before it reaches the engine. One that cannot run goes to the errors with its line
+number and id, and the job goes on with the others. Each result is written as its request finishes. The job
+exits 1 if any request failed (in this run or an earlier run of it into the same output), 2 if it cannot
+start (a bad setting, an unreadable input or checkpoint); nothing is written then.
+
+Stop strings end a completion where one first appears in its text (where control tokens appear by name):
+`text` ends before it, `tokens` with the token that completes it, and finish_reason is "stop". The engine stops
+on token ids only: a stop string that is one token is handed to it as a stop id too, so the request ends there;
+any other stop string is found on the host once the request has ended on a stop token or its token limit,
+which costs the tokens generated past it, not correctness.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tokenizers
+from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+from gptoss_dist import distributed, plan, records, settings, storage
+from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained, join, read_config
+from gptoss_dist.config import ConfigError
+from gptoss_dist.engine import Engine, Request, Result
+from gptoss_dist.harmony import parse_completion, render_for_completion
+from gptoss_dist.records import InputRecord, RecordError
+from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes
+from gptoss_dist.tokenizer import Tokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+EXIT_FAILED_REQUESTS, EXIT_CANNOT_START = 1, 2
+
+
+class JobError(Exception):
+    """A job that cannot start: the message names the setting or the file."""
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run did: requests that succeeded and failed, those an earlier run had done, tokens generated."""
+
+    output: str
+    ok: int = 0
+    failed: int = 0
+    done_before: int = 0
+    failed_before: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILED_REQUESTS if self.failed or self.failed_before else 0
+
+    def line(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        before = f" ({self.done_before} done by an earlier run, {self.failed_before} of them failed)"
+        return (
+            f"{self.ok} requests ok, {self.failed} failed{before if self.done_before else ''}; "
+            f"{self.tokens} tokens in {self.seconds:.1f} s ({rate:.1f} tokens/s); {self.output}"
+        )
+
+
+# ------------------------------------------------------------------------------------- requests and results
+
+
+def prompt_tokens(record: InputRecord, tokenizer: Tokenizer, harmony: ml_collections.ConfigDict) -> list[int]:
+    """The prompt's token ids: plain text as data, a conversation rendered in harmony, or the ids given."""
+    if record.prompt is not None:
+        return tokenizer.encode(record.prompt)
+    if record.messages is not None:
+        effort = record.reasoning_effort or harmony.reasoning_effort
+        return render_for_completion(record.messages, tokenizer, reasoning_effort=effort,
+                                     current_date=harmony.current_date or None)  # fmt: skip
+    return list(record.prompt_tokens)
+
+
+def stop_ids(record: InputRecord, tokenizer: Tokenizer, vocab_size: int) -> list[int]:
+    """The request's stop token ids: those given, and the stop strings that are one token."""
+    ids = [entry for entry in record.stop if isinstance(entry, int)]
+    if bad := [i for i in ids if i >= vocab_size]:
+        raise ValueError(f"stop token id {bad[0]} is not in the vocabulary [0, {vocab_size})")
+    encoded = (tokenizer.encode(entry) for entry in record.stop if isinstance(entry, str))
+    return ids + [tokens[0] for tokens in encoded if len(tokens) == 1]
+
+
+def make_request(
+    record: InputRecord, tokenizer: Tokenizer, engine: Engine, harmony: ml_collections.ConfigDict
+) -> Request:
+    """The engine's request for `record`; ValueError if it cannot run (say its prompt fills the context)."""
+    sampling = record.sampling
+    request = Request(
+        prompt_tokens(record, tokenizer, harmony), max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
+        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id,
+    )  # fmt: skip
+    engine.validate(request)
+    return request
+
+
+def _first_stop(text: str, stop_strings: Sequence[str]) -> int | None:
+    return min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=None)
+
+
+def cut_at_stop_strings(
+    tokens: list[int], finish_reason: str, stop_strings: Sequence[str], tokenizer: Tokenizer
+) -> tuple[list[int], str, str]:
+    """(tokens, text, finish_reason) of a completion ended where a stop string first appears in its text. A
+    final stop token is not part of the text."""
+    shown = tokens[:-1] if finish_reason == "stop" else tokens
+    text = tokenizer.decode(shown)
+    cut = _first_stop(text, stop_strings)
+    if cut is None:
+        return tokens, text, finish_reason
+
+    def holds_stop(n: int) -> bool:
+        return _first_stop(tokenizer.decode(shown[:n]), stop_strings) is not None
+
+    kept = bisect.bisect_left(range(len(shown) + 1), True, key=holds_stop)  # the fewest tokens that hold one
+    return tokens[:kept], text[:cut], "stop"
+
+
+def harmony_channels(tokens: list[int], tokenizer: Tokenizer) -> dict[str, Any]:
+    """The analysis and final channels of a harmony completion, or why it does not parse."""
+    try:
+        channels = parse_completion(tokens, tokenizer)
+    except ValueError as err:
+        return {"analysis": None, "final": None, "parse_error": str(err)}
+    return {"analysis": channels.get("analysis"), "final": channels.get("final")}
+
+
+def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The output line of a finished request (see gptoss_dist.records)."""
+    stop_strings = [entry for entry in record.stop if isinstance(entry, str)]
+    tokens, text, finish_reason = cut_at_stop_strings(result.tokens, result.finish_reason, stop_strings, tokenizer)
+    line = {
+        "id": record.id, "text": text, "tokens": tokens, "finish_reason": finish_reason,
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(tokens)},
+    }  # fmt: skip
+    return line | (harmony_channels(tokens, tokenizer) if record.messages is not None else {})
+
+
+# ---------------------------------------------------------------------------------------------------- job
+
+
+def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
+    """The tokenizer in the checkpoint directory (local or a URL)."""
+    path = join(checkpoint, TOKENIZER_FILE)
+    try:
+        text = filesystem(path).cat_file(path).decode()
+        return Tokenizer(tokenizers.Tokenizer.from_str(text))
+    except FileNotFoundError:
+        raise JobError(f"{path}: missing; the checkpoint must hold its tokenizer") from None
+    except Exception as err:  # tokenizers raises plain Exceptions
+        raise JobError(f"{path}: not a readable tokenizer: {err}") from err
+
+
+def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
+    """The sampling defaults, once every setting the job reads is checked; JobError naming the one that is not."""
+    for name in ("checkpoint", "input", "output"):
+        if not config[name]:
+            raise JobError(f"no {name}: set --config.{name}")
+    for name in ("max_slots", "max_len", "steps_per_call", "min_prefill_len", "part_records"):
+        if config[name] < 1:
+            raise JobError(f"{name} must be at least 1, not {config[name]}")
+    if config.part_seconds < 0:
+        raise JobError(f"part_seconds must be >= 0, not {config.part_seconds}")
+    if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
+        raise JobError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
+    try:
+        return records.sampling_defaults(config.sampling)
+    except ValueError as err:
+        raise JobError(str(err)) from None
+
+
+def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
+    """The configured mesh, once the checkpoint's model is known to fit it: refuses, before any weight is
+    read, a run whose weights, KV cache and working memory exceed a chip (naming the setting to turn)."""
+    model_config = read_config(config.checkpoint)
+    if config.max_len > model_config.max_position_embeddings:
+        raise JobError(f"max_len {config.max_len} exceeds the model's {model_config.max_position_embeddings} positions")
+    mesh = make_mesh(config.mesh, model_config, devices)
+    try:
+        memory = plan.chip_memory(config.chip, jax.local_devices()[0])
+        if memory is not None:
+            need = plan.plan_memory(model_config, mesh_sizes(mesh), max_slots=config.max_slots,
+                                    max_len=config.max_len, prefill_tokens=config.prefill_tokens,
+                                    dtype=np.dtype(settings.dtype(config)))  # fmt: skip
+            plan.check_fits(need, memory[1], memory[0])
+    except plan.PlanError as err:
+        raise JobError(str(err)) from None
+    return mesh
+
+
+def make_engine(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> Engine:
+    """The checkpoint's model on `mesh`, in an engine that stops on the tokenizer's stop tokens."""
+    model = from_pretrained(config.checkpoint, dtype=settings.dtype(config), mesh=mesh)
+    try:
+        return Engine(model, mesh, max_slots=config.max_slots, max_len=config.max_len,
+                      steps_per_call=config.steps_per_call, stop_tokens=tokenizer.stop_token_ids,
+                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens)  # fmt: skip
+    except ValueError as err:
+        raise JobError(str(err)) from None
+
+
+class Job:
+    """Feeds records to the engine as it takes them and writes each outcome as it comes, counting them."""
+
+    def __init__(self, config: ml_collections.ConfigDict, engine: Engine, tokenizer: Tokenizer,
+                 output: storage.JobOutput, bar: tqdm, summary: Summary):  # fmt: skip
+        self.config, self.engine, self.tokenizer, self.output = config, engine, tokenizer, output
+        self.bar, self.summary = bar, summary
+        self.in_flight: dict[str, InputRecord] = {}
+        self.start = time.monotonic()
+
+    def run(self, items: Iterable[InputRecord | RecordError]) -> None:
+        for request, result in self.engine.run(self.requests(items)):
+            record = self.in_flight.pop(request.id)
+            self.output.results.append(result_record(record, result, self.tokenizer))
+            self.summary.ok += 1
+            self.summary.tokens += result.completion_tokens
+            self.advance()
+
+    def requests(self, items: Iterable[InputRecord | RecordError]) -> Iterator[Request]:
+        """The engine's requests for the items not done yet; the errors are written as they come."""
+        for item in self.pending(items):
+            prepared = self.prepare(item) if isinstance(item, InputRecord) else item
+            if isinstance(prepared, RecordError):
+                self.fail(prepared)
+            else:
+                self.in_flight[item.id] = item
+                yield prepared
+
+    def pending(self, items: Iterable[InputRecord | RecordError]) -> Iterator[InputRecord | RecordError]:
+        """`items` less those an earlier run already wrote."""
+        for item in items:
+            done_id = isinstance(item, InputRecord) and item.id in self.output.done_ids
+            if done_id or item.line in self.output.done_lines:
+                self.summary.done_before += 1
+            else:
+                yield item
+
+    def prepare(self, record: InputRecord) -> Request | RecordError:
+        try:
+            return make_request(record, self.tokenizer, self.engine, self.config.harmony)
+        except ValueError as err:
+            return RecordError(record.line, record.id, str(err))
+
+    def fail(self, error: RecordError) -> None:
+        self.output.errors.append(error.to_json())
+        self.summary.failed += 1
+        self.advance()
+
+    def advance(self) -> None:
+        self.summary.seconds = time.monotonic() - self.start
+        self.bar.set_postfix_str(f"{self.summary.tokens / max(self.summary.seconds, 1e-9):.1f} tokens/s", refresh=False)
+        self.bar.update()
+
+
+def run_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Summary:
+    """Runs the batch job that `config` describes (on `devices`, default all) and says what it did.
+
+    Raises JobError (or the checkpoint's, the mesh's or the input's error) if it cannot start."""
+    defaults = check_settings(config)
+    mesh = planned_mesh(config, devices)
+    lines = storage.read_lines(config.input)
+    total = storage.count_lines(config.input)
+    tokenizer = checkpoint_tokenizer(config.checkpoint)
+    engine = make_engine(config, tokenizer, mesh)
+    output = storage.JobOutput(config.output, part_records=config.part_records, part_seconds=config.part_seconds)
+    # Every process runs the same requests (each holds its data shard's slots); all must have read what an
+    # earlier run did before the one writer appends to it.
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("gptoss-generate: output read")
+    if distributed.is_writer():
+        output.start_writing()
+    summary = Summary(output.describe(), failed_before=output.failed_before)
+    done = len(output.done_ids) + len(output.done_lines)
+    bar = tqdm(total=total, initial=min(done, total), unit="request", desc="generating", dynamic_ncols=True,
+               disable=not distributed.is_writer())  # fmt: skip
+    try:
+        Job(config, engine, tokenizer, output, bar, summary).run(records.read_records(lines, defaults))
+    finally:
+        bar.close()
+        output.close()
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from absl import app
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "A run config (configs/*.py).", lock_config=True)
+
+    def run(_):
+        distributed.initialize(config.value.distributed)
+        try:
+            summary = run_job(config.value)
+        except (JobError, storage.InputError, storage.OutputError, CheckpointError, ConfigError, MeshError) as err:
+            print(f"gptoss-generate: error: {err}", file=sys.stderr)
+            sys.exit(EXIT_CANNOT_START)
+        if distributed.is_writer():
+            print(f"gptoss-generate: {summary.line()}")
+        sys.exit(summary.exit_code)
+
+    app.run(run, argv=list(argv) if argv is not None else None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,496 @@
+"""The batch job (gptoss-generate): JSONL in and out, locally and on GCS (a real GCS API on loopback). Greedy
+results equal transformers' generate; bad records go to the errors while the rest complete; stop strings cut
+completions; a job killed with SIGKILL and started again writes every record exactly once.
+
+Every job here runs with the same slots, length and steps, so the compiled steps are shared; jobs run as
+subprocesses share a persistent compilation cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_dist import from_pretrained, records, settings, storage
+from gptoss_dist.checkpoint import filesystem
+from gptoss_dist.engine import Engine, Request
+from gptoss_dist.generate import cut_at_stop_strings, make_request, run_job, stop_ids
+from gptoss_dist.harmony import render_for_completion
+from gptoss_dist.random_checkpoint import (
+    BYTE_TOKENIZER_SIZE,
+    CONTROL_TOKENS,
+    TOKENIZER_FILE,
+    write_byte_tokenizer,
+    write_random_checkpoint,
+)
+from gptoss_dist.tokenizer import Tokenizer, load_tokenizer
+from reference import load_reference
+
+pytest_plugins = ["gcs_emulator", "tokenizer_fixtures"]
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.py"
+MODEL = settings.model_config(runpy.run_path(str(TINY_CONFIG))["get_config"]())
+# Every job's engine shapes; one prefill width (conversations, byte-level behind harmony's system message, take
+# about 270 tokens), so that only the three row counts compile.
+JOB = {"max_slots": 4, "max_len": 384, "min_prefill_len": 384, "steps_per_call": 4, "sampling.max_new_tokens": 12}
+TEXTS = ["Hello", "The sky is", "1, 2, 3,", "<|start|>user", "naïve café"]  # <|start|>: text, 9 byte tokens
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write one line about the sea, please, in English."}],
+    [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "What is 2+2?"}],
+    [
+        {"role": "user", "content": "Tell me a joke about cats."},
+        {"role": "assistant", "content": "No.", "channel": "final"},
+        {"role": "user", "content": "Please?"},
+    ],
+]
+
+
+def job_config(checkpoint, input_path, output, **overrides):
+    """The tiny config with these paths, JOB and `overrides` (a dotted name sets a nested field)."""
+    config = runpy.run_path(str(TINY_CONFIG))["get_config"]()
+    paths = {"checkpoint": str(checkpoint), "input": str(input_path), "output": str(output)}
+    for name, value in (paths | JOB | overrides).items():
+        section, _, field = name.rpartition(".")
+        (config[section] if section else config)[field] = value
+    return config
+
+
+def cli(checkpoint, input_path, output, **overrides) -> list[str]:
+    """The command line of the same job."""
+    settings_ = {"checkpoint": checkpoint, "input": input_path, "output": output} | JOB | overrides
+    return [sys.executable, "-m", "gptoss_dist.generate", f"--config={TINY_CONFIG}",
+            *(f"--config.{name}={value}" for name, value in settings_.items())]  # fmt: skip
+
+
+def run(config):
+    return run_job(config, devices=jax.devices()[:1])
+
+
+def write_jsonl(path, lines: list[Any]) -> str:
+    """Writes dicts as JSON lines, strings as they are."""
+    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
+    filesystem(str(path)).pipe_file(str(path), text.encode())
+    return str(path)
+
+
+def read_output(directory, name) -> list[dict[str, Any]]:
+    """The records of `name` in a job's output directory: one file locally, parts elsewhere."""
+    if storage.is_local(str(directory)):
+        path = Path(directory) / f"{name}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    fs = filesystem(directory)
+    fs.invalidate_cache()
+    parts = sorted(fs.glob(f"{directory}/{name}-*.jsonl"))
+    return [json.loads(line) for part in parts for line in fs.cat_file(part).decode().splitlines()]
+
+
+def by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    ids = [line["id"] for line in lines]
+    assert len(ids) == len(set(ids)), f"duplicated ids: {sorted(i for i in set(ids) if ids.count(i) > 1)}"
+    return {line["id"]: line for line in lines}
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoint(tmp_path_factory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("generate") / "tiny-hf", MODEL, seed=5)
+
+
+@pytest.fixture(scope="module")
+def converted(hf_checkpoint, tmp_path_factory) -> str:
+    convert = pytest.importorskip("gptoss_dist.convert")
+    destination = tmp_path_factory.mktemp("generate") / "tiny-converted"
+    convert.convert(str(hf_checkpoint), str(destination), dtype="float32", show_progress=False)
+    return str(destination)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(hf_checkpoint) -> Tokenizer:
+    return load_tokenizer(hf_checkpoint)
+
+
+# ------------------------------------------------------------------------------------- the byte tokenizer
+
+
+def test_random_checkpoint_has_a_byte_tokenizer_that_keeps_text_as_data(hf_checkpoint, tokenizer, tmp_path):
+    assert tokenizer.vocab_size == BYTE_TOKENIZER_SIZE == 256 + len(CONTROL_TOKENS)
+    assert [tokenizer.token_id(name) for name in CONTROL_TOKENS] == list(range(256, BYTE_TOKENIZER_SIZE))
+    assert tokenizer.stop_token_ids == tuple(map(tokenizer.token_id, ("<|return|>", "<|endoftext|>", "<|call|>")))
+    text = "naïve <|start|>user 🙂\n"
+    assert tokenizer.encode(text) == list(text.encode())
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    with pytest.raises(ValueError, match="vocabulary of 128 ids cannot hold the byte tokenizer's 265"):
+        write_byte_tokenizer(tmp_path, 128)
+
+
+def test_random_checkpoint_with_a_small_vocabulary_has_no_tokenizer(small_checkpoint):
+    assert not (small_checkpoint / TOKENIZER_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+def fifty_requests() -> list[dict[str, Any]]:
+    """Plain text, conversations and token ids in turn, some greedy, most sampled (transformers checks the
+    greedy ones, a request at a time, which takes a while)."""
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(47):
+        line: dict[str, Any] = {"id": f"r{i:02d}"}
+        kind = i % 3
+        if kind == 0:
+            line["prompt"] = TEXTS[i // 3 % len(TEXTS)]
+        elif kind == 1:
+            line["messages"] = CONVERSATIONS[i // 3 % len(CONVERSATIONS)]
+            if i % 4 == 1:
+                line["reasoning_effort"] = ("low", "high")[i // 4 % 2]
+        else:
+            line["prompt_tokens"] = rng.integers(0, BYTE_TOKENIZER_SIZE, rng.integers(1, 17)).tolist()
+        if i % 8 >= 3:
+            line |= {"temperature": (0.7, 1.0, 1.3)[i % 3], "top_p": 0.9 if i % 5 == 1 else 1.0,
+                     "top_k": 50 if i % 7 == 1 else 0, "seed": i}  # fmt: skip
+        if i % 5 == 0:
+            line["max_new_tokens"] = 4 + i % 8
+        lines.append(line)
+    twin = {"prompt": "The sky is", "temperature": 1.0, "top_k": 40, "seed": 7}
+    return [*lines, {"id": "twin-a"} | twin, {"id": "twin-b"} | twin, {"id": "other-seed"} | twin | {"seed": 8}]
+
+
+def expected_prompt(line: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
+    if "prompt" in line:
+        return tokenizer.encode(line["prompt"])
+    if "messages" in line:
+        return render_for_completion(
+            line["messages"], tokenizer, reasoning_effort=line.get("reasoning_effort", "medium")
+        )
+    return line["prompt_tokens"]
+
+
+@pytest.fixture(scope="module")
+def fifty(converted, tmp_path_factory):
+    """The fifty requests and the summary and results of a job over them, from the converted checkpoint."""
+    directory = tmp_path_factory.mktemp("fifty")
+    lines = fifty_requests()
+    summary = run(job_config(converted, write_jsonl(directory / "in.jsonl", lines), directory / "out"))
+    return lines, summary, by_id(read_output(directory / "out", storage.RESULTS))
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, stop: tuple[int, ...]) -> list[int]:
+    import torch
+
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=list(stop), pad_token_id=stop[0])  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def test_fifty_requests_end_to_end_greedy_ones_equal_transformers(fifty, hf_checkpoint, tokenizer):
+    lines, summary, results = fifty
+    assert (summary.ok, summary.failed, summary.exit_code) == (50, 0, 0)
+    assert summary.tokens == sum(r["usage"]["completion_tokens"] for r in results.values())
+    assert sorted(results) == sorted(line["id"] for line in lines)
+    reference = load_reference(hf_checkpoint)
+    stop = tokenizer.stop_token_ids
+    for line in lines:
+        result, prompt = results[line["id"]], expected_prompt(line, tokenizer)
+        max_new = line.get("max_new_tokens", 12)
+        tokens = result["tokens"]
+        assert result["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": len(tokens)}
+        assert 1 <= len(tokens) <= max_new
+        stopped = tokens[-1] in stop
+        assert result["finish_reason"] == ("stop" if stopped else "length")
+        assert result["text"] == tokenizer.decode(tokens[:-1] if stopped else tokens)
+        assert ("analysis" in result and "final" in result) == ("messages" in line)
+        if "temperature" not in line:
+            assert tokens == hf_greedy(reference, prompt, max_new, stop), line["id"]
+    assert results["twin-a"]["tokens"] == results["twin-b"]["tokens"] != results["other-seed"]["tokens"]
+
+
+def test_stop_strings_and_stop_ids_end_completions(fifty, converted, tokenizer, tmp_path):
+    """Greedy completions run again with a stop string or id taken from them end where it first appears."""
+    lines, _, results = fifty
+
+    def usable(line, result) -> bool:  # greedy, 12 tokens, text to take stop strings from
+        free_run = "prompt" in line and "temperature" not in line and "max_new_tokens" not in line
+        text = result["text"]
+        return free_run and result["finish_reason"] == "length" and len(text) >= 6 and any(map(str.isascii, text[2:]))
+
+    free = [(line, results[line["id"]]) for line in lines if usable(line, results[line["id"]])][:3]
+    assert len(free) >= 2
+    requests = []
+    for n, (line, result) in enumerate(free):
+        text = result["text"]
+        requests += [
+            {"id": f"{n}-string", "prompt": line["prompt"], "stop": ["never appears", text[3:6]]},
+            {"id": f"{n}-char", "prompt": line["prompt"], "stop": next(c for c in text[2:] if c.isascii())},
+            {"id": f"{n}-id", "prompt": line["prompt"], "stop": [result["tokens"][4]]},
+        ]
+    run(job_config(converted, write_jsonl(tmp_path / "in.jsonl", requests), tmp_path / "out"))
+    stopped = by_id(read_output(tmp_path / "out", storage.RESULTS))
+    for n, (_, free_run) in enumerate(free):
+        text, tokens = free_run["text"], free_run["tokens"]
+        for kind, stop in (("string", text[3:6]), ("char", requests[3 * n + 1]["stop"])):
+            result = stopped[f"{n}-{kind}"]
+            assert result["finish_reason"] == "stop"
+            assert result["text"] == text[: text.find(stop)]
+            assert result["tokens"] == tokens[: len(result["tokens"])]
+            assert stop in tokenizer.decode(result["tokens"]) and stop not in tokenizer.decode(result["tokens"][:-1])
+        result = stopped[f"{n}-id"]
+        end = tokens.index(tokens[4]) + 1
+        assert (result["tokens"], result["finish_reason"]) == (tokens[:end], "stop")
+        assert result["text"] == tokenizer.decode(tokens[: end - 1])
+
+
+def test_requests_carry_their_settings_and_stop_ids(hf_checkpoint, tokenizer, tmp_path):
+    engine = Engine(from_pretrained(hf_checkpoint, dtype=jnp.float32), max_slots=4, max_len=384)
+    config = job_config(
+        hf_checkpoint, tmp_path / "in.jsonl", tmp_path / "out", **{"harmony.current_date": "2025-06-28"}
+    )
+    defaults = records.sampling_defaults(config.sampling)
+
+    def request_of(line: dict[str, Any]) -> Request:
+        return make_request(records.parse_record(1, json.dumps(line), defaults), tokenizer, engine, config.harmony)
+
+    line = {"id": "a", "prompt": "Hi", "max_new_tokens": 5, "temperature": 0.5, "top_p": 0.8, "top_k": 7, "seed": 9,
+            "stop": ["x", "xy", 3]}  # fmt: skip
+    assert request_of(line) == Request(tokenizer.encode("Hi"), 5, 0.5, 7, 0.8, 9, stop=[3, ord("x")], id="a")
+    messages = CONVERSATIONS[1]
+    rendered = render_for_completion(messages, tokenizer, reasoning_effort="low", current_date="2025-06-28")
+    request = request_of({"id": "b", "messages": messages, "reasoning_effort": "low"})
+    assert request == Request(rendered, max_new_tokens=12, stop=[], id="b")
+
+
+def test_real_tokenizer_stop_strings_of_one_token_become_ids_and_others_cut_the_text(real_tokenizer):
+    defaults = records.Sampling(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, seed=0)
+    record = records.parse_record(
+        1, json.dumps({"id": "a", "prompt": "x", "stop": ["\n\n", " world", "Hello world", 7]}), defaults
+    )
+    assert stop_ids(record, real_tokenizer, 201088) == [
+        7,
+        real_tokenizer.encode("\n\n")[0],
+        real_tokenizer.encode(" world")[0],
+    ]
+    tokens = real_tokenizer.encode("Hello world, and goodbye world.")
+    kept, text, reason = cut_at_stop_strings(tokens, "length", [", and", "bye"], real_tokenizer)
+    assert (text, reason) == ("Hello world", "stop")
+    assert real_tokenizer.decode(kept) == "Hello world, and"
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+BAD_LINES = {  # line -> (id, part of the error)
+    2: (None, "not valid JSON"),
+    3: (None, "missing id"),
+    4: ("ok-1", "duplicate id 'ok-1', first on line 1"),
+    5: ("unknown", "unknown field(s) temprature"),
+    6: ("too-long", "prompt of 400 tokens leaves no room in a context of 384"),
+    7: ("negative", "max_new_tokens must be an integer in [1, 2**31), not -3"),
+    8: ("cold", "temperature must be a number >= 0, not -0.5"),
+    10: ("top-p", "top_p must be a number in (0, 1], not 0"),
+    11: ("two-prompts", "need exactly one of prompt, messages, prompt_tokens, got prompt, prompt_tokens"),
+    12: ("big-stop", "stop token id 9999 is not in the vocabulary [0, 512)"),
+    13: ("tool-role", "message role 'tool'"),
+    14: (None, "not a JSON object but list"),
+    15: (None, "id must be a non-empty string, not 15"),
+    16: ("ids", "prompt token ids must be in [0, 512)"),
+}
+
+
+def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path):
+    lines = [
+        {"id": "ok-1", "prompt": "Hello"},
+        '{"id": "broken", "prompt": ',
+        {"prompt": "Hello"},
+        {"id": "ok-1", "prompt": "again"},
+        {"id": "unknown", "prompt": "Hello", "temprature": 1.0},
+        {"id": "too-long", "prompt_tokens": [1] * 400},
+        {"id": "negative", "prompt": "Hello", "max_new_tokens": -3},
+        {"id": "cold", "prompt": "Hello", "temperature": -0.5},
+        {"id": "ok-2", "prompt_tokens": [1, 2, 3], "temperature": 0.5},
+        {"id": "top-p", "prompt": "Hello", "top_p": 0},
+        {"id": "two-prompts", "prompt": "Hello", "prompt_tokens": [1]},
+        {"id": "big-stop", "prompt": "Hello", "stop": [9999]},
+        {"id": "tool-role", "messages": [{"role": "tool", "content": "42"}]},
+        "[1, 2]",
+        {"id": 15, "prompt": "Hello"},
+        {"id": "ids", "prompt_tokens": [1, 600]},
+        "",
+    ]
+    config = job_config(converted, write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out")
+    summary = run(config)
+    assert (summary.ok, summary.failed, summary.exit_code) == (2, len(BAD_LINES), 1)
+    assert sorted(by_id(read_output(tmp_path / "out", storage.RESULTS))) == ["ok-1", "ok-2"]
+    errors = read_output(tmp_path / "out", storage.ERRORS)
+    assert [e["line"] for e in errors] == sorted(BAD_LINES)
+    for error in errors:
+        expected_id, message = BAD_LINES[error["line"]]
+        assert error["id"] == expected_id and message in error["error"], error
+    # Started again, the job finds everything done and still reports the failures.
+    before = {name: (tmp_path / "out" / f"{name}.jsonl").read_bytes() for name in (storage.RESULTS, storage.ERRORS)}
+    again = run(config)
+    assert (again.ok, again.failed, again.done_before, again.exit_code) == (0, 0, len(lines) - 1, 1)
+    assert before == {name: (tmp_path / "out" / f"{name}.jsonl").read_bytes() for name in before}
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"id": "a", "prompt": "x", "top_k": True}, "top_k must be an integer in [0, 2**31)"),
+        ({"id": "a", "prompt": "x", "max_new_tokens": 2.0}, "max_new_tokens must be an integer in [1, 2**31), not 2.0"),
+        ({"id": "a", "prompt": "x", "temperature": 10**400}, "temperature must be a number >= 0"),
+        ({"id": "a", "prompt": "x", "seed": 2**32}, "seed must be an integer in [0, 2**32)"),
+        ({"id": "a", "prompt": ""}, "prompt must be a non-empty string"),
+        ({"id": "a", "prompt": "x", "reasoning_effort": "low"}, "reasoning_effort applies to messages only"),
+        (
+            {"id": "a", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max"},
+            "reasoning_effort must be",
+        ),
+        ({"id": "a", "messages": []}, "messages must be a non-empty list"),
+        ({"id": "a", "messages": [{"role": "user", "text": "x"}]}, "messages[0]: unknown field(s) text"),
+        ({"id": "a", "messages": [{"role": "user", "content": 3}]}, "messages[0].content must be a string"),
+        ({"id": "a", "prompt_tokens": [1, -2]}, "prompt_tokens must hold token ids (integers >= 0), not -2"),
+        ({"id": "a", "prompt": "x", "stop": [""]}, "stop entries must be non-empty strings or token ids"),
+        ({"id": "a", "prompt": "x", "stop": ["s"] * 17}, "stop must be a string or a list of at most 16"),
+        ({"id": "a"}, "need exactly one of prompt, messages, prompt_tokens, got none"),
+    ],
+)
+def test_records_name_the_bad_field(record, message):
+    defaults = records.Sampling(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, seed=0)
+    with pytest.raises(records.RecordError) as caught:
+        records.parse_record(7, json.dumps(record), defaults)
+    assert message in caught.value.message and (caught.value.line, caught.value.id) == (7, "a")
+    assert str(caught.value).startswith("line 7 (id 'a'): ")
+
+
+def test_nan_and_bad_defaults_are_refused():
+    defaults = records.Sampling(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, seed=0)
+    with pytest.raises(records.RecordError, match="temperature must be a number >= 0, not NaN"):
+        records.parse_record(1, '{"id": "a", "prompt": "x", "temperature": NaN}', defaults)
+    with pytest.raises(ValueError, match=r"sampling.top_p must be a number in \(0, 1\], not 1.5"):
+        records.sampling_defaults({"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.5, "top_k": 0, "seed": 0})
+
+
+def test_unreadable_input_fails_at_start_and_writes_nothing(hf_checkpoint, tmp_path):
+    process = run_cli(cli(hf_checkpoint, tmp_path / "missing.jsonl", tmp_path / "out"))
+    assert process.returncode == 2, process.stderr
+    assert f"gptoss-generate: error: cannot read the input {tmp_path / 'missing.jsonl'}" in process.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(storage.InputError, match="cannot read the input"):
+        run(job_config(hf_checkpoint, tmp_path, tmp_path / "out"))  # a directory
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_gcs_input_fails_at_start(hf_checkpoint, gcs_bucket):
+    with pytest.raises(storage.InputError, match=f"cannot read the input {gcs_bucket}/missing.jsonl"):
+        run(job_config(hf_checkpoint, f"{gcs_bucket}/missing.jsonl", f"{gcs_bucket}/never"))
+    assert not filesystem(gcs_bucket).glob(f"{gcs_bucket}/never/*")
+
+
+# -------------------------------------------------------------------------------------------- exactly once
+
+
+def test_parts_are_uploaded_whole_and_numbered_on(tmp_path):
+    directory = f"memory://{tmp_path.name}/out"
+    log = storage.PartsLog(directory, "results", part_records=2, part_seconds=3600)
+    log.start_writing()
+    for i in range(5):
+        log.append({"id": f"r{i}"})
+    assert max(filesystem(directory).ls(directory, detail=False)).endswith("results-00001.jsonl")
+    log.close()
+    reopened = storage.PartsLog(directory, "results", part_records=2, part_seconds=0)
+    assert [r["id"] for r in reopened.existing()] == [f"r{i}" for i in range(5)]
+    reopened.append({"id": "ignored"})  # a process that is not the writer writes nothing
+    reopened.start_writing()
+    reopened.append({"id": "r5"})  # part_seconds=0: uploaded at once
+    assert [p.rsplit("/", 1)[1] for p in sorted(filesystem(directory).ls(directory, detail=False))] == [
+        "results-00000.jsonl", "results-00001.jsonl", "results-00002.jsonl", "results-00003.jsonl"
+    ]  # fmt: skip
+
+
+KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [1 + i % 200, 2 + i % 50, 3]} for i in range(150)]
+KILL_LINES = [*KILL_REQUESTS[:10], {"id": "k005", "prompt": "duplicate"}, *KILL_REQUESTS[10:]]
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory) -> dict[str, str]:
+    """Settings that give job subprocesses one persistent compilation cache, so only the first one compiles."""
+    cache = tmp_path_factory.mktemp("jax-cache")
+    return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+
+def run_cli(command: list[str], cache: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Runs a job to its end, in the environment as it is now (the GCS emulator's settings included)."""
+    env = os.environ | (cache or {})
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(hf_checkpoint, compilation_cache, tmp_path_factory):
+    """Results and errors of the kill test's input, from a job run through in one go."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    command = cli(hf_checkpoint, write_jsonl(directory / "in.jsonl", KILL_LINES), directory / "out")
+    process = run_cli(command, compilation_cache)
+    assert process.returncode == 1, process.stderr  # the duplicate failed
+    return by_id(read_output(directory / "out", storage.RESULTS)), read_output(directory / "out", storage.ERRORS)
+
+
+def wait_for_records(output: str, count: int, process: subprocess.Popen, timeout_s: float = 240.0) -> bool:
+    """Waits until `output` holds `count` results (local) or parts of them (elsewhere); False if the job ended
+    or the time ran out first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        if storage.is_local(output):
+            path = Path(output) / "results.jsonl"
+            done = path.read_bytes().count(b"\n") if path.exists() else 0
+        else:
+            filesystem(output).invalidate_cache()
+            done = len(filesystem(output).glob(f"{output}/results-*.jsonl"))
+        if done >= count:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_killed_job_started_again_writes_every_record_exactly_once(
+    request, where, hf_checkpoint, uninterrupted, compilation_cache, tmp_path
+):
+    base = str(tmp_path) if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/kill-test"
+    input_path, output = write_jsonl(f"{base}/in.jsonl", KILL_LINES), f"{base}/out"
+    command = cli(hf_checkpoint, input_path, output, part_records=2)
+    log_path = tmp_path / "killed.log"
+    with log_path.open("wb") as log:
+        env = os.environ | compilation_cache
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        reached = wait_for_records(output, 3, process)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert reached and process.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
+    survived = read_output(output, storage.RESULTS)
+    assert 0 < len(survived) < len(KILL_REQUESTS)
+    done = len(survived) + len(read_output(output, storage.ERRORS))  # the error waits in memory on gs://
+    if where == "local":  # a line cut off by the kill, as a write interrupted midway leaves it
+        with open(Path(output) / "results.jsonl", "ab") as results:
+            results.write(b'{"id": "k149", "text": "cut o')
+    again = run_cli(command, compilation_cache)
+    assert again.returncode == 1, again.stderr
+    assert f"({done} done by an earlier run" in again.stdout
+    results, errors = by_id(read_output(output, storage.RESULTS)), read_output(output, storage.ERRORS)
+    expected_results, expected_errors = uninterrupted
+    assert sorted(results) == sorted(r["id"] for r in KILL_REQUESTS)
+    assert results == expected_results
+    assert errors == expected_errors == [{"line": 11, "id": "k005", "error": "duplicate id 'k005', first on line 6"}]
