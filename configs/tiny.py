@@ -20,4 +20,6 @@ def get_config():
             max_position_embeddings=4096,
         ),
         dtype="float32",
+        max_slots=8,
+        max_len=512,
     )

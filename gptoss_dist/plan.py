@@ -112,6 +112,26 @@ def render(plan: MemoryPlan, sizes: Mapping[str, int], chips: Sequence[str]) -> 
     return "\n".join(lines)
 
 
+
+
+DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v6 lite": "v6e", "TPU v5p": "v5p", "TPU v5": "v5p", "H100": "h100",
+                "H200": "h200"}  # fmt: skip
+
+
+def chip_memory(chip: str, device) -> tuple[str, int] | None:
+    """(name, bytes) of the memory to plan for: the named chip's, else what `device` reports or is known to
+    have; None for a host CPU, which has no fixed device memory."""
+    if chip:
+        if chip not in CHIPS:
+            raise PlanError(f"chip {chip!r} is not one of {sorted(CHIPS)}")
+        return chip, CHIPS[chip]
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return device.device_kind, int(stats["bytes_limit"])
+    kind = next((name for prefix, name in DEVICE_KINDS.items() if prefix in device.device_kind), None)
+    return (kind, CHIPS[kind]) if kind else None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from absl import app
     from ml_collections import config_flags
@@ -133,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except MeshError as err:
             sys.exit(f"error: {err}")
         plan = plan_memory(cfg, sizes, max_slots=run_settings.max_slots, max_len=run_settings.max_len,
-                           dtype=np.dtype(settings.dtype(run_settings)))  # fmt: skip
+                           prefill_tokens=run_settings.prefill_tokens, dtype=np.dtype(settings.dtype(run_settings)))  # fmt: skip
         print(render(plan, sizes, list(CHIPS)))
 
     app.run(run, argv=list(argv) if argv is not None else None)
