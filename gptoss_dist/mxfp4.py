@@ -65,7 +65,10 @@ def encode_np(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     exponents = np.ceil(np.log2(np.maximum(peak, np.finfo(np.float32).tiny) / FP4_VALUES.max()))
     exponents = np.clip(exponents, -SCALE_BIAS, 255 - SCALE_BIAS).astype(np.int32)
     scaled = np.ldexp(groups, -exponents[..., None])
-    codes = np.argmin(np.abs(scaled[..., None] - FP4_VALUES), axis=-1).astype(np.uint8)
+    # The nearest of the 8 magnitudes (the lower one on a tie), then the sign bit; zero is always +0.
+    magnitudes = FP4_VALUES[:8]
+    codes = np.searchsorted((magnitudes[1:] + magnitudes[:-1]) / 2, np.abs(scaled)).astype(np.uint8)
+    codes |= ((scaled < 0) & (codes > 0)).astype(np.uint8) << 3
     pairs = codes.reshape(*codes.shape[:-1], VALUES_PER_BLOCK // 2, 2)
     blocks = pairs[..., 0] | (pairs[..., 1] << 4)
     return blocks.astype(np.uint8), (exponents + SCALE_BIAS).astype(np.uint8)

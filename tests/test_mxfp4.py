@@ -60,3 +60,13 @@ def test_encoder_round_trips_representable_values_and_rounds_to_nearest():
 def test_mismatched_blocks_and_scales_are_refused():
     with pytest.raises(ValueError, match="do not match"):
         mxfp4.decode_np(np.zeros((2, 4, 16), np.uint8), np.zeros((2, 3), np.uint8))
+
+
+def test_encoder_picks_the_nearest_code_with_ties_to_the_lower_magnitude_and_zero_positive():
+    ties = [0.0, -0.0, 0.25, -0.25, 0.75, -0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -5.0, 6.0, -6.0, 1e-30, -1e-30]
+    values = np.array([ties + [0.1 * i for i in range(16)]], np.float32)  # one group whose peak is 6
+    blocks, scales = mxfp4.encode_np(values)
+    assert scales.tolist() == [[127]]
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(-1)
+    nearest = np.argmin(np.abs(values[0, :, None] - mxfp4.FP4_VALUES), axis=-1)  # first minimum: +0, lower value
+    np.testing.assert_array_equal(codes, nearest)
