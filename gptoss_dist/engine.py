@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -216,6 +217,12 @@ def replicated(x: jax.Array) -> jax.Array:
     return constrain(x, (None,) * x.ndim)
 
 
+@functools.lru_cache(maxsize=None)
+def _full(shape: tuple[int, ...], dtype, fill, sharding) -> Callable[[], jax.Array]:
+    """A compiled maker of a filled array in `sharding`, kept so that each run does not compile it again."""
+    return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)
+
+
 # Compiled once per model structure and shape, shared by every engine; the slots are donated.
 _prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "max_len"), donate_argnames=("slots",))
 _decode_jit = jax.jit(decode, static_argnames=("graphdef", "steps", "max_len"), donate_argnames=("slots",))
@@ -276,7 +283,7 @@ class Engine:
         if self.mesh is not None:
             spec = logical_to_spec(axes, shape, mesh_sizes(self.mesh))
             sharding = jax.sharding.NamedSharding(self.mesh, spec)
-        return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)()
+        return _full(shape, jnp.dtype(dtype), fill, sharding)()
 
     def empty_slots(self) -> Slots:
         """Slots with an empty cache; sliding layers' caches hold only their window."""

@@ -110,7 +110,8 @@ def hf_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def converted(hf_checkpoint, tmp_path_factory) -> str:
-    convert = pytest.importorskip("gptoss_dist.convert")
+    from gptoss_dist import convert
+
     destination = tmp_path_factory.mktemp("generate") / "tiny-converted"
     convert.convert(str(hf_checkpoint), str(destination), dtype="float32", show_progress=False)
     return str(destination)
