@@ -138,6 +138,16 @@ class Slots:
     stop: jax.Array  # [B, S] int32, padded with -1
 
 
+# Slots fields set from a request's field at admission, with their dtypes.
+REQUEST_SETTINGS = {
+    "max_new": ("max_new_tokens", np.int32),
+    "temperature": ("temperature", np.float32),
+    "top_k": ("top_k", np.int32),
+    "top_p": ("top_p", np.float32),
+    "seed": ("seed", np.uint32),
+}
+
+
 def _finished(slots: Slots, max_len: int) -> jax.Array:
     """Slots whose last token ends them: a stop token, max_new_tokens, or a full context."""
     stopped = jnp.any(slots.token[:, None] == slots.stop, axis=-1)
@@ -381,17 +391,14 @@ class Engine:
         lengths = np.ones(rows, np.int32)
         targets = np.full(rows, self.max_slots, np.int32)  # out of range: padding rows write nowhere
         stop = np.full((rows, self.stop_width), -1, np.int32)
-        settings = {name: np.zeros(rows, dtype) for name, dtype in
-                    (("max_new", np.int32), ("temperature", np.float32), ("top_k", np.int32), ("seed", np.uint32))}  # fmt: skip
-        settings["top_p"] = np.ones(rows, np.float32)
+        settings = {name: np.zeros(rows, dtype) for name, (_, dtype) in REQUEST_SETTINGS.items()}
         for row, (request, slot) in enumerate(zip(admitted, free)):
             prompts[row, : len(request.prompt)] = request.prompt
             lengths[row], targets[row] = len(request.prompt), slot
             stops = (*self.stop_tokens, *request.stop)
             stop[row, : len(stops)] = stops
-            for name, value in (("max_new", request.max_new_tokens), ("temperature", request.temperature),
-                                ("top_k", request.top_k), ("top_p", request.top_p), ("seed", request.seed)):  # fmt: skip
-                settings[name][row] = value
+            for name, (field, _) in REQUEST_SETTINGS.items():
+                settings[name][row] = getattr(request, field)
             running[slot] = (request, [])
         settings["stop"] = stop
         slots, first, active = self._prefill(params=self.params, slots=slots, prompts=prompts, lengths=lengths,
