@@ -63,6 +63,16 @@ class Result:
         return len(self.tokens)
 
 
+@dataclasses.dataclass
+class Update:
+    """A request's progress in one engine call: the tokens it generated since its last update and, once it
+    has ended, its result (whose tokens are all of its updates' tokens)."""
+
+    request: Request
+    tokens: list[int]
+    result: Result | None = None
+
+
 # ------------------------------------------------------------------------------------------- KV cache
 
 
@@ -338,8 +348,14 @@ class Engine:
         return results
 
     def run(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Result]]:
-        """Yields (request, result) as each request finishes, while the others keep running. Requests are
-        drawn from `requests` only as slots free up, so the iterable may be long and lazily read."""
+        """Yields (request, result) as each request finishes, while the others keep running (see `stream`)."""
+        return ((update.request, update.result) for update in self.stream(requests) if update.result is not None)
+
+    def stream(self, requests: Iterable[Request]) -> Iterator[Update]:
+        """Yields, after every prefill and every decode call, an update for each request in it: its new tokens,
+        and its result once it has ended, while the others keep running. Requests are drawn from `requests`
+        only as slots free up, so the iterable may be long and lazily read. Closing the iterator early drops
+        the requests in flight."""
         pending, exhausted = iter(requests), False
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             slots = self.empty_slots()
@@ -350,13 +366,13 @@ class Engine:
                     admitted = self._take(pending, len(free))
                     exhausted = len(admitted) < len(free)
                     if admitted:
-                        slots, done = self._admit(slots, admitted, free, running)
-                        yield from done
+                        slots, updates = self._admit(slots, admitted, free, running)
+                        yield from updates
                         continue  # refill again if some ended at their first token
                 if not running:
                     return
-                slots, done = self._step(slots, running)
-                yield from done
+                slots, updates = self._step(slots, running)
+                yield from updates
 
     def _take(self, pending: Iterator[Request], count: int) -> list[Request]:
         taken = [request for _, request in zip(range(count), pending)]
@@ -366,13 +382,13 @@ class Engine:
 
     def _admit(self, slots, admitted, free, running):
         """Prefills `admitted` into `free` slots, in as many calls as the prefill token budget asks."""
-        finished = []
+        updates = []
         while admitted:
             count = self._prefill_rows(admitted)
-            slots, done = self._prefill_call(slots, admitted[:count], free[:count], running)
-            finished += done
+            slots, called = self._prefill_call(slots, admitted[:count], free[:count], running)
+            updates += called
             admitted, free = admitted[count:], free[count:]
-        return slots, finished
+        return slots, updates
 
     def _prefill_rows(self, requests: list[Request]) -> int:
         """How many of `requests` (at least one) go into the next prefill call within `prefill_tokens`."""
@@ -404,25 +420,30 @@ class Engine:
         slots, first, active = self._prefill(params=self.params, slots=slots, prompts=prompts, lengths=lengths,
                                              targets=targets, settings=settings)
         first = np.asarray(first)
-        for row, slot in enumerate(free[: len(admitted)]):
-            running[slot][1].append(int(first[row]))
-        return slots, self._collect_finished(active, running)
+        new_tokens = {slot: [int(first[row])] for row, slot in enumerate(free[: len(admitted)])}
+        return slots, self._updates(new_tokens, active, running)
 
     def _step(self, slots, running):
         slots, tokens, emitted, active = self._decode(params=self.params, slots=slots)
         self.slot_steps += self.steps_per_call * self.max_slots
         tokens, emitted = np.asarray(tokens), np.asarray(emitted)
-        for slot, (_, generated) in running.items():
-            generated.extend(int(t) for t in tokens[emitted[:, slot], slot])
-        return slots, self._collect_finished(active, running)
+        new_tokens = {slot: [int(t) for t in tokens[emitted[:, slot], slot]] for slot in running}
+        return slots, self._updates(new_tokens, active, running)
 
-    def _collect_finished(self, active: jax.Array, running) -> list[tuple[Request, Result]]:
+    def _updates(self, new_tokens: dict[int, list[int]], active: jax.Array, running) -> list[Update]:
+        """Adds each slot's new tokens to its request's, and frees the slots that ended. Slots left out of
+        `new_tokens` were not in the call and are still active."""
         active = np.asarray(active)
-        finished = []
-        for slot in [s for s in running if not active[s]]:
-            request, tokens = running.pop(slot)
-            finished.append((request, Result(request.id, tokens, self._reason(request, tokens), len(request.prompt))))
-        return finished
+        updates = []
+        for slot, tokens in new_tokens.items():
+            request, generated = running[slot]
+            generated.extend(tokens)
+            result = None
+            if not active[slot]:
+                del running[slot]
+                result = Result(request.id, generated, self._reason(request, generated), len(request.prompt))
+            updates.append(Update(request, tokens, result))
+        return updates
 
     def _reason(self, request: Request, tokens: list[int]) -> str:
         if tokens[-1] in self.stop_tokens or tokens[-1] in request.stop:

@@ -45,6 +45,9 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "part_seconds": 60.0,  # ...or fewer, once the oldest waiting record is this old
             "sampling": {"max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0},
             "harmony": {"reasoning_effort": "medium", "current_date": ""},  # "": no date line
+            # the terminal chat (gptoss_dist.chat): its developer instructions ("": none), how the reply's
+            # analysis channel is shown ("dim", "plain" or "hide"), and raw=True for the completion as generated
+            "chat": {"system": "", "show_analysis": "dim", "raw": False},
         }
     )
     settings.update(overrides)

@@ -130,6 +130,30 @@ def test_continuous_batching_keeps_slots_busy(model):
     assert engine.slot_steps < 0.75 * static
 
 
+def test_streamed_tokens_join_to_the_results(model):
+    """Every prefill and decode call gives each request in it its new tokens; joined they are its result, for
+    greedy and seeded requests refilling four slots."""
+    budgets = (30, 3, 17, 1, 25, 9)
+    requests = [Request(p, max_new_tokens=n, temperature=0.8 * (i % 2), top_k=20 * (i % 3), seed=i, id=i)
+                for i, (p, n) in enumerate(zip(prompts(), budgets))]  # fmt: skip
+    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=4)
+    expected = {result.id: result for result in engine.generate(requests)}
+    pieces = {request.id: [] for request in requests}
+    results = {}
+    for update in engine.stream(requests):
+        assert update.request.id not in results, "an update after the request's result"
+        pieces[update.request.id].append(update.tokens)
+        if update.result is not None:
+            results[update.request.id] = update.result
+    assert results == expected
+    for request in requests:
+        assert [token for piece in pieces[request.id] for token in piece] == expected[request.id].tokens
+        # the prefill's first token, then up to steps_per_call tokens from each decode call
+        rest = request.max_new_tokens - 1
+        sizes = [len(piece) for piece in pieces[request.id]]
+        assert sizes == [1] + [4] * (rest // 4) + ([rest % 4] if rest % 4 else []), request.id
+
+
 def test_stop_tokens_and_context_limit(model):
     probe = prompts([6], seed=5)[0]
     free_run = Engine(model, max_slots=2, max_len=64).generate([Request(probe, max_new_tokens=12)])[0].tokens

@@ -495,3 +495,41 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
     assert sorted(results) == sorted(r["id"] for r in KILL_REQUESTS)
     assert results == expected_results
     assert errors == expected_errors == [{"line": 11, "id": "k005", "error": "duplicate id 'k005', first on line 6"}]
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+
+def results_on_disk(output: Path) -> int:
+    path = output / "results.jsonl"
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_results_reach_the_disk_while_the_job_runs(hf_checkpoint, compilation_cache, tmp_path):
+    """Each result is written as its request finishes. Requests are read as slots free up, so with 4 slots the
+    40th starts only once 36 have finished: 1 to 35 results on disk while the job runs were written before the
+    last requests started."""
+    rng = np.random.default_rng(2)
+    lines = [{"id": f"s{i:02d}", "prompt_tokens": rng.integers(0, 256, rng.integers(1, 300)).tolist(),
+              "max_new_tokens": 1 + i % 3 if i < 4 else int(rng.integers(20, 120))} for i in range(40)]  # fmt: skip
+    output = tmp_path / "out"
+    command = cli(hf_checkpoint, write_jsonl(tmp_path / "in.jsonl", lines), output)
+    log_path = tmp_path / "job.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, env=os.environ | compilation_cache, stdout=log, stderr=log)
+    seen = []  # results on disk, each counted while the job still ran
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            count = results_on_disk(output)
+            if process.poll() is not None:
+                break
+            seen.append(count)
+            time.sleep(0.01)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, log_path.read_text()[-3000:]
+    assert sorted(by_id(read_output(output, storage.RESULTS))) == [line["id"] for line in lines]
+    before_the_last = sorted({count for count in seen if 0 < count < 36})
+    assert len(before_the_last) >= 3, f"results on disk while the job ran: {sorted(set(seen))}"

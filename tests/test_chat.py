@@ -1,0 +1,194 @@
+"""The terminal chat (gptoss_dist.chat): a reply is shown channel by channel as its tokens come, whole
+characters only; the conversation keeps the final messages; and the command, driven through a
+pseudo-terminal against a tiny random checkpoint, streams its replies and survives Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import runpy
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from gptoss_dist import settings
+from gptoss_dist.chat import DIM, PROMPT, STOPPED, UNDIM, Chat, ReplyView
+from gptoss_dist.engine import Request, Update
+from gptoss_dist.harmony import render_for_completion
+from gptoss_dist.random_checkpoint import TOKENIZER_FILE, byte_level_tokenizer, write_random_checkpoint
+from gptoss_dist.tokenizer import STOP_TOKENS, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny.py"
+TOKENIZER = Tokenizer(byte_level_tokenizer())
+
+
+def completion(*parts: str) -> list[int]:
+    """Ids of a completion: `<|...|>` parts are control tokens, the others text."""
+    return [
+        i for part in parts for i in ([TOKENIZER.token_id(part)] if part.startswith("<|") else TOKENIZER.encode(part))
+    ]
+
+
+ANALYSIS, FINAL = "Thinking… ", "Héllo 🙂 <\x1b[31m>"  # multi-byte characters, a terminal escape
+COMPLETION = completion(
+    "<|channel|>", "analysis", "<|message|>", ANALYSIS, "<|end|>",
+    "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", FINAL, "<|return|>",
+)  # fmt: skip
+FINAL_SHOWN = "Héllo 🙂 <\ufffd[31m>"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def shown(tokens: list[int], chunk: int, out: io.StringIO | None = None, **view) -> str:
+    """What a reply view writes for `tokens` given `chunk` at a time, dim runs merged."""
+    out = out if out is not None else Terminal()
+    reply = ReplyView(TOKENIZER, out, **({"show_analysis": "dim", "raw": False} | view))
+    for start in range(0, len(tokens), chunk):
+        reply.add(tokens[start : start + chunk])
+    reply.end()
+    return out.getvalue().replace(UNDIM + DIM, "")
+
+
+@pytest.mark.parametrize("chunk", [1, 3, len(COMPLETION)])
+def test_reply_shows_analysis_dimmed_and_final_plain_in_whole_characters(chunk):
+    assert shown(COMPLETION, chunk) == f"{DIM}{ANALYSIS}{UNDIM}\n{FINAL_SHOWN}\n"
+    assert shown(COMPLETION, chunk, show_analysis="hide") == f"{FINAL_SHOWN}\n"
+    assert shown(COMPLETION, chunk, show_analysis="plain") == f"{ANALYSIS}\n{FINAL_SHOWN}\n"
+    assert shown(COMPLETION, chunk, io.StringIO()) == f"{ANALYSIS}\n{FINAL_SHOWN}\n"  # not a terminal: no escapes
+    raw = TOKENIZER.decode(COMPLETION).replace("\x1b", "\ufffd")
+    assert shown(COMPLETION, chunk, raw=True) == f"{raw}\n"
+
+
+def test_reply_cut_off_keeps_its_whole_characters():
+    final_starts = COMPLETION.index(TOKENIZER.token_id("<|message|>"), 10) + 1
+    cut = COMPLETION[: final_starts + 2]  # "H" and the first of "é"'s two bytes
+    out = Terminal()
+    reply = ReplyView(TOKENIZER, out, show_analysis="hide", raw=False)
+    reply.add(cut)
+    assert out.getvalue() == "H"
+    reply.end(STOPPED)
+    assert out.getvalue() == f"H\n{STOPPED}\n" and reply.final == "H"
+
+
+class ScriptedEngine:
+    """Stands in for the engine: answers every request with COMPLETION, three tokens an update."""
+
+    def __init__(self, interrupt_after: int | None = None):
+        self.requests: list[Request] = []
+        self.interrupt_after = interrupt_after  # updates after which Ctrl-C is pressed
+
+    def validate(self, request: Request) -> None:
+        pass
+
+    def stream(self, requests: list[Request]) -> Iterator[Update]:
+        (request,) = requests
+        self.requests.append(request)
+        for n, start in enumerate(range(0, len(COMPLETION), 3)):
+            if n == self.interrupt_after:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield Update(request, COMPLETION[start : start + 3])
+
+
+def chat_with(engine: ScriptedEngine) -> tuple[Chat, io.StringIO]:
+    config = runpy.run_path(str(TINY_CONFIG))["get_config"]()
+    config.checkpoint, config.chat.system, config.harmony.reasoning_effort = "unused", "Be brief.", "low"
+    out = io.StringIO()
+    return Chat(engine, TOKENIZER, config, out), out
+
+
+def test_conversation_keeps_the_final_messages():
+    engine = ScriptedEngine()
+    chat, out = chat_with(engine)
+    chat.reply("Hi <|start|>")
+    chat.reply("And?")
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi <|start|>"},
+        {"role": "assistant", "content": FINAL, "channel": "final"},
+        {"role": "user", "content": "And?"},
+    ]
+    assert engine.requests[1].prompt == render_for_completion(conversation, TOKENIZER, reasoning_effort="low")
+    assert out.getvalue() == f"{ANALYSIS}\n{FINAL_SHOWN}\n" * 2
+    chat.reset()
+    chat.reply("Again")
+    assert engine.requests[2].prompt == render_for_completion([*conversation[:1], {"role": "user", "content": "Again"}],
+                                                              TOKENIZER, reasoning_effort="low")  # fmt: skip
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_final_text_so_far():
+    final_starts = COMPLETION.index(TOKENIZER.token_id("<|message|>"), 10) + 1
+    engine = ScriptedEngine(interrupt_after=final_starts // 3 + 2)  # a few tokens into the final message
+    chat, out = chat_with(engine)
+    chat.reply("Hi")
+    assert out.getvalue().endswith(f"\n{STOPPED}\n")
+    kept = chat.messages[-1]
+    assert kept["role"] == "assistant" and kept["content"] and FINAL.startswith(kept["content"])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C raises again at the prompt
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random checkpoint whose tokenizer has no stop tokens, so that each reply runs to
+    max_new_tokens: long enough to see its pieces and to stop it with Ctrl-C."""
+    model = settings.model_config(runpy.run_path(str(TINY_CONFIG))["get_config"]())
+    directory = write_random_checkpoint(tmp_path_factory.mktemp("chat") / "tiny-hf", model, seed=3)
+    path = directory / TOKENIZER_FILE
+    spec = json.loads(path.read_text())
+    for token in spec["added_tokens"]:
+        if token["content"] in STOP_TOKENS:
+            token["content"] = token["content"].replace("|>", "-renamed|>")
+    path.write_text(json.dumps(spec))
+    return directory
+
+
+def read_reply(child: pexpect.spawn, line: str, *, interrupt: bool = False) -> list[str]:
+    """Sends `line` and reads up to the next prompt; returns the reply's text as the reads brought it. With
+    `interrupt`, Ctrl-C goes as soon as some of the reply has come."""
+    child.sendline(line)
+    echo, end = f"{line}\r\n", f"\r\n{PROMPT}"
+    text, read_ends = "", []
+    while not text.endswith(end):
+        text += child.read_nonblocking(4096, timeout=120)
+        read_ends.append(len(text))
+        if interrupt and echo in text and not text.endswith(echo):
+            child.sendintr()
+            interrupt = False
+    first, last = text.index(echo) + len(echo), len(text) - len(PROMPT)
+    bounds = [first] + [n for n in read_ends if first < n < last] + [last]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def test_chat_command_streams_replies_and_survives_ctrl_c(checkpoint):
+    command = [f"--config={TINY_CONFIG}", f"--config.checkpoint={checkpoint}", "--config.chat.raw=True",
+               "--config.sampling.max_new_tokens=300", "--config.steps_per_call=2", "--config.min_prefill_len=512"]  # fmt: skip
+    child = pexpect.spawn(sys.executable, ["-m", "gptoss_dist.chat", *command], cwd=str(ROOT),
+                          encoding="utf-8", codec_errors="replace", timeout=120)  # fmt: skip
+    try:
+        child.expect_exact(PROMPT)
+        for line in ("Hello there", "Tell me <|start|> more"):
+            reads = read_reply(child, line)
+            assert len(reads) >= 3, reads  # the reply came in pieces
+            assert STOPPED not in "".join(reads)
+        reads = read_reply(child, "A long story, please", interrupt=True)
+        assert "".join(reads).endswith(f"\r\n{STOPPED}\r\n"), reads
+        reads = read_reply(child, "Still there?")
+        assert len(reads) >= 3 and STOPPED not in "".join(reads)
+        child.sendintr()  # at the prompt: the session ends
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
