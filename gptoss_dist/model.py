@@ -8,6 +8,7 @@ compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 
@@ -16,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss_dist import mxfp4
 from gptoss_dist.config import ModelConfig
+from gptoss_dist.grouped_matmul import grouped_matmul
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_shardings
 
 F32 = jnp.float32
@@ -26,10 +29,28 @@ F32 = jnp.float32
 # themselves; with one (`engine.py`) it stores them and returns the cache.
 Keys = Callable[[int, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
+# A stack of expert matrices [E, in, out]: dense, or MXFP4 as the checkpoint stores them.
+Matrices = jax.Array | mxfp4.PackedMatrices
+
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stddev: float) -> nnx.Param:
     value = (jax.random.normal(rngs.params(), shape, F32) * stddev).astype(dtype)
     return nnx.Param(value, logical_axes=axes)
+
+
+def _mxfp4_params(
+    rngs: nnx.Rngs, shape: tuple[int, int, int], axes: tuple[str | None, ...], stddev: float
+) -> tuple[nnx.Param, nnx.Param]:
+    """Random MXFP4 blocks and scales of matrices [E, out, in] (the checkpoint's layout), with values of about
+    `stddev`: uniform FP4 codes, whose root mean square is 2.93, under one scale."""
+    count, fan_out, fan_in = shape
+    groups = fan_in // mxfp4.VALUES_PER_BLOCK
+    blocks = jax.random.bits(rngs.params(), (count, fan_out, groups, mxfp4.VALUES_PER_BLOCK // 2), jnp.uint8)
+    scale = mxfp4.SCALE_BIAS + round(np.log2(stddev / 2.93))
+    return (
+        nnx.Param(blocks, logical_axes=(*axes, None)),
+        nnx.Param(jnp.full((count, fan_out, groups), scale, jnp.uint8), logical_axes=axes),
+    )
 
 
 def _constant(shape: tuple[int, ...], axes: tuple[str, ...], dtype, fill: float) -> nnx.Param:
@@ -163,9 +184,9 @@ def routed_experts(
     x: jax.Array,
     experts: jax.Array,
     weights: jax.Array,
-    gate_up: jax.Array,
+    gate_up: Matrices,
     gate_up_bias: jax.Array,
-    down: jax.Array,
+    down: Matrices,
     down_bias: jax.Array,
     *,
     limit: float,
@@ -184,11 +205,21 @@ def routed_experts(
     group = jnp.where((local >= 0) & (local < num_here), local, num_here)  # num_here: held elsewhere
     order = jnp.argsort(group, stable=True)
     sizes = jnp.bincount(group, length=num_here + 1)[:num_here].astype(jnp.int32)
-    ffn = partial(_experts_ragged if jax.default_backend() == "tpu" else _experts_blocked, limit=limit, alpha=alpha)
+    ffn = partial(experts_implementation(gate_up), limit=limit, alpha=alpha)
     out = ffn(x[order // experts.shape[1]], group[order], sizes, gate_up, gate_up_bias, down, down_bias)
     row_weight = jnp.where(group[order] < num_here, weights.reshape(-1)[order], 0.0)
     tokens = jnp.zeros((x.shape[0], x.shape[-1]), F32)
     return tokens.at[order // experts.shape[1]].add(out.astype(F32) * row_weight[:, None])
+
+
+def experts_implementation(gate_up: Matrices) -> Callable:
+    """How this backend runs the experts on rows sorted by expert: a Pallas kernel on GPUs, XLA's grouped
+    matmul on TPUs (dense weights), else a loop over row blocks."""
+    if jax.default_backend() == "gpu":
+        return _experts_kernel
+    if jax.default_backend() == "tpu" and not isinstance(gate_up, mxfp4.PackedMatrices):
+        return _experts_ragged
+    return _experts_blocked
 
 
 def _experts_ragged(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
@@ -201,33 +232,81 @@ def _experts_ragged(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bi
     return jax.lax.ragged_dot(activated, down.astype(dtype), sizes) + down_bias.astype(dtype)[expert]
 
 
-def _experts_blocked(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
-    """The experts on rows sorted by expert, block by block: each expert's rows are padded to whole blocks,
-    and a loop runs each used block through its expert's weights (blocks past the used ones are skipped), so
-    the work and the weights read follow the routing."""
-    num_rows, num_experts = rows.shape[0], gate_up.shape[0]
-    block = int(np.clip(_next_power_of_2(num_rows // num_experts), 8, 128))
-    num_blocks = -(-num_rows // block) + num_experts  # enough for any routing
-    blocks_of = -(-sizes // block)
-    first_row = (jnp.cumsum(blocks_of) - blocks_of) * block  # of each expert, in the padded layout
+@dataclasses.dataclass(frozen=True)
+class RowBlocks:
+    """Rows sorted by expert, each expert's rows padded to whole blocks of `size` rows, so that every block
+    belongs to one expert."""
+
+    size: int
+    slot: jax.Array  # [rows]: each row's place in the padded layout; past the end for rows held elsewhere
+    expert: jax.Array  # [blocks]: each block's expert; num_experts for a block no row uses
+
+    def pad(self, rows: jax.Array) -> jax.Array:
+        padded = jnp.zeros((self.expert.shape[0] * self.size, rows.shape[1]), rows.dtype)
+        return padded.at[self.slot].set(rows, mode="drop")
+
+    def unpad(self, padded: jax.Array) -> jax.Array:
+        return padded.at[self.slot].get(mode="fill", fill_value=0)
+
+
+def row_blocks(row_group: jax.Array, sizes: jax.Array, num_experts: int, smallest: int) -> RowBlocks:
+    """The padded layout of rows sorted by expert (`row_group` [rows], num_experts for rows held elsewhere;
+    `sizes` [num_experts] rows per expert), with blocks of `smallest`..128 rows, about rows/num_experts."""
+    num_rows = row_group.shape[0]
+    size = int(np.clip(_next_power_of_2(num_rows // num_experts), smallest, 128))
+    # Each expert in use pads its rows by at most size - 1, so this many blocks hold any routing.
+    num_blocks = (num_rows + min(num_experts, num_rows) * (size - 1)) // size
+    blocks_of = -(-sizes // size)
+    first_row = (jnp.cumsum(blocks_of) - blocks_of) * size  # of each expert, in the padded layout
     group = jnp.minimum(row_group, num_experts - 1)
     rank = jnp.arange(num_rows) - (jnp.cumsum(sizes) - sizes)[group]
-    slot = jnp.where(row_group < num_experts, first_row[group] + rank, num_blocks * block)
-    padded = jnp.zeros((num_blocks * block, rows.shape[1]), rows.dtype).at[slot].set(rows, mode="drop")
-    block_expert = jnp.searchsorted(jnp.cumsum(blocks_of), jnp.arange(num_blocks), side="right")
+    slot = jnp.where(row_group < num_experts, first_row[group] + rank, num_blocks * size)
+    # compare_all: one fused comparison; the default binary search is a loop, which a GPU runs from the host
+    expert = jnp.searchsorted(jnp.cumsum(blocks_of), jnp.arange(num_blocks), side="right", method="compare_all")
+    return RowBlocks(size, slot, expert.astype(jnp.int32))
+
+
+def expert_matrix(weights: Matrices, expert: jax.Array, dtype) -> jax.Array:
+    """One expert's matrix [in, out] in `dtype` (dequantized if packed)."""
+    if isinstance(weights, mxfp4.PackedMatrices):
+        return weights.matrix(expert, dtype)
+    return weights[expert].astype(dtype)
+
+
+def _experts_blocked(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
+    """The experts on rows sorted by expert, block by block: a loop runs each used block through its expert's
+    weights (blocks past the used ones are skipped), so the work and the weights read follow the routing, and
+    packed weights are dequantized one expert at a time."""
+    num_experts = gate_up.shape[0]
+    blocks = row_blocks(row_group, sizes, num_experts, smallest=8)
 
     def run_block(_, block_and_expert):
         x, expert = block_and_expert
 
         def ffn():
             e = jnp.minimum(expert, num_experts - 1)
-            hidden = x @ gate_up[e].astype(x.dtype) + gate_up_bias[e].astype(x.dtype)
-            return clamped_swiglu(hidden, limit, alpha) @ down[e].astype(x.dtype) + down_bias[e].astype(x.dtype)
+            hidden = x @ expert_matrix(gate_up, e, x.dtype) + gate_up_bias[e].astype(x.dtype)
+            activated = clamped_swiglu(hidden, limit, alpha)
+            return activated @ expert_matrix(down, e, x.dtype) + down_bias[e].astype(x.dtype)
 
-        return None, jax.lax.cond(expert < num_experts, ffn, lambda: jnp.zeros((block, down.shape[-1]), x.dtype))
+        zeros = jnp.zeros((blocks.size, down.shape[-1]), x.dtype)
+        return None, jax.lax.cond(expert < num_experts, ffn, lambda: zeros)
 
-    _, out = jax.lax.scan(run_block, None, (padded.reshape(num_blocks, block, -1), block_expert))
-    return out.reshape(num_blocks * block, -1).at[slot].get(mode="fill", fill_value=0)
+    padded = blocks.pad(rows).reshape(-1, blocks.size, rows.shape[1])
+    _, out = jax.lax.scan(run_block, None, (padded, blocks.expert))
+    return blocks.unpad(out.reshape(-1, out.shape[-1]))
+
+
+def _experts_kernel(
+    rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha, interpret: bool = False
+):
+    """The experts on rows sorted by expert as two grouped matmuls (`gptoss_dist.grouped_matmul`), each a
+    kernel that reads only the used experts' weights, in place, dequantizing packed ones a tile at a time."""
+    blocks = row_blocks(row_group, sizes, gate_up.shape[0], smallest=16)
+    matmul = partial(grouped_matmul, block_expert=blocks.expert, block_rows=blocks.size, interpret=interpret)
+    hidden = matmul(blocks.pad(rows), gate_up, gate_up_bias)
+    out = matmul(clamped_swiglu(hidden, limit, alpha), down, down_bias)
+    return blocks.unpad(out)
 
 
 def _next_power_of_2(n: int) -> int:
@@ -235,48 +314,69 @@ def _next_power_of_2(n: int) -> int:
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+    """Top-k routed experts. With `packed`, the expert matrices stay as the checkpoint's MXFP4 blocks and
+    scales (uint8, the Hugging Face layout byte for byte) and are dequantized inside the expert matmuls."""
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype, packed: bool = False, rngs: nnx.Rngs):
         hidden, inter, num = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         self.router = _param(rngs, (hidden, num), ("embed", "router_experts"), param_dtype, hidden**-0.5)
         self.router_bias = _constant((num,), ("router_experts",), param_dtype, 0.0)
-        self.gate_up = _param(
-            rngs, (num, hidden, 2 * inter), ("experts", "embed", "expert_mlp"), param_dtype, hidden**-0.5
-        )
+        if packed:
+            gate_up_axes, down_axes = ("experts", "expert_mlp", "embed"), ("experts", "embed", "expert_mlp")
+            self.gate_up_blocks, self.gate_up_scales = _mxfp4_params(
+                rngs, (num, 2 * inter, hidden), gate_up_axes, hidden**-0.5
+            )
+            self.down_blocks, self.down_scales = _mxfp4_params(rngs, (num, hidden, inter), down_axes, inter**-0.5)
+        else:
+            gate_up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
+            self.gate_up = _param(rngs, (num, hidden, 2 * inter), gate_up_axes, param_dtype, hidden**-0.5)
+            self.down = _param(rngs, (num, inter, hidden), down_axes, param_dtype, inter**-0.5)
         self.gate_up_bias = _constant((num, 2 * inter), ("experts", "expert_mlp"), param_dtype, 0.0)
-        self.down = _param(rngs, (num, inter, hidden), ("experts", "expert_mlp", "embed"), param_dtype, inter**-0.5)
         self.down_bias = _constant((num, hidden), ("experts", "embed"), param_dtype, 0.0)
+        self.packed = packed
         self.top_k, self.limit, self.alpha = cfg.experts_per_token, cfg.swiglu_limit, cfg.swiglu_alpha
+
+    def expert_variables(self) -> tuple:
+        """(gate_up, gate_up_bias, down, down_bias) as variables; packed matrices as `PackedMatrices`."""
+        if self.packed:
+            gate_up = mxfp4.PackedMatrices(self.gate_up_blocks, self.gate_up_scales)
+            down = mxfp4.PackedMatrices(self.down_blocks, self.down_scales)
+        else:
+            gate_up, down = self.gate_up, self.down
+        return gate_up, self.gate_up_bias, down, self.down_bias
 
     def __call__(self, x: jax.Array) -> jax.Array:
         tokens = constrain(x.reshape(-1, x.shape[-1]), ("batch", "embed"))
         experts, weights = route(tokens, self.router[...], self.router_bias[...], self.top_k)
-        params = (self.gate_up[...], self.gate_up_bias[...], self.down[...], self.down_bias[...])
+        variables = self.expert_variables()
+        params = jax.tree.map(lambda var: var[...], variables, is_leaf=_is_variable)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             out = routed_experts(tokens, experts, weights, *params, limit=self.limit, alpha=self.alpha)
         else:
-            out = expert_parallel(mesh, tokens, experts, weights, *params, limit=self.limit, alpha=self.alpha)
+            axes = jax.tree.map(lambda var: var.get_metadata()["logical_axes"], variables, is_leaf=_is_variable)
+            out = expert_parallel(mesh, tokens, experts, weights, params, axes, limit=self.limit, alpha=self.alpha)
         return out.astype(x.dtype).reshape(x.shape)
 
 
-EXPERT_PARAM_AXES = (
-    ("experts", "embed", "expert_mlp"),  # gate_up
-    ("experts", "expert_mlp"),  # gate_up_bias
-    ("experts", "expert_mlp", "embed"),  # down
-    ("experts", "embed"),  # down_bias
-)
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
-def expert_parallel(mesh, tokens, experts, weights, *params, limit: float, alpha: float) -> jax.Array:
+def expert_parallel(
+    mesh, tokens, experts, weights, params: tuple, param_axes: tuple, *, limit: float, alpha: float
+) -> jax.Array:
     """`routed_experts` over the mesh: each device runs only its experts (`expert` axis) and its slice of
     their intermediate dimension (`tensor` axis) on its data shard's tokens, and a sum over both axes
-    combines the partial results. Expert weights never move."""
+    combines the partial results. Expert weights never move. `param_axes` holds the logical axes of each
+    array in `params`."""
     sizes = mesh_sizes(mesh)
     token_spec = logical_to_spec(("batch", "embed"), tokens.shape, sizes)
     route_spec = logical_to_spec(("batch", None), experts.shape, sizes)
-    param_specs = tuple(logical_to_spec(a, p.shape, sizes) for a, p in zip(EXPERT_PARAM_AXES, params, strict=True))
+    param_specs = jax.tree.map(lambda p, axes: logical_to_spec(axes, p.shape, sizes), params, param_axes)
 
-    def local(tokens, experts, weights, gate_up, gate_up_bias, down, down_bias):
+    def local(tokens, experts, weights, params):
+        gate_up, gate_up_bias, down, down_bias = params
         first_expert = jax.lax.axis_index("expert") * gate_up.shape[0]
         down_bias = jnp.where(jax.lax.axis_index("tensor") == 0, down_bias, 0)  # add the bias once
         out = routed_experts(
@@ -287,9 +387,9 @@ def expert_parallel(mesh, tokens, experts, weights, *params, limit: float, alpha
 
     # check_vma=False: the blocked experts' lax.cond has a branch that reads no expert weights
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(token_spec, route_spec, route_spec, *param_specs), out_specs=token_spec,
+        local, mesh=mesh, in_specs=(token_spec, route_spec, route_spec, param_specs), out_specs=token_spec,
         check_vma=False,
-    )(tokens, experts, weights, *params)
+    )(tokens, experts, weights, params)
 
 
 # ------------------------------------------------------------------------------------------- the model
@@ -307,11 +407,11 @@ class RMSNorm(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layer: int, *, param_dtype, packed_experts: bool, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.attn = Attention(cfg, layer, param_dtype=param_dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = MoE(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MoE(cfg, param_dtype=param_dtype, packed=packed_experts, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, keys: Keys) -> jax.Array:
         x = x + self.attn(self.attn_norm(x), cos, sin, positions, keys)
@@ -349,7 +449,8 @@ def positions_from_mask(valid: jax.Array) -> jax.Array:
 
 
 class GptOss(nnx.Module):
-    """The causal language model: int token ids [B, T] -> float32 logits [B, T, vocab]."""
+    """The causal language model: int token ids [B, T] -> float32 logits [B, T, vocab]. With
+    `packed_experts` the expert weights stay MXFP4 (see `MoE`)."""
 
     def __init__(
         self,
@@ -358,13 +459,17 @@ class GptOss(nnx.Module):
         param_dtype=jnp.bfloat16,
         compute_dtype=None,
         rngs: nnx.Rngs | None = None,
+        packed_experts: bool = False,
     ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.compute_dtype = compute_dtype or param_dtype
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, 1.0)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, i, param_dtype=param_dtype, rngs=rngs) for i in range(cfg.num_layers)]
+            [
+                DecoderLayer(cfg, i, param_dtype=param_dtype, packed_experts=packed_experts, rngs=rngs)
+                for i in range(cfg.num_layers)
+            ]
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.unembed = _param(
@@ -410,12 +515,35 @@ def forward(model: GptOss, tokens: jax.Array, attention_mask: jax.Array | None =
     return model(tokens, attention_mask)
 
 
-def random_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, seed: int = 0):
-    """A model with random weights, each created on the devices in its sharding (for benchmarks)."""
+def random_model(
+    cfg: ModelConfig,
+    *,
+    dtype=jnp.bfloat16,
+    mesh: jax.sharding.Mesh | None = None,
+    seed: int = 0,
+    packed_experts: bool = False,
+) -> GptOss:
+    """A model with random weights, each created on the devices in its sharding (for benchmarks).
 
-    def init() -> nnx.State:
-        return nnx.state(GptOss(cfg, param_dtype=dtype, rngs=nnx.Rngs(seed)))
+    Each part is made by its own compiled function, one per kind of layer, called with its own key: a single
+    function for the whole model takes minutes to compile at the 20B shape.
+    """
+    options = dict(param_dtype=dtype, packed_experts=packed_experts)
+    model = nnx.eval_shape(lambda: GptOss(cfg, **options))
+    keys = iter(jax.random.split(jax.random.key(seed), cfg.num_layers + 1))
+    outer = dataclasses.replace(cfg, num_layers=0, layer_types=())  # the embeddings and the final norm
+    nnx.update(model, _initializer(lambda rngs: GptOss(outer, rngs=rngs, **options), mesh)(next(keys)))
+    initializers = {}
+    for index, layer in enumerate(model.layers):
+        kind = cfg.layer_types[index]
+        if kind not in initializers:
+            initializers[kind] = _initializer(partial(DecoderLayer, cfg, index, **options), mesh)
+        nnx.update(layer, initializers[kind](next(keys)))
+    return model
 
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: GptOss(cfg, param_dtype=dtype)))
-    shardings = param_shardings(abstract_state, mesh) if mesh is not None else None
-    return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
+
+def _initializer(build: Callable[..., nnx.Module], mesh) -> Callable[[jax.Array], nnx.State]:
+    """A compiled maker of the parameters of `build(rngs=...)` from a key, on the devices of their shardings."""
+    abstract = nnx.state(nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0))))
+    shardings = param_shardings(abstract, mesh) if mesh is not None else None
+    return jax.jit(lambda key: nnx.state(build(rngs=nnx.Rngs(params=key))), out_shardings=shardings)

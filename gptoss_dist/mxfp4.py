@@ -7,6 +7,8 @@ so that value = FP4_VALUES[code] * 2**(scale - 127).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,23 @@ def encode_np(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pairs = codes.reshape(*codes.shape[:-1], VALUES_PER_BLOCK // 2, 2)
     blocks = pairs[..., 0] | (pairs[..., 1] << 4)
     return blocks.astype(np.uint8), (exponents + SCALE_BIAS).astype(np.uint8)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PackedMatrices:
+    """A stack of matrices [E, in, out] kept as the checkpoint stores them: `blocks` [E, out, in/32, 16] and
+    `scales` [E, out, in/32], uint8 (each matrix transposed, its input axis packed)."""
+
+    blocks: jax.Array
+    scales: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape of the matrices it holds, [E, in, out]."""
+        count, fan_out, groups, _ = self.blocks.shape
+        return count, groups * VALUES_PER_BLOCK, fan_out
+
+    def matrix(self, index: jax.Array | int, dtype: jnp.dtype) -> jax.Array:
+        """Matrix `index` [in, out], dequantized."""
+        return decode(self.blocks[index], self.scales[index], dtype).T

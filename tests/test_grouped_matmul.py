@@ -1,0 +1,91 @@
+"""The GPU expert kernel (`gptoss_dist.grouped_matmul`), run by Pallas' interpreter on the CPU."""
+
+from functools import partial
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptoss_dist import model as model_module
+from gptoss_dist import mxfp4
+from gptoss_dist.grouped_matmul import fp4_values, grouped_matmul
+from gptoss_dist.model import row_blocks
+from conftest import small_config
+
+EXPERTS, FAN_IN, FAN_OUT = 4, 96, 128
+
+
+def test_fp4_values_are_the_table():
+    np.testing.assert_array_equal(np.asarray(fp4_values(jnp.arange(16))), mxfp4.FP4_VALUES)
+    assert np.signbit(np.asarray(fp4_values(jnp.arange(16)))).tolist() == np.signbit(mxfp4.FP4_VALUES).tolist()
+
+
+def _routing(rng, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row groups sorted by expert (some rows held elsewhere: group == EXPERTS) and rows per expert."""
+    group = np.sort(rng.integers(0, EXPERTS + 1, rows))
+    return group, np.bincount(group, minlength=EXPERTS + 1)[:EXPERTS]
+
+
+def _weights(rng, packed: bool):
+    if packed:
+        blocks = rng.integers(0, 256, (EXPERTS, FAN_OUT, FAN_IN // 32, 16), dtype=np.uint8)
+        scales = rng.integers(120, 130, (EXPERTS, FAN_OUT, FAN_IN // 32), dtype=np.uint8)
+        dense = mxfp4.decode_np(blocks, scales).transpose(0, 2, 1)
+        return mxfp4.PackedMatrices(jnp.asarray(blocks), jnp.asarray(scales)), dense
+    dense = rng.standard_normal((EXPERTS, FAN_IN, FAN_OUT)).astype(np.float32)
+    return jnp.asarray(dense), dense
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_each_row_meets_its_experts_matrix(rows, packed, dtype):
+    rng = np.random.default_rng(rows)
+    group, sizes = _routing(rng, rows)
+    weights, dense = _weights(rng, packed)
+    bias = rng.standard_normal((EXPERTS, FAN_OUT)).astype(np.float32)
+    x = rng.standard_normal((rows, FAN_IN)).astype(np.float32)
+    blocks = row_blocks(jnp.asarray(group), jnp.asarray(sizes), EXPERTS, smallest=16)
+
+    out = grouped_matmul(
+        blocks.pad(jnp.asarray(x, dtype)), weights, jnp.asarray(bias, dtype), blocks.expert, blocks.size,
+        interpret=True,
+    )
+    out = np.asarray(blocks.unpad(out), np.float32)
+
+    x_used = np.asarray(jnp.asarray(x, dtype), np.float32)  # the inputs as the kernel saw them
+    held = group < EXPERTS
+    expected = np.einsum("ri,rio->ro", x_used[held], dense[group[held]]) + bias[group[held]]
+    tolerance = 1e-4 if dtype == jnp.float32 else 3e-2
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out[held] / scale, expected / scale, atol=tolerance)
+    assert not np.any(out[~held]), "rows held elsewhere must read back as zero"
+
+
+def test_unused_blocks_are_skipped():
+    """With every row held elsewhere, no block runs: the kernel reads no expert at all."""
+    rng = np.random.default_rng(0)
+    group = np.full(8, EXPERTS)
+    blocks = row_blocks(jnp.asarray(group), jnp.zeros(EXPERTS, jnp.int32), EXPERTS, smallest=16)
+    assert np.all(np.asarray(blocks.expert) == EXPERTS)
+    weights, _ = _weights(rng, packed=False)
+    out = grouped_matmul(
+        blocks.pad(jnp.ones((8, FAN_IN))), weights, jnp.zeros((EXPERTS, FAN_OUT)), blocks.expert, blocks.size,
+        interpret=True,
+    )
+    assert not np.any(np.asarray(blocks.unpad(out)))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_model_logits_through_the_kernel_equal_the_block_loop(packed, monkeypatch):
+    """The whole model with the GPU expert path (here interpreted) gives the CPU path's logits."""
+    cfg = small_config(num_layers=1, layer_types=("full_attention",))
+    model = model_module.random_model(cfg, dtype=jnp.float32, packed_experts=packed, seed=3)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12)))
+    blocked = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+    monkeypatch.setattr(
+        model_module, "experts_implementation", lambda _: partial(model_module._experts_kernel, interpret=True)
+    )
+    through_kernel = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))  # a new function: traced again
+    np.testing.assert_allclose(through_kernel, blocked, atol=1e-4 * np.abs(blocked).max())
