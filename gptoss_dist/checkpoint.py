@@ -2,8 +2,9 @@
 
 A checkpoint directory holds `config.json`, one or several `*.safetensors` files and, when there are several,
 `model.safetensors.index.json`. Expert weights are stored either as MXFP4 (`<name>_blocks`, `<name>_scales`,
-as openai/gpt-oss-* publish them) or dequantized (`<name>`, as transformers saves them). The directory is a
-local path (tensors are memory-mapped) or a `gs://` URL (each tensor is one byte-range read, through gcsfs).
+as openai/gpt-oss-* publish them) or dequantized (`<name>`, as transformers saves them). MXFP4 experts are
+decoded on load, or with `packed_experts` copied as stored. The directory is a local path (tensors are
+memory-mapped) or a `gs://` URL (each tensor is one byte-range read, through gcsfs).
 """
 
 from __future__ import annotations
@@ -173,7 +174,9 @@ class HfTensor:
     """One model weight as the checkpoint stores it.
 
     `shape` is its Hugging Face (transformers) shape; `transpose` reorders those axes into ours before a
-    reshape to the parameter's shape; `mxfp4` marks expert weights that may be stored packed.
+    reshape to the parameter's shape; `mxfp4` marks expert weights that may be stored packed. A weight kept
+    packed on the device is two of these, its MXFP4 blocks and scales, each naming in `part_of` the expert
+    weight it is part of.
     """
 
     name: str
@@ -181,10 +184,12 @@ class HfTensor:
     shape: tuple[int, ...]
     transpose: tuple[int, ...] | None = None
     mxfp4: bool = False
+    part_of: str | None = None
 
 
-def hf_tensors(cfg: ModelConfig) -> list[HfTensor]:
-    """Every weight of the model, declared once: its checkpoint name, our parameter path, its layout."""
+def hf_tensors(cfg: ModelConfig, *, packed_experts: bool = False) -> list[HfTensor]:
+    """Every weight of the model, declared once: its checkpoint name, our parameter path, its layout. With
+    `packed_experts`, each expert weight is its MXFP4 blocks and scales, copied as stored."""
     hidden, vocab, inter, experts = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_experts
     q_width, kv_width = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     swap = (1, 0)
@@ -215,6 +220,8 @@ def hf_tensors(cfg: ModelConfig) -> list[HfTensor]:
         HfTensor("model.norm.weight", ("norm", "scale"), (hidden,)),
         HfTensor("lm_head.weight", ("unembed",), (vocab, hidden), swap),
     ]
+    if packed_experts:
+        tensors = [part for tensor in tensors for part in (packed_parts(tensor) if tensor.mxfp4 else [tensor])]
     return tensors
 
 
@@ -225,6 +232,16 @@ def packed_shapes(tensor: HfTensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
     return (experts, fan_out, groups, mxfp4.VALUES_PER_BLOCK // 2), (experts, fan_out, groups)
 
 
+def packed_parts(tensor: HfTensor) -> list[HfTensor]:
+    """An expert weight's MXFP4 blocks and scales (`gate_up` -> `gate_up_blocks`, `gate_up_scales`), each a
+    parameter in the checkpoint's own layout."""
+    *path, leaf = tensor.param
+    return [
+        HfTensor(tensor.name + suffix, (*path, leaf + suffix), shape, part_of=tensor.name)
+        for suffix, shape in zip(PACKED_SUFFIXES, packed_shapes(tensor), strict=True)
+    ]
+
+
 def is_packed(ckpt: HfCheckpoint, tensor: HfTensor) -> bool:
     return tensor.mxfp4 and tensor.name + "_blocks" in ckpt.names()
 
@@ -233,8 +250,21 @@ def stored_names(ckpt: HfCheckpoint, tensor: HfTensor) -> list[str]:
     return [tensor.name + s for s in PACKED_SUFFIXES] if is_packed(ckpt, tensor) else [tensor.name]
 
 
+def check_packed_parts(ckpt: HfCheckpoint, tensors: list[HfTensor]) -> None:
+    """Refuses to keep experts packed that the checkpoint stores dequantized: they are not requantized."""
+    present = ckpt.names()
+    for tensor in tensors:
+        if tensor.part_of in present and tensor.name not in present:
+            raise CheckpointError(
+                f"{ckpt.where(tensor.part_of)}: tensor {tensor.part_of} is stored dequantized and the checkpoint "
+                f"holds no MXFP4 blocks ({tensor.name}), so its experts cannot stay packed (they are not "
+                "requantized): turn packed_experts off"
+            )
+
+
 def check_names(ckpt: HfCheckpoint, tensors: list[HfTensor]) -> None:
     """Refuses a checkpoint whose tensor names differ from what its config.json describes."""
+    check_packed_parts(ckpt, tensors)
     expected = {name for t in tensors for name in stored_names(ckpt, t)}
     present = ckpt.names()
     if missing := sorted(expected - present):
@@ -276,39 +306,50 @@ def to_param_layout(value: np.ndarray, tensor: HfTensor, param_shape: tuple[int,
     return value.reshape(param_shape)
 
 
-def iter_params(ckpt: HfCheckpoint, abstract_state: nnx.State) -> Iterator[tuple[tuple, np.ndarray]]:
+def iter_params(
+    ckpt: HfCheckpoint, abstract_state: nnx.State, *, packed_experts: bool = False
+) -> Iterator[tuple[tuple, np.ndarray]]:
     """Yields (parameter path, value in our layout) one weight at a time, after checking every name."""
-    tensors = hf_tensors(ckpt.config())
+    tensors = hf_tensors(ckpt.config(), packed_experts=packed_experts)
     check_names(ckpt, tensors)
     shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(abstract_state)}
     for tensor in tensors:
         yield tensor.param, to_param_layout(read_hf_tensor(ckpt, tensor), tensor, shapes[tensor.param])
 
 
-def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None) -> GptOss:
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None, packed_experts: bool = False) -> GptOss:
     """The model's structure with shapes and dtypes only: nothing is allocated."""
-    return nnx.eval_shape(lambda: GptOss(cfg, param_dtype=dtype, compute_dtype=compute_dtype))
+    return nnx.eval_shape(
+        lambda: GptOss(cfg, param_dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts)
+    )
 
 
 def from_pretrained(
-    path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None, mesh: jax.sharding.Mesh | None = None
+    path: str | Path,
+    *,
+    dtype=jnp.bfloat16,
+    compute_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    packed_experts: bool = False,
 ) -> GptOss:
     """Loads a model from a checkpoint directory in the published Hugging Face layout, or converted by
     `gptoss-convert` (`gptoss_dist.store`); either may be local or on `gs://`.
 
     `dtype` is the parameters' dtype (bfloat16 for serving, float32 for parity); `compute_dtype` defaults to
     it. Tensors are read and placed one at a time; with a `mesh`, each goes straight into its sharding (run
-    the model under `jax.set_mesh(mesh)`).
+    the model under `jax.set_mesh(mesh)`). With `packed_experts` the expert weights stay MXFP4 (uint8 blocks
+    and scales, copied as the checkpoint stores them); the checkpoint must store them so.
     """
     from gptoss_dist import store  # it builds on this module
 
     if store.is_converted(path):
-        return store.load(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh)
+        return store.load(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, packed_experts=packed_experts)
     ckpt = HfCheckpoint(path)
-    graphdef, state = nnx.split(abstract_model(ckpt.config(), dtype=dtype, compute_dtype=compute_dtype))
+    model = abstract_model(ckpt.config(), dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts)
+    graphdef, state = nnx.split(model)
     shardings = dict(nnx.to_flat_state(param_shardings(state, mesh))) if mesh is not None else {}
     flat = dict(nnx.to_flat_state(state))
-    for param, value in iter_params(ckpt, state):
+    for param, value in iter_params(ckpt, state, packed_experts=packed_experts):
         value = value.astype(flat[param].get_value().dtype)
         flat[param].set_value(put(value, shardings[param]) if mesh is not None else jax.device_put(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

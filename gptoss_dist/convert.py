@@ -1,12 +1,14 @@
 """`gptoss-convert`: a Hugging Face checkpoint to a converted checkpoint (`gptoss_dist.store`), local or on GCS.
 
     python -m gptoss_dist.convert --src=gs://bucket/gpt-oss-20b --dst=gs://bucket/gpt-oss-20b-bf16
+    python -m gptoss_dist.convert --src=gs://bucket/gpt-oss-20b --dst=gs://bucket/gpt-oss-20b-mxfp4 --packed_experts
 
 The source is checked whole first (every file, name and shape), so bad input fails before anything is
 written. Weights then stream one at a time, and the large ones (experts, embeddings) a block of rows at a
 time, so host memory stays near 1.5 GB whatever the model's size; writes go out in parallel, up to
 IN_FLIGHT_BYTES at once. The checkpoint is marked complete only after every array has landed; a rerun after
-an interruption resumes with the arrays not yet recorded as written.
+an interruption resumes with the arrays not yet recorded as written. With `--packed_experts` the experts'
+MXFP4 blocks and scales are copied as stored, for runs with `packed_experts` (`gptoss_dist.store`).
 """
 
 from __future__ import annotations
@@ -121,27 +123,37 @@ def _write_arrays(
 
 
 def convert(
-    src: str, dst: str, *, dtype: str = "bfloat16", overwrite: bool = False, show_progress: bool = True
+    src: str,
+    dst: str,
+    *,
+    dtype: str = "bfloat16",
+    packed_experts: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
 ) -> None:
-    """Converts the Hugging Face checkpoint at `src` into `dst` (local paths or `gs://` URLs), weights in `dtype`.
+    """Converts the Hugging Face checkpoint at `src` into `dst` (local paths or `gs://` URLs), weights in `dtype`;
+    with `packed_experts`, expert weights as the source's MXFP4 blocks and scales.
 
-    Raises CheckpointError, naming the file, tensor or directory, for a bad source or a destination that
-    already holds a complete checkpoint (unless `overwrite`).
+    Raises CheckpointError, naming the file, tensor or directory, for a bad source (or one without MXFP4
+    experts, for `packed_experts`) or a destination that already holds a complete checkpoint (unless
+    `overwrite`).
     """
     ckpt = HfCheckpoint(src)
     cfg = ckpt.config()
-    tensors = hf_tensors(cfg)
+    tensors = hf_tensors(cfg, packed_experts=packed_experts)
     _check_source(ckpt, tensors)
-    _, state = nnx.split(abstract_model(cfg, dtype=jnp.dtype(dtype)))
+    _, state = nnx.split(abstract_model(cfg, dtype=jnp.dtype(dtype), packed_experts=packed_experts))
     specs = store.array_specs(state)
     source = src if "://" in src else os.path.abspath(src)  # the same source however it is spelt
-    conversion = store.Conversion(dst, specs, source=source, overwrite=overwrite)
+    conversion = store.Conversion(dst, specs, source=source, overwrite=overwrite, packed_experts=packed_experts)
     if conversion.done:
         log.info("resuming: %d of %d arrays already written", len(conversion.done), len(specs))
     _copy_side_files(src, dst)
     _write_arrays(ckpt, tensors, conversion, show_progress)
     conversion.complete()
-    log.info("wrote %d arrays (%.2f GB, %s) to %s", len(specs), sum(s.nbytes for s in specs.values()) / 1e9, dtype, dst)
+    experts = "MXFP4" if packed_experts else dtype
+    total_gb = sum(s.nbytes for s in specs.values()) / 1e9
+    log.info("wrote %d arrays (%.2f GB, %s, experts %s) to %s", len(specs), total_gb, dtype, experts, dst)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -151,12 +163,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--src", required=True, help="Hugging Face checkpoint directory, local or gs://")
     parser.add_argument("--dst", required=True, help="where to write the converted checkpoint, local or gs://")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="stored weight dtype")
+    parser.add_argument(
+        "--packed_experts", action="store_true", help="keep the experts' MXFP4 blocks and scales as stored"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint at --dst")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        convert(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, show_progress=not args.no_progress)
+        convert(args.src, args.dst, dtype=args.dtype, packed_experts=args.packed_experts, overwrite=args.overwrite,
+                show_progress=not args.no_progress)  # fmt: skip
     except CheckpointError as err:
         raise SystemExit(f"gptoss-convert: error: {err}") from err
 

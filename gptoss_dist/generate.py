@@ -197,13 +197,14 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     model_config = read_config(config.checkpoint)
     if config.max_len > model_config.max_position_embeddings:
         raise JobError(f"max_len {config.max_len} exceeds the model's {model_config.max_position_embeddings} positions")
-    mesh = make_mesh(config.mesh, model_config, devices)
+    mesh = make_mesh(config.mesh, model_config, devices, packed_experts=config.packed_experts)
     try:
         memory = plan.chip_memory(config.chip, jax.local_devices()[0])
         if memory is not None:
             need = plan.plan_memory(model_config, mesh_sizes(mesh), max_slots=config.max_slots,
                                     max_len=config.max_len, prefill_tokens=config.prefill_tokens,
-                                    dtype=np.dtype(settings.dtype(config)))  # fmt: skip
+                                    dtype=np.dtype(settings.dtype(config)),
+                                    packed_experts=config.packed_experts)  # fmt: skip
             plan.check_fits(need, memory[1], memory[0])
     except plan.PlanError as err:
         raise JobError(str(err)) from None
@@ -212,7 +213,8 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
 
 def make_engine(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> Engine:
     """The checkpoint's model on `mesh`, in an engine that stops on the tokenizer's stop tokens."""
-    model = from_pretrained(config.checkpoint, dtype=settings.dtype(config), mesh=mesh)
+    model = from_pretrained(config.checkpoint, dtype=settings.dtype(config), mesh=mesh,
+                            packed_experts=config.packed_experts)  # fmt: skip
     try:
         return Engine(model, mesh, max_slots=config.max_slots, max_len=config.max_len,
                       steps_per_call=config.steps_per_call, stop_tokens=tokenizer.stop_token_ids,

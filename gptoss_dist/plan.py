@@ -2,11 +2,13 @@
 
     python -m gptoss_dist.plan --config=configs/gpt_oss_20b.py --config.mesh.tensor=4 --config.max_slots=64
 
-Weights come from the sharding rules (exactly what each device holds). The KV cache is the engine's: every
-slot's keys and values, sliding layers holding only their window, split over `data` and, where they divide,
-the KV heads over `tensor`. Working memory is an estimate of the largest call's live activations: a prefill
+Weights come from the sharding rules (exactly what each device holds); packed experts (`packed_experts`)
+count their MXFP4 blocks and scales, a byte per two weights and one per 32. The KV cache is the engine's:
+every slot's keys and values, sliding layers holding only their window, split over `data` and, where they
+divide, the KV heads over `tensor`. Working memory is an estimate of the largest call's live activations: a prefill
 of as many `max_len`-token prompts as `prefill_tokens` allows (float32 attention scores and probabilities, the experts' token
-copies, the residual stream, the last positions' logits).
+copies, the residual stream, the last positions' logits), and with packed experts one expert's weights
+dequantized at a time.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ def kv_cache_per_chip(cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int
 
 
 def working_per_chip(
-    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, prefill_tokens: int, dtype
-) -> int:
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, prefill_tokens: int, dtype,
+    packed_experts: bool = False,
+) -> int:  # fmt: skip
     """Largest live activations of a prefill call of `max_len`-token prompts, on one chip (an estimate)."""
     prompts = min(max_slots, max(sizes["data"], prefill_tokens // max_len))
     rows, tensor, width = math.ceil(prompts / sizes["data"]), sizes["tensor"], max_len
@@ -62,7 +65,8 @@ def working_per_chip(
     experts = expert_rows * (2 * cfg.hidden_size + 3 * cfg.intermediate_size // tensor) * itemsize
     residual = 4 * rows * width * cfg.hidden_size * F32
     logits = rows * cfg.vocab_size // (tensor * sizes["expert"]) * F32
-    return scores + experts + residual + logits
+    dequantized = 3 * cfg.hidden_size * cfg.intermediate_size // tensor * itemsize if packed_experts else 0
+    return scores + experts + residual + logits + dequantized
 
 
 def plan_memory(
@@ -73,12 +77,13 @@ def plan_memory(
     max_len: int,
     prefill_tokens: int = 8192,
     dtype=np.dtype("bfloat16"),
+    packed_experts: bool = False,
 ) -> MemoryPlan:
-    weights = sum(p.bytes_per_device for p in weight_placements(cfg, sizes, dtype))
+    weights = sum(p.bytes_per_device for p in weight_placements(cfg, sizes, dtype, packed_experts=packed_experts))
     return MemoryPlan(
         weights=weights,
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, dtype),
-        working=working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype),
+        working=working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype, packed_experts),
     )
 
 
@@ -149,11 +154,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit("error: give every mesh size (no -1) to plan without the devices")
         try:
             sizes = mesh_shape(mesh, math.prod(mesh.values()))
-            check_model_fits_mesh(cfg, sizes)
+            check_model_fits_mesh(cfg, sizes, packed_experts=run_settings.packed_experts)
         except MeshError as err:
             sys.exit(f"error: {err}")
         plan = plan_memory(cfg, sizes, max_slots=run_settings.max_slots, max_len=run_settings.max_len,
-                           prefill_tokens=run_settings.prefill_tokens, dtype=np.dtype(settings.dtype(run_settings)))  # fmt: skip
+                           prefill_tokens=run_settings.prefill_tokens, dtype=np.dtype(settings.dtype(run_settings)),
+                           packed_experts=run_settings.packed_experts)  # fmt: skip
         print(render(plan, sizes, list(CHIPS)))
 
     app.run(run, argv=list(argv) if argv is not None else None)

@@ -26,6 +26,11 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
         {
             "model": fields,
             "dtype": "bfloat16",  # parameters and compute; "float32" for parity checks
+            # experts stay MXFP4 on the device (uint8 blocks and scales, 4.25 bits a weight) and are dequantized a
+            # tile at a time inside the expert matmul; the checkpoint must hold MXFP4 experts (a Hugging Face
+            # directory as published, or converted with --packed_experts); mesh.tensor must divide
+            # intermediate_size / 32
+            "packed_experts": False,
             "mesh": {"data": 1, "tensor": 1, "expert": 1},
             "checkpoint": "",
             # the batch job (gptoss_dist.generate); the checkpoint, not `model`, defines its model

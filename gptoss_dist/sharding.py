@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from gptoss_dist import mxfp4
 from gptoss_dist.config import ModelConfig
 
 MESH_AXES = ("data", "tensor", "expert")
@@ -72,14 +73,22 @@ def mesh_shape(settings: Mapping[str, int], num_devices: int) -> dict[str, int]:
     return sizes
 
 
-def check_model_fits_mesh(cfg: ModelConfig, sizes: Mapping[str, int]) -> None:
-    """Raises MeshError where a mesh axis does not divide what it shards."""
+def check_model_fits_mesh(cfg: ModelConfig, sizes: Mapping[str, int], *, packed_experts: bool = False) -> None:
+    """Raises MeshError where a mesh axis does not divide what it shards. Packed (MXFP4) experts split the
+    down projection's groups of 32 intermediate values over `tensor`, so it must divide their number too."""
     tensor, expert = sizes["tensor"], sizes["expert"]
+    groups = cfg.intermediate_size // mxfp4.VALUES_PER_BLOCK
     problems = []
     if cfg.num_heads % tensor:
         problems.append(f"{cfg.num_heads} query heads do not divide over mesh.tensor={tensor}")
     if cfg.intermediate_size % tensor:
         problems.append(f"expert intermediate size {cfg.intermediate_size} does not divide over mesh.tensor={tensor}")
+    elif packed_experts and groups % tensor:
+        problems.append(
+            f"with packed experts, the {groups} MXFP4 groups of the expert intermediate size "
+            f"({cfg.intermediate_size} / {mxfp4.VALUES_PER_BLOCK}) do not divide over mesh.tensor={tensor}: "
+            f"use a mesh.tensor that divides {groups} and shard the experts over mesh.expert instead"
+        )
     if cfg.num_experts % expert:
         problems.append(f"{cfg.num_experts} experts do not divide over mesh.expert={expert}")
     if cfg.vocab_size % (tensor * expert):
@@ -88,11 +97,17 @@ def check_model_fits_mesh(cfg: ModelConfig, sizes: Mapping[str, int]) -> None:
         raise MeshError("; ".join(problems))
 
 
-def make_mesh(settings: Mapping[str, int], cfg: ModelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    settings: Mapping[str, int],
+    cfg: ModelConfig,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    packed_experts: bool = False,
+) -> Mesh:
     """A mesh with axes (data, tensor, expert) over `devices` (default: every device of every process)."""
     devices = list(devices) if devices is not None else jax.devices()
     sizes = mesh_shape(settings, len(devices))
-    check_model_fits_mesh(cfg, sizes)
+    check_model_fits_mesh(cfg, sizes, packed_experts=packed_experts)
     shape = tuple(sizes[axis] for axis in MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
@@ -163,11 +178,13 @@ class Placement:
     bytes_per_device: int
 
 
-def weight_placements(cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16")) -> list[Placement]:
+def weight_placements(
+    cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16"), *, packed_experts: bool = False
+) -> list[Placement]:
     """Every weight's placement on a mesh of these sizes, from the abstract model (nothing is allocated)."""
     from gptoss_dist.checkpoint import abstract_model
 
-    _, state = nnx.split(abstract_model(cfg, dtype=dtype))
+    _, state = nnx.split(abstract_model(cfg, dtype=dtype, packed_experts=packed_experts))
     specs = dict(nnx.to_flat_state(param_specs(state, sizes)))
     placements = []
     for path, var in nnx.to_flat_state(state):
@@ -178,9 +195,11 @@ def weight_placements(cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype
     return placements
 
 
-def describe(cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16")) -> str:
+def describe(
+    cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16"), *, packed_experts: bool = False
+) -> str:
     """A table of every weight: shape, PartitionSpec and bytes per device, with the totals per device."""
-    placements = weight_placements(cfg, sizes, dtype)
+    placements = weight_placements(cfg, sizes, dtype, packed_experts=packed_experts)
     lines = [f"{p.name:<40} {str(p.shape):<22} {str(p.spec):<40} {p.bytes_per_device:>14,}" for p in placements]
     header = f"{'weight':<40} {'shape':<22} {'partition spec':<40} {'bytes/device':>14}"
     mesh = ", ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
@@ -198,16 +217,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = config_flags.DEFINE_config_file("config", None, "A run config (configs/*.py).")
 
     def run(_):
-        cfg = settings.model_config(config.value)
+        cfg, packed_experts = settings.model_config(config.value), config.value.packed_experts
         mesh = config.value.mesh
         # Without -1 the mesh names its own device count: describe it without needing those devices here.
         num_devices = math.prod(mesh.values()) if -1 not in mesh.values() else jax.device_count()
         try:
             sizes = mesh_shape(mesh, num_devices)
-            check_model_fits_mesh(cfg, sizes)
+            check_model_fits_mesh(cfg, sizes, packed_experts=packed_experts)
         except MeshError as err:
             sys.exit(f"error: {err}")
-        print(describe(cfg, sizes, np.dtype(settings.dtype(config.value))))
+        print(describe(cfg, sizes, np.dtype(settings.dtype(config.value)), packed_experts=packed_experts))
 
     app.run(run, argv=list(argv) if argv is not None else None)
 

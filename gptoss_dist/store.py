@@ -7,6 +7,14 @@
                                    (`arrays/layers.3.mlp.gate_up/`), in `model.py`'s shapes (already transposed)
     gptoss_progress.json           while a conversion runs: its plan and the arrays fully written so far
     gptoss_checkpoint.json         written last, once every array is: the completion marker, naming each array
+                                   and whether the experts are packed
+
+Packed experts (`gptoss-convert --packed_experts`): each expert weight is two uint8 arrays, its MXFP4 blocks
+and scales exactly as the Hugging Face checkpoint stores them (`layers.3.mlp.gate_up_blocks`, `..._scales`).
+Such a checkpoint loads only with `packed_experts=True`, and a dequantized one only without: restoring writes
+each device's chunks straight into its shard, and the two layouts do not shard alike (a shard of dequantized
+`down` may cut an MXFP4 group), so neither is turned into the other on load. The Hugging Face directory
+loads either way.
 
 Chunks. Each array has read chunks, the smallest piece a reader fetches, grouped into write chunks of up to
 64 MiB, one object each (zarr3's sharding codec). Read chunks split every axis as finely as any mesh can: a
@@ -186,6 +194,10 @@ def _write_json(path: str, record: Any) -> None:
         f.write(json.dumps(record).encode())
 
 
+def _packed_experts(record: dict[str, Any]) -> bool:
+    return record.get("packed_experts", False)  # absent in checkpoints converted before packed experts
+
+
 def _specs_of(record: dict[str, Any]) -> dict[str, ArraySpec] | None:
     """The arrays a marker or progress record names; None for another format."""
     if record.get("format") != FORMAT:
@@ -202,8 +214,12 @@ class Conversion:
     `overwrite`, and so is a non-empty directory that is not a converted checkpoint.
     """
 
-    def __init__(self, directory: str | Path, specs: dict[str, ArraySpec], *, source: str, overwrite: bool):
+    def __init__(
+        self, directory: str | Path, specs: dict[str, ArraySpec], *, source: str, overwrite: bool,
+        packed_experts: bool = False,
+    ):  # fmt: skip
         self.directory, self.specs, self.source = str(directory).rstrip("/"), specs, source
+        self.packed_experts = packed_experts
         self._fs = filesystem(self.directory)
         marker, progress = join(self.directory, MARKER_FILE), join(self.directory, PROGRESS_FILE)
         if self._fs.exists(marker) and not overwrite:
@@ -213,7 +229,8 @@ class Conversion:
         if not self._fs.exists(marker) and not self._fs.exists(progress) and self._holds_files():
             raise CheckpointError(f"{self.directory}: not empty and not a converted checkpoint; choose another --dst")
         previous = _read_json(progress) if self._fs.exists(progress) else {}
-        resumable = not overwrite and previous.get("source") == source and _specs_of(previous) == specs
+        same_plan = (previous.get("source"), _packed_experts(previous)) == (source, packed_experts)
+        resumable = not overwrite and same_plan and _specs_of(previous) == specs
         self.done: set[str] = set(previous["done"]) if resumable else set()
         self._fs.makedirs(self.directory, exist_ok=True)
         self._save()  # before the marker goes: the directory always holds one or the other
@@ -228,7 +245,7 @@ class Conversion:
 
     def _plan(self) -> dict[str, Any]:
         arrays = {name: dataclasses.asdict(spec) for name, spec in self.specs.items()}
-        return {"format": FORMAT, "source": self.source, "arrays": arrays}
+        return {"format": FORMAT, "source": self.source, "packed_experts": self.packed_experts, "arrays": arrays}
 
     def _save(self) -> None:
         _write_json(join(self.directory, PROGRESS_FILE), self._plan() | {"done": sorted(self.done)})
@@ -257,6 +274,11 @@ def is_converted(path: str | Path) -> bool:
 
 def read_specs(directory: str) -> dict[str, ArraySpec]:
     """The arrays of a complete converted checkpoint; refuses an incomplete one."""
+    return _specs_of(read_marker(directory))
+
+
+def read_marker(directory: str) -> dict[str, Any]:
+    """The completion marker of a complete converted checkpoint; refuses an incomplete one or another format."""
     marker = join(directory, MARKER_FILE)
     if not filesystem(marker).exists(marker):
         progress = _read_json(join(directory, PROGRESS_FILE))
@@ -265,10 +287,24 @@ def read_specs(directory: str) -> dict[str, ArraySpec]:
             f"{len(progress['arrays'])} arrays written, no {MARKER_FILE}); run gptoss-convert again to finish it"
         )
     record = _read_json(marker)
-    specs = _specs_of(record)
-    if specs is None:
+    if record.get("format") != FORMAT:
         raise CheckpointError(f"{marker}: format {record.get('format')!r}, expected {FORMAT!r}")
-    return specs
+    return record
+
+
+def _check_packing(directory: str, record: dict[str, Any], packed_experts: bool) -> None:
+    """Refuses to load a converted checkpoint's experts in the other layout (see the module docstring)."""
+    if _packed_experts(record) == packed_experts:
+        return
+    if packed_experts:
+        raise CheckpointError(
+            f"{directory}: converted with dequantized experts, it holds no MXFP4 blocks; load it with "
+            "packed_experts=False, or convert the Hugging Face checkpoint again with --packed_experts"
+        )
+    raise CheckpointError(
+        f"{directory}: converted with packed (MXFP4) experts; load it with packed_experts=True, or convert the "
+        "Hugging Face checkpoint again without --packed_experts"
+    )
 
 
 def _check_arrays(directory: str, stored: dict[str, ArraySpec], state: nnx.State) -> None:
@@ -303,12 +339,24 @@ def _restore(array: ts.TensorStore, var: nnx.Variable, sharding: jax.sharding.Sh
     in_flight.add(list(reads.values()), nbytes, then=place)
 
 
-def load(path: str | Path, *, dtype=jnp.bfloat16, compute_dtype=None, mesh: jax.sharding.Mesh | None = None) -> GptOss:
+def load(
+    path: str | Path,
+    *,
+    dtype=jnp.bfloat16,
+    compute_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    packed_experts: bool = False,
+) -> GptOss:
     """Restores a converted checkpoint (see `checkpoint.from_pretrained`): each array goes straight into its
     sharding, and each process reads only the chunks its devices hold, several arrays at a time."""
     directory = str(path).rstrip("/")
-    stored = read_specs(directory)
-    graphdef, state = nnx.split(abstract_model(read_config(directory), dtype=dtype, compute_dtype=compute_dtype))
+    record = read_marker(directory)
+    _check_packing(directory, record, packed_experts)
+    stored = _specs_of(record)
+    model = abstract_model(
+        read_config(directory), dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts
+    )
+    graphdef, state = nnx.split(model)
     _check_arrays(directory, stored, state)
     flat = dict(nnx.to_flat_state(state))
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
