@@ -175,8 +175,10 @@ def read_reply(child: pexpect.spawn, line: str, *, interrupt: bool = False) -> l
 def test_chat_command_streams_replies_and_survives_ctrl_c(checkpoint):
     command = [f"--config={TINY_CONFIG}", f"--config.checkpoint={checkpoint}", "--config.chat.raw=True",
                "--config.sampling.max_new_tokens=300", "--config.steps_per_call=2", "--config.min_prefill_len=512"]  # fmt: skip
+    # preexec_fn: a test run started in the background inherits an ignored SIGINT, which Ctrl-C needs
     child = pexpect.spawn(sys.executable, ["-m", "gptoss_dist.chat", *command], cwd=str(ROOT),
-                          encoding="utf-8", codec_errors="replace", timeout=120)  # fmt: skip
+                          encoding="utf-8", codec_errors="replace", timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         child.expect_exact(PROMPT)
         for line in ("Hello there", "Tell me <|start|> more"):
