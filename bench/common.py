@@ -27,15 +27,20 @@ def load_settings(path: str, overrides: dict | None = None):
     return settings
 
 
-def best_time(run: Callable[[], object], repeats: int = 3) -> float:
-    """The fastest of `repeats` runs, in seconds, after one warm-up run (which compiles)."""
+def run_times(run: Callable[[], object], repeats: int) -> list[float]:
+    """The seconds of `repeats` runs (until their results are ready), after one warm-up run (which compiles)."""
     jax.block_until_ready(run())
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(run())
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_time(run: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of `repeats` runs, in seconds, after one warm-up run (which compiles)."""
+    return min(run_times(run, repeats))
 
 
 def machine() -> str:

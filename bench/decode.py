@@ -2,18 +2,18 @@
 
     python bench/decode.py --config=configs/tiny.py --batch=1,8,32
     python bench/decode.py --config=configs/mid.py --batch=1,8 --transformers_batch=1,8
-    python bench/decode.py --config=configs/gpt_oss_20b.py --batch=1,8,64,256 --json=out.json   # on a GPU
 
 Random weights of the config's shape. Each batch runs B prompts of --prompt tokens for --new greedy tokens;
 prefill time is a run with one new token, decode time the rest. transformers runs on the same weights'
-shape (random too), eager attention, in the config's dtype.
+shape (random too), eager attention, in the config's dtype. On a GPU, `bench/gpu_decode.py` measures the
+same figures against the card's weight-bytes bound.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,53 +21,67 @@ import numpy as np
 
 from common import best_time, load_settings, machine
 from gptoss_dist import settings as run_settings
+from gptoss_dist.config import ModelConfig
 from gptoss_dist.engine import Engine, Request
 from gptoss_dist.model import random_model
 
 
-def ours(cfg, dtype, batch: int, prompt: int, new: int, steps_per_call: int) -> dict:
-    model = random_model(cfg, dtype=dtype)
-    engine = Engine(model, max_slots=batch, max_len=prompt + new, steps_per_call=steps_per_call, stop_tokens=())
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, cfg.vocab_size, prompt).tolist() for _ in range(batch)]
-
-    def run(tokens: int):
-        return lambda: engine.generate([Request(p, max_new_tokens=tokens) for p in prompts])
-
-    start = time.perf_counter()
-    run(new)()
-    first_run = time.perf_counter() - start  # compiles prefill and the decode step
-    prefill = best_time(run(1))
-    total = best_time(run(new))
-    return {"prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * (new - 1) / (total - prefill),
-            "step_ms": (total - prefill) / (new - 1) * 1e3, "first_run_s": first_run}  # fmt: skip
+def random_prompts(vocab_size: int, batch: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, length).tolist() for _ in range(batch)]
 
 
-def transformers_generate(cfg, dtype, batch: int, prompt: int, new: int) -> dict:
+def throughput(batch: int, prompt: int, new: int, prefill_s: float, total_s: float) -> dict:
+    """Figures of a run of `new` tokens (`total_s`) and one of a single token (`prefill_s`)."""
+    decode_s = total_s - prefill_s
+    return {"prefill_tok_s": batch * prompt / prefill_s, "decode_tok_s": batch * (new - 1) / decode_s,
+            "step_ms": decode_s / (new - 1) * 1e3}  # fmt: skip
+
+
+def engine_run(engine: Engine, prompts: list[list[int]], new: int) -> Callable[[], object]:
+    """A greedy run of `prompts` for `new` tokens each."""
+    return lambda: engine.generate([Request(p, max_new_tokens=new) for p in prompts])
+
+
+def engine_generate(engine: Engine, prompts: list[list[int]], new: int, repeats: int = 3) -> dict:
+    """Our prefill and decode figures; each time is the best of `repeats` runs after one that compiles."""
+    prefill = best_time(engine_run(engine, prompts, 1), repeats)
+    total = best_time(engine_run(engine, prompts, new), repeats)
+    return throughput(len(prompts), len(prompts[0]), new, prefill, total)
+
+
+def transformers_model(cfg: ModelConfig, dtype):
+    """transformers' `GptOssForCausalLM` of the config's shape, random weights made in `dtype` (on the GPU
+    when there is one), eager attention."""
     import torch
-    from transformers import GptOssConfig, GptOssForCausalLM
+    from transformers import AutoModelForCausalLM, GptOssConfig
 
     torch_dtype = {jnp.bfloat16: torch.bfloat16, jnp.float32: torch.float32}[dtype]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    hf_config = GptOssConfig(**cfg.to_hf_dict())
-    with torch.device(device):
-        model = GptOssForCausalLM(hf_config).to(torch_dtype).eval()
-    model.config._attn_implementation = "eager"
-    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), device=device)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(
+            GptOssConfig(**cfg.to_hf_dict()), dtype=torch_dtype, attn_implementation="eager"
+        )
+    return model.eval()
+
+
+def transformers_generate(model, batch: int, prompt: int, new: int, repeats: int = 3) -> dict:
+    """`model.generate`'s prefill and decode figures (greedy); each time is the best of `repeats` runs."""
+    import torch
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=model.device)
 
     def run(tokens: int):
         def generate():
             with torch.no_grad():
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                min_new_tokens=tokens, do_sample=False)  # fmt: skip
-            if device == "cuda":
+            if ids.is_cuda:
                 torch.cuda.synchronize()
 
         return generate
 
-    prefill, total = best_time(run(1)), best_time(run(new))
-    return {"prefill_tok_s": batch * prompt / prefill, "decode_tok_s": batch * (new - 1) / (total - prefill),
-            "step_ms": (total - prefill) / (new - 1) * 1e3}  # fmt: skip
+    prefill, total = best_time(run(1), repeats), best_time(run(new), repeats)
+    return throughput(batch, prompt, new, prefill, total)
 
 
 def main() -> None:
@@ -85,11 +99,19 @@ def main() -> None:
     settings = load_settings(args.config, {"dtype": args.dtype} if args.dtype else None)
     cfg, dtype = run_settings.model_config(settings), run_settings.dtype(settings)
     rows = []
+    model = random_model(cfg, dtype=dtype)
     for batch in map(int, args.batch.split(",")):
-        rows.append({"impl": "ours", "batch": batch, **ours(cfg, dtype, batch, args.prompt, args.new, args.steps_per_call)})
-    for batch in map(int, (args.transformers_batch or args.batch).split(",")):
-        if batch:
-            rows.append({"impl": "transformers", "batch": batch, **transformers_generate(cfg, dtype, batch, args.prompt, args.new)})
+        engine = Engine(model, max_slots=batch, max_len=args.prompt + args.new, steps_per_call=args.steps_per_call,
+                        stop_tokens=())  # fmt: skip
+        prompts = random_prompts(cfg.vocab_size, batch, args.prompt)
+        rows.append({"impl": "ours", "batch": batch, **engine_generate(engine, prompts, args.new)})
+    del model, engine
+    transformers_batches = [b for b in map(int, (args.transformers_batch or args.batch).split(",")) if b]
+    if transformers_batches:
+        reference = transformers_model(cfg, dtype)
+        for batch in transformers_batches:
+            rows.append({"impl": "transformers", "batch": batch,
+                         **transformers_generate(reference, batch, args.prompt, args.new)})  # fmt: skip
     header = (f"{args.config} ({jnp.dtype(dtype)}), prompt {args.prompt}, {args.new} new tokens, greedy; "
               f"{machine()}")  # fmt: skip
     print(header)
