@@ -43,9 +43,9 @@ def grouped_matmul(
     kernel = _packed_kernel if packed else _dense_kernel
     if packed:
         groups = fan_in // mxfp4.VALUES_PER_BLOCK
-        steps_of = max(d for d in range(1, 9) if groups % d == 0)  # scale groups per loop step
+        per_step = max(d for d in range(1, 9) if groups % d == 0)  # scale groups per loop step
         operands = (x[:, 0::2], x[:, 1::2], weights.blocks.reshape(num_experts, fan_out, -1), weights.scales)
-        kernel = functools.partial(kernel, groups_per_step=steps_of, steps=groups // steps_of)
+        kernel = functools.partial(kernel, groups_per_step=per_step, steps=groups // per_step)
     else:
         tile_in = _tile(fan_in, 64)
         operands = (x, weights)
