@@ -31,7 +31,14 @@ from gptoss_dist import records
 from gptoss_dist.checkpoint import CheckpointError
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine, Request
-from gptoss_dist.generate import EXIT_CANNOT_START, JobError, checkpoint_tokenizer, make_engine, planned_mesh
+from gptoss_dist.generate import (
+    EXIT_CANNOT_START,
+    JobError,
+    check_engine_settings,
+    checkpoint_tokenizer,
+    make_engine,
+    planned_mesh,
+)
 from gptoss_dist.harmony import MESSAGE, MESSAGE_ENDS, START, parse_messages, render_for_completion
 from gptoss_dist.sharding import MeshError, mesh_shape
 from gptoss_dist.tokenizer import Tokenizer
@@ -277,20 +284,11 @@ class Chat:
 
 
 def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
-    """The sampling defaults, once the chat's settings are checked; ChatError naming one it cannot start with."""
-    if not config.checkpoint:
-        raise ChatError("no checkpoint: set --config.checkpoint")
+    """The sampling defaults, once the chat's settings are checked; ChatError or JobError naming one it cannot
+    start with."""
     if config.chat.show_analysis not in SHOW_ANALYSIS:
         raise ChatError(f"chat.show_analysis must be one of {SHOW_ANALYSIS}, not {config.chat.show_analysis!r}")
-    if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
-        raise ChatError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
-    for name in ("max_len", "steps_per_call", "min_prefill_len"):
-        if config[name] < 1:
-            raise ChatError(f"{name} must be at least 1, not {config[name]}")
-    try:
-        return records.sampling_defaults(config.sampling)
-    except ValueError as err:
-        raise ChatError(str(err)) from None
+    return check_engine_settings(config)
 
 
 def open_chat(config: ml_collections.ConfigDict) -> Chat:

@@ -175,20 +175,37 @@ def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
 
 def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
     """The sampling defaults, once every setting the job reads is checked; JobError naming the one that is not."""
-    for name in ("checkpoint", "input", "output"):
-        if not config[name]:
-            raise JobError(f"no {name}: set --config.{name}")
-    for name in ("max_slots", "max_len", "steps_per_call", "min_prefill_len", "part_records"):
-        if config[name] < 1:
-            raise JobError(f"{name} must be at least 1, not {config[name]}")
+    for name in ("input", "output"):
+        _check_given(config, name)
+    for name in ("max_slots", "part_records"):
+        _check_positive(config, name)
     if config.part_seconds < 0:
         raise JobError(f"part_seconds must be >= 0, not {config.part_seconds}")
+    return check_engine_settings(config)
+
+
+def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling:
+    """The sampling defaults, once the settings that loading the model and generating read are checked (the
+    job's and the chat's); JobError naming the one that is not."""
+    _check_given(config, "checkpoint")
+    for name in ("max_len", "steps_per_call", "min_prefill_len"):
+        _check_positive(config, name)
     if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
         raise JobError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
     try:
         return records.sampling_defaults(config.sampling)
     except ValueError as err:
         raise JobError(str(err)) from None
+
+
+def _check_given(config: ml_collections.ConfigDict, name: str) -> None:
+    if not config[name]:
+        raise JobError(f"no {name}: set --config.{name}")
+
+
+def _check_positive(config: ml_collections.ConfigDict, name: str) -> None:
+    if config[name] < 1:
+        raise JobError(f"{name} must be at least 1, not {config[name]}")
 
 
 def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
