@@ -194,10 +194,6 @@ def _write_json(path: str, record: Any) -> None:
         f.write(json.dumps(record).encode())
 
 
-def _packed_experts(record: dict[str, Any]) -> bool:
-    return record.get("packed_experts", False)  # absent in checkpoints converted before packed experts
-
-
 def _specs_of(record: dict[str, Any]) -> dict[str, ArraySpec] | None:
     """The arrays a marker or progress record names; None for another format."""
     if record.get("format") != FORMAT:
@@ -229,8 +225,8 @@ class Conversion:
         if not self._fs.exists(marker) and not self._fs.exists(progress) and self._holds_files():
             raise CheckpointError(f"{self.directory}: not empty and not a converted checkpoint; choose another --dst")
         previous = _read_json(progress) if self._fs.exists(progress) else {}
-        same_plan = (previous.get("source"), _packed_experts(previous)) == (source, packed_experts)
-        resumable = not overwrite and same_plan and _specs_of(previous) == specs
+        # packed and dequantized experts name different arrays, so equal specs also mean the same packing
+        resumable = not overwrite and previous.get("source") == source and _specs_of(previous) == specs
         self.done: set[str] = set(previous["done"]) if resumable else set()
         self._fs.makedirs(self.directory, exist_ok=True)
         self._save()  # before the marker goes: the directory always holds one or the other
@@ -294,7 +290,7 @@ def read_marker(directory: str) -> dict[str, Any]:
 
 def _check_packing(directory: str, record: dict[str, Any], packed_experts: bool) -> None:
     """Refuses to load a converted checkpoint's experts in the other layout (see the module docstring)."""
-    if _packed_experts(record) == packed_experts:
+    if record.get("packed_experts", False) == packed_experts:  # absent: converted before packed experts
         return
     if packed_experts:
         raise CheckpointError(
