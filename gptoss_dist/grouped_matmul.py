@@ -39,18 +39,18 @@ def grouped_matmul(
     """
     num_experts, fan_in, fan_out = weights.shape
     tile_out = _tile(fan_out, 128 if block_rows >= 64 else 64)
-    packed = isinstance(weights, mxfp4.PackedMatrices)
-    kernel = _packed_kernel if packed else _dense_kernel
-    if packed:
+    if isinstance(weights, mxfp4.PackedMatrices):
         groups = fan_in // mxfp4.VALUES_PER_BLOCK
         per_step = max(d for d in range(1, 9) if groups % d == 0)  # scale groups per loop step
         operands = (x[:, 0::2], x[:, 1::2], weights.blocks.reshape(num_experts, fan_out, -1), weights.scales)
-        kernel = functools.partial(kernel, groups_per_step=per_step, steps=groups // per_step)
+        step, steps = functools.partial(_packed_step, groups_per_step=per_step), groups // per_step
     else:
         tile_in = _tile(fan_in, 64)
         operands = (x, weights)
-        kernel = functools.partial(kernel, tile_in=tile_in, steps=fan_in // tile_in)
-    kernel = functools.partial(kernel, num_experts=num_experts, block_rows=block_rows, tile_out=tile_out)
+        step, steps = functools.partial(_dense_step, tile_in=tile_in), fan_in // tile_in
+    kernel = functools.partial(
+        _kernel, step, num_experts=num_experts, block_rows=block_rows, tile_out=tile_out, steps=steps
+    )
     num_blocks = block_expert.shape[0]
     return pl.pallas_call(
         kernel,
@@ -72,51 +72,45 @@ def _tile(size: int, largest: int) -> int:
     return tile
 
 
-def _dense_kernel(expert_ref, x_ref, w_ref, bias_ref, out_ref, *, num_experts, block_rows, tile_out, tile_in, steps):
+def _kernel(step, expert_ref, *refs, num_experts, block_rows, tile_out, steps):
+    """One program: block b's rows times column tile t of its expert's matrix, plus the bias; `step(i, acc,
+    expert, rows, cols, *operand_refs)` adds the product over the i-th stretch of inputs to acc. A block no
+    row uses is skipped."""
+    *operand_refs, bias_ref, out_ref = refs
     block, tile = pl.program_id(0), pl.program_id(1)
     expert = expert_ref[block]
     rows, cols = pl.ds(block * block_rows, block_rows), pl.ds(tile * tile_out, tile_out)
 
     @pl.when(expert < num_experts)
     def _():
-        def step(i, acc):
-            inner = pl.ds(pl.multiple_of(i * tile_in, tile_in), tile_in)
-            return acc + jnp.dot(x_ref[rows, inner], w_ref[expert, inner, cols], preferred_element_type=F32)
+        def accumulate(i, acc):
+            return step(i, acc, expert, rows, cols, *operand_refs)
 
-        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_rows, tile_out), F32))
+        acc = jax.lax.fori_loop(0, steps, accumulate, jnp.zeros((block_rows, tile_out), F32))
         out_ref[...] = (acc + bias_ref[expert, cols].astype(F32)[None, :]).astype(out_ref.dtype)
 
 
-def _packed_kernel(
-    expert_ref, x_even_ref, x_odd_ref, codes_ref, scales_ref, bias_ref, out_ref,
-    *, num_experts, block_rows, tile_out, groups_per_step, steps,
-):  # fmt: skip
-    """Packed matrices: codes [E, out, in/2] (low nibble: even inputs, high nibble: odd ones) and scales
-    [E, out, in/32]; x comes split into its even and odd input columns, to meet the two nibbles."""
-    block, tile = pl.program_id(0), pl.program_id(1)
-    expert = expert_ref[block]
-    rows, cols = pl.ds(block * block_rows, block_rows), pl.ds(tile * tile_out, tile_out)
-    dtype = x_even_ref.dtype
+def _dense_step(i, acc, expert, rows, cols, x_ref, w_ref, *, tile_in):
+    inner = pl.ds(pl.multiple_of(i * tile_in, tile_in), tile_in)
+    return acc + jnp.dot(x_ref[rows, inner], w_ref[expert, inner, cols], preferred_element_type=F32)
 
-    def group_product(group, acc):
+
+def _packed_step(i, acc, expert, rows, cols, x_even_ref, x_odd_ref, codes_ref, scales_ref, *, groups_per_step):
+    """Packed matrices: codes [E, out, in/2] (low nibble: even inputs, high nibble: odd ones) and scales
+    [E, out, in/32]; x comes split into its even and odd input columns, to meet the two nibbles. Each scale
+    group's partial product is scaled once, rather than every decoded value."""
+    dtype = x_even_ref.dtype
+    contract = (((1,), (1,)), ((), ()))
+    for g in range(groups_per_step):
+        group = i * groups_per_step + g
         pairs = pl.ds(pl.multiple_of(group * CODE_BYTES, CODE_BYTES), CODE_BYTES)
         codes = codes_ref[expert, cols, pairs].astype(jnp.int32)  # [tile_out, 16]
         even, odd = fp4_values(codes & 0xF).astype(dtype), fp4_values(codes >> 4).astype(dtype)
-        contract = (((1,), (1,)), ((), ()))
         partial = jax.lax.dot_general(x_even_ref[rows, pairs], even, contract, preferred_element_type=F32)
         partial += jax.lax.dot_general(x_odd_ref[rows, pairs], odd, contract, preferred_element_type=F32)
         scale = jnp.exp2(scales_ref[expert, cols, group].astype(F32) - mxfp4.SCALE_BIAS)
-        return acc + partial * scale[None, :]
-
-    @pl.when(expert < num_experts)
-    def _():
-        def step(i, acc):
-            for g in range(groups_per_step):
-                acc = group_product(i * groups_per_step + g, acc)
-            return acc
-
-        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_rows, tile_out), F32))
-        out_ref[...] = (acc + bias_ref[expert, cols].astype(F32)[None, :]).astype(out_ref.dtype)
+        acc = acc + partial * scale[None, :]
+    return acc
 
 
 def fp4_values(codes: jax.Array) -> jax.Array:
