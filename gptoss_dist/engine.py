@@ -1,9 +1,9 @@
-"""Batched decoding: a KV cache in fixed slots, bucketed prefill, many decode steps per host round trip, and
-continuous batching (a slot whose sequence ends takes the next waiting request).
+"""Batched decoding: a KV cache in fixed slots, prefill in bucketed pieces of bounded size, many decode steps
+per host round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
 
-The cache keeps, per layer, [slots, length, kv_heads, head_dim] keys and values. Full-attention layers keep
-`max_len` positions; sliding layers keep only their window, as a ring buffer (position p at index p % window),
-which for GPT-OSS's 128-key window and long contexts halves the cache.
+The cache keeps, per layer, [slots, length, kv_heads, head_dim] keys and values (`model.LayerCache`).
+Full-attention layers keep `max_len` positions; sliding layers keep only their window, as a ring buffer
+(position p at index p % window), which for GPT-OSS's 128-key window and long contexts halves the cache.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections import deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -22,15 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
-from gptoss_dist.model import GptOss
+from gptoss_dist.model import CACHE_AXES, GptOss, LayerCache, Span, cache_length, cache_shape
 from gptoss_dist.sampling import sample, token_keys
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
 
 # GPT-OSS's stop tokens: <|return|>, <|endoftext|>, <|call|>.
 DEFAULT_STOP_TOKENS = (200002, 199999, 200012)
 MAX_REQUEST_STOP_TOKENS = 16  # stop token ids a request may add to the engine's
-CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 SLOT_AXES = ("batch",)
 
 
@@ -76,55 +76,10 @@ class Update:
 # ------------------------------------------------------------------------------------------- KV cache
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Per layer, keys and values [slots, cache length, kv_heads, head_dim]."""
-
-    k: list[jax.Array]
-    v: list[jax.Array]
-
-
-def cache_lengths(cfg: ModelConfig, max_len: int) -> list[int]:
-    """Positions each layer keeps: its window for sliding layers, `max_len` for the others."""
-    return [min(cfg.window(i) or max_len, max_len) for i in range(cfg.num_layers)]
-
-
 def cache_bytes_per_sequence(cfg: ModelConfig, max_len: int, dtype=jnp.bfloat16) -> int:
     """Bytes of keys and values that one sequence of up to `max_len` tokens holds in the cache."""
     per_position = 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    return per_position * sum(cache_lengths(cfg, max_len))
-
-
-def ring_positions(length: int, last: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Positions [B, length] that a layer's cache holds once position `last` [B] is written, and which are real.
-
-    Position p lives at index p % length. For a sliding layer that is a ring over its window; a full layer's
-    cache is as long as the context, so there the index is the position itself.
-    """
-    positions = last[:, None] - (last[:, None] - jnp.arange(length)) % length
-    return positions, positions >= 0
-
-
-def _prefill_keys(cache: KVCache, slots, lengths, positions, valid, layer, k, v):
-    """Keys for new prompts [n, T] (right-padded to T): they attend to each other, and each prompt's slot in
-    the cache is rewritten with the positions that layer keeps."""
-    held, real = ring_positions(cache.k[layer].shape[1], lengths - 1)
-    source = jnp.clip(held, 0)[:, :, None, None]
-    for store, new in ((cache.k, k), (cache.v, v)):
-        rows = jnp.where(real[:, :, None, None], jnp.take_along_axis(new, source, axis=1), 0)
-        store[layer] = store[layer].at[slots].set(rows.astype(store[layer].dtype), mode="drop")
-    return k, v, positions, valid
-
-
-def _decode_keys(cache: KVCache, position, layer, k, v):
-    """Keys for one new token per slot at `position` [B]: stored in the cache, which it then attends to."""
-    length = cache.k[layer].shape[1]
-    rows = jnp.arange(position.shape[0])
-    for store, new in ((cache.k, k), (cache.v, v)):
-        store[layer] = store[layer].at[rows, position % length].set(new[:, 0].astype(store[layer].dtype))
-    held, real = ring_positions(length, position)
-    return cache.k[layer].astype(k.dtype), cache.v[layer].astype(v.dtype), held, real
+    return per_position * sum(cache_length(cfg, layer, max_len) for layer in range(cfg.num_layers))
 
 
 # -------------------------------------------------------------------------------------------- slots
@@ -135,7 +90,7 @@ def _decode_keys(cache: KVCache, position, layer, k, v):
 class Slots:
     """What the device keeps per slot between steps: the cache, the token to feed next, counts, settings."""
 
-    cache: KVCache
+    cache: list[LayerCache]
     token: jax.Array  # [B] int32: the last generated token, not yet in the cache
     length: jax.Array  # [B] int32: tokens in the cache (the position `token` goes to)
     generated: jax.Array  # [B] int32: tokens generated so far
@@ -174,50 +129,51 @@ def prefill(
     graphdef: nnx.GraphDef,
     params: nnx.State,
     slots: Slots,
-    prompts: jax.Array,
-    lengths: jax.Array,
+    tokens: jax.Array,
+    first: jax.Array,
+    count: jax.Array,
     targets: jax.Array,
+    last: jax.Array,
     settings: dict[str, jax.Array],
     *,
     max_len: int,
+    attention_block: int,
 ) -> tuple[Slots, jax.Array, jax.Array]:
-    """Runs new prompts [n, T] (right-padded; `lengths` [n]) into slots `targets` [n] (out of range: ignored)
-    and samples each one's first token. Returns the slots, the first tokens [n] and which slots are active
-    [B], the last two replicated so that every process can read them."""
+    """Runs a piece of each of n prompts into slots `targets` [n] (out of range: a padding row): `count` [n]
+    tokens [n, T] (right-padded) at positions `first` [n] onwards, which attend to their slot's cache and to
+    each other. Rows whose piece is the prompt's `last` [n] sample their first token and become active; the
+    others stay inactive until their next piece. Returns the slots, the first tokens [n] and which slots are
+    active [B], the last two replicated so that every process can read them."""
     model = nnx.merge(graphdef, params)
-    width = prompts.shape[1]
-    positions = jnp.broadcast_to(jnp.arange(width), prompts.shape)
-    valid = positions < lengths[:, None]
-    cache = KVCache(list(slots.cache.k), list(slots.cache.v))
-    hidden = model.hidden_states(prompts, positions, partial(_prefill_keys, cache, targets, lengths, positions, valid))
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-    new = Slots(cache=cache, token=prompts[:, 0], length=lengths, generated=jnp.zeros_like(lengths),
-                active=jnp.ones_like(lengths, bool), **settings)  # fmt: skip
-    first = _next_tokens(model, new, last)
-    new = dataclasses.replace(new, token=first, generated=new.generated + 1)
-    new = dataclasses.replace(new, active=~_finished(new, max_len))
+    span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets)
+    hidden, cache = model.hidden_states(tokens, span, slots.cache, attention_block=attention_block)
+    final = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
+    zeros = jnp.zeros_like(count)
+    new = Slots(cache=None, token=zeros, length=first + count, generated=zeros, active=last, **settings)
+    sampled = _next_tokens(model, new, final)
+    new = dataclasses.replace(new, token=sampled, generated=last.astype(jnp.int32))
+    new = dataclasses.replace(new, active=last & ~_finished(new, max_len))
 
     def scatter(old, update):
         return old.at[targets].set(update, mode="drop")
 
-    merged = jax.tree.map(scatter, dataclasses.replace(slots, cache=None), dataclasses.replace(new, cache=None))
-    return dataclasses.replace(merged, cache=cache), replicated(first), replicated(merged.active)
+    merged = jax.tree.map(scatter, dataclasses.replace(slots, cache=None), new)
+    return dataclasses.replace(merged, cache=cache), replicated(sampled), replicated(merged.active)
 
 
 def decode(
-    graphdef: nnx.GraphDef, params: nnx.State, slots: Slots, *, steps: int, max_len: int
+    graphdef: nnx.GraphDef, params: nnx.State, slots: Slots, *, steps: int, max_len: int, attention_block: int
 ) -> tuple[Slots, jax.Array, jax.Array, jax.Array]:
-    """`steps` decode steps for every slot in one call. Returns the slots, the tokens [steps, B], which of
-    them were generated by an active slot [steps, B] and which slots are still active [B], the last three
-    replicated."""
+    """`steps` decode steps for every slot in one call; inactive slots neither change nor write to the cache.
+    Returns the slots, the tokens [steps, B], which of them were generated by an active slot [steps, B] and
+    which slots are still active [B], the last three replicated."""
     model = nnx.merge(graphdef, params)
 
     def step(slots: Slots, _):
-        cache = KVCache(list(slots.cache.k), list(slots.cache.v))
-        position = slots.length
-        hidden = model.hidden_states(slots.token[:, None], position[:, None], partial(_decode_keys, cache, position))
-        token = _next_tokens(model, slots, hidden)
         live = slots.active
+        span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32))
+        hidden, cache = model.hidden_states(slots.token[:, None], span, slots.cache, attention_block=attention_block)
+        token = _next_tokens(model, slots, hidden)
         slots = dataclasses.replace(
             slots,
             cache=cache,
@@ -244,8 +200,12 @@ def _full(shape: tuple[int, ...], dtype, fill, sharding) -> Callable[[], jax.Arr
 
 
 # Compiled once per model structure and shape, shared by every engine; the slots are donated.
-_prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "max_len"), donate_argnames=("slots",))
-_decode_jit = jax.jit(decode, static_argnames=("graphdef", "steps", "max_len"), donate_argnames=("slots",))
+_prefill_jit = jax.jit(
+    prefill, static_argnames=("graphdef", "max_len", "attention_block"), donate_argnames=("slots",)
+)
+_decode_jit = jax.jit(
+    decode, static_argnames=("graphdef", "steps", "max_len", "attention_block"), donate_argnames=("slots",)
+)
 
 # ------------------------------------------------------------------------------------------- engine
 
@@ -260,10 +220,27 @@ def _fit(buckets: list[int], size: int) -> int:
     return next(b for b in buckets if b >= size)
 
 
+@dataclasses.dataclass
+class _Sequence:
+    """A request in a slot: the prompt tokens already in the cache and the tokens generated so far."""
+
+    request: Request
+    prefilled: int = 0
+    generated: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.prompt)
+
+
 class Engine:
     """Generates for a stream of requests with `max_slots` sequences in flight, each of at most `max_len`
-    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip. New prompts are
-    prefilled together, in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory."""
+    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip.
+
+    Prompts are prefilled in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory: short
+    prompts share a call, and a longer prompt is cut into pieces that each attend to what the cache holds of it.
+    While some slots are decoding, prefill calls alternate with decode calls, so a long prompt does not stall
+    the batch. Attention runs in blocks of `attention_block` queries and keys."""
 
     def __init__(
         self,
@@ -276,8 +253,14 @@ class Engine:
         stop_tokens: Sequence[int] = DEFAULT_STOP_TOKENS,
         min_prefill_len: int = 16,
         prefill_tokens: int = 8192,
+        attention_block: int = DEFAULT_BLOCK,
     ):
         self.config: ModelConfig = model.config
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_len={max_len} is above the model's max_position_embeddings "
+                f"({self.config.max_position_embeddings})"
+            )
         self.mesh = mesh
         self.max_slots, self.max_len, self.steps_per_call = max_slots, max_len, steps_per_call
         self.prefill_tokens = prefill_tokens
@@ -287,12 +270,16 @@ class Engine:
         if max_slots % data:
             raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
         self.row_buckets = _buckets(data, max_slots)
-        self.length_buckets = _buckets(min(min_prefill_len, max_len), max_len)
+        # the longest piece of a prompt that one call runs: calls have at least one row per data shard
+        self.piece_len = min(max(1, prefill_tokens // self.row_buckets[0]), max_len)
+        self.length_buckets = _buckets(min(min_prefill_len, self.piece_len), self.piece_len)
         self.graphdef, self.params = nnx.split(model)
         self.dtype = model.compute_dtype
-        self._prefill = partial(_prefill_jit, graphdef=self.graphdef, max_len=max_len)
-        self._decode = partial(_decode_jit, graphdef=self.graphdef, steps=steps_per_call, max_len=max_len)
+        options = dict(graphdef=self.graphdef, max_len=max_len, attention_block=attention_block)
+        self._prefill = partial(_prefill_jit, **options)
+        self._decode = partial(_decode_jit, steps=steps_per_call, **options)
         self.slot_steps = 0  # decode steps x slots spent, for measuring batching efficiency
+        self.prefill_shapes: Counter[tuple[int, int]] = Counter()  # (rows, width) of each prefill call run
 
     def cache_bytes_per_sequence(self) -> int:
         return cache_bytes_per_sequence(self.config, self.max_len, self.dtype)
@@ -308,11 +295,11 @@ class Engine:
     def empty_slots(self) -> Slots:
         """Slots with an empty cache; sliding layers' caches hold only their window."""
         cfg, count = self.config, self.max_slots
-        cache_shapes = [(count, n, cfg.num_kv_heads, cfg.head_dim) for n in cache_lengths(cfg, self.max_len)]
-        k, v = ([self._filled(shape, self.dtype, CACHE_AXES) for shape in cache_shapes] for _ in range(2))
+        shapes = [cache_shape(cfg, layer, count, self.max_len) for layer in range(cfg.num_layers)]
+        cache = [LayerCache(*(self._filled(shape, self.dtype, CACHE_AXES) for _ in range(2))) for shape in shapes]
         per_slot = partial(self._filled, (count,), axes=SLOT_AXES)
         return Slots(
-            cache=KVCache(k, v), token=per_slot(jnp.int32), length=per_slot(jnp.int32),
+            cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32),
             generated=per_slot(jnp.int32), active=per_slot(bool), max_new=per_slot(jnp.int32),
             temperature=per_slot(jnp.float32), top_k=per_slot(jnp.int32), top_p=per_slot(jnp.float32, fill=1.0),
             seed=per_slot(jnp.uint32), stop=self._filled((count, self.stop_width), jnp.int32, SLOT_AXES + (None,), -1),
@@ -352,24 +339,30 @@ class Engine:
         return ((update.request, update.result) for update in self.stream(requests) if update.result is not None)
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Update]:
-        """Yields, after every prefill and every decode call, an update for each request in it: its new tokens,
-        and its result once it has ended, while the others keep running. Requests are drawn from `requests`
-        only as slots free up, so the iterable may be long and lazily read. Closing the iterator early drops
-        the requests in flight."""
+        """Yields, after every prefill and every decode call, an update for each request in it that generated:
+        its new tokens, and its result once it has ended, while the others keep running. Requests are drawn
+        from `requests` only as slots free up, so the iterable may be long and lazily read. Closing the
+        iterator early drops the requests in flight."""
         pending, exhausted = iter(requests), False
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             slots = self.empty_slots()
-            running: dict[int, tuple[Request, list[int]]] = {}
+            running: dict[int, _Sequence] = {}  # by slot, in the order admitted
+            just_prefilled = False
             while True:
                 free = [s for s in range(self.max_slots) if s not in running]
                 if free and not exhausted:
                     admitted = self._take(pending, len(free))
                     exhausted = len(admitted) < len(free)
-                    if admitted:
-                        slots, updates = self._admit(slots, admitted, free, running)
-                        yield from updates
-                        continue  # refill again if some ended at their first token
-                if not running:
+                    running.update((slot, _Sequence(request)) for slot, request in zip(free, admitted))
+                waiting = [slot for slot, sequence in running.items() if sequence.prefilling]
+                decoding = len(running) > len(waiting)
+                if waiting and not (decoding and just_prefilled):
+                    slots, updates = self._prefill_call(slots, waiting, running)
+                    just_prefilled = True
+                    yield from updates
+                    continue
+                just_prefilled = False
+                if not decoding:
                     return
                 slots, updates = self._step(slots, running)
                 yield from updates
@@ -380,69 +373,73 @@ class Engine:
             self.validate(request)
         return taken
 
-    def _admit(self, slots, admitted, free, running):
-        """Prefills `admitted` into `free` slots, in as many calls as the prefill token budget asks."""
-        updates = []
-        while admitted:
-            count = self._prefill_rows(admitted)
-            slots, called = self._prefill_call(slots, admitted[:count], free[:count], running)
-            updates += called
-            admitted, free = admitted[count:], free[count:]
-        return slots, updates
-
-    def _prefill_rows(self, requests: list[Request]) -> int:
-        """How many of `requests` (at least one) go into the next prefill call within `prefill_tokens`."""
-        count = 1
-        while count < len(requests):
-            width = _fit(self.length_buckets, max(len(r.prompt) for r in requests[: count + 1]))
-            if _fit(self.row_buckets, count + 1) * width > self.prefill_tokens:
+    def _pieces(self, waiting: list[int], running: dict[int, _Sequence]) -> dict[int, int]:
+        """The slots (at least one) whose prompts go on in the next prefill call within `prefill_tokens`, and
+        how many tokens of each."""
+        pieces = {}
+        for slot in waiting:
+            sequence = running[slot]
+            piece = min(len(sequence.request.prompt) - sequence.prefilled, self.piece_len)
+            width = _fit(self.length_buckets, max([piece, *pieces.values()]))
+            if pieces and _fit(self.row_buckets, len(pieces) + 1) * width > self.prefill_tokens:
                 break
-            count += 1
-        return count
+            pieces[slot] = piece
+        return pieces
 
-    def _prefill_call(self, slots, admitted, free, running):
-        rows = _fit(self.row_buckets, len(admitted))
-        width = _fit(self.length_buckets, max(len(r.prompt) for r in admitted))
-        prompts = np.zeros((rows, width), np.int32)
-        lengths = np.ones(rows, np.int32)
+    def _prefill_call(self, slots, waiting, running):
+        pieces = self._pieces(waiting, running)
+        rows = _fit(self.row_buckets, len(pieces))
+        tokens = np.zeros((rows, _fit(self.length_buckets, max(pieces.values()))), np.int32)
+        first, count = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         targets = np.full(rows, self.max_slots, np.int32)  # out of range: padding rows write nowhere
+        last = np.zeros(rows, bool)
         stop = np.full((rows, self.stop_width), -1, np.int32)
         settings = {name: np.zeros(rows, dtype) for name, (_, dtype) in REQUEST_SETTINGS.items()}
-        for row, (request, slot) in enumerate(zip(admitted, free)):
-            prompts[row, : len(request.prompt)] = request.prompt
-            lengths[row], targets[row] = len(request.prompt), slot
+        for row, (slot, piece) in enumerate(pieces.items()):
+            sequence = running[slot]
+            request, start = sequence.request, sequence.prefilled
+            tokens[row, :piece] = request.prompt[start : start + piece]
+            first[row], count[row], targets[row] = start, piece, slot
+            last[row] = start + piece == len(request.prompt)
             stops = (*self.stop_tokens, *request.stop)
             stop[row, : len(stops)] = stops
             for name, (field, _) in REQUEST_SETTINGS.items():
                 settings[name][row] = getattr(request, field)
-            running[slot] = (request, [])
+            sequence.prefilled += piece
         settings["stop"] = stop
-        slots, first, active = self._prefill(params=self.params, slots=slots, prompts=prompts, lengths=lengths,
-                                             targets=targets, settings=settings)
-        first = np.asarray(first)
-        new_tokens = {slot: [int(first[row])] for row, slot in enumerate(free[: len(admitted)])}
+        self.prefill_shapes[tokens.shape] += 1
+        slots, sampled, active = self._prefill(params=self.params, slots=slots, tokens=tokens, first=first,
+                                               count=count, targets=targets, last=last, settings=settings)  # fmt: skip
+        sampled = np.asarray(sampled)
+        new_tokens = {slot: [int(sampled[row])] for row, slot in enumerate(pieces) if last[row]}
         return slots, self._updates(new_tokens, active, running)
 
     def _step(self, slots, running):
         slots, tokens, emitted, active = self._decode(params=self.params, slots=slots)
         self.slot_steps += self.steps_per_call * self.max_slots
         tokens, emitted = np.asarray(tokens), np.asarray(emitted)
-        new_tokens = {slot: [int(t) for t in tokens[emitted[:, slot], slot]] for slot in running}
+        new_tokens = {
+            slot: [int(t) for t in tokens[emitted[:, slot], slot]]
+            for slot, sequence in running.items()
+            if not sequence.prefilling
+        }
         return slots, self._updates(new_tokens, active, running)
 
     def _updates(self, new_tokens: dict[int, list[int]], active: jax.Array, running) -> list[Update]:
         """Adds each slot's new tokens to its request's, and frees the slots that ended. Slots left out of
-        `new_tokens` were not in the call and are still active."""
+        `new_tokens` were not in the call and are still running."""
         active = np.asarray(active)
         updates = []
         for slot, tokens in new_tokens.items():
-            request, generated = running[slot]
-            generated.extend(tokens)
+            sequence = running[slot]
+            sequence.generated.extend(tokens)
             result = None
             if not active[slot]:
                 del running[slot]
-                result = Result(request.id, generated, self._reason(request, generated), len(request.prompt))
-            updates.append(Update(request, tokens, result))
+                request = sequence.request
+                result = Result(request.id, sequence.generated, self._reason(request, sequence.generated),
+                                len(request.prompt))  # fmt: skip
+            updates.append(Update(sequence.request, tokens, result))
         return updates
 
     def _reason(self, request: Request, tokens: list[int]) -> str:

@@ -9,7 +9,7 @@ compute dtype.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
@@ -18,16 +18,12 @@ import numpy as np
 from flax import nnx
 
 from gptoss_dist import mxfp4
+from gptoss_dist.attention import DEFAULT_BLOCK, KeySpan, attend
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.grouped_matmul import grouped_matmul
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_shardings
 
 F32 = jnp.float32
-
-# Where a layer's attention finds its keys: called with (layer index, new k, new v) of the tokens being run,
-# it returns (keys, values, key positions [B, S], key validity [B, S]). Without a cache that is the new keys
-# themselves; with one (`engine.py`) it stores them and returns the cache.
-Keys = Callable[[int, jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
 
 # A stack of expert matrices [E, in, out]: dense, or MXFP4 as the checkpoint stores them.
 Matrices = jax.Array | mxfp4.PackedMatrices
@@ -97,30 +93,64 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------------ attention
 
 
-def causal_mask(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array, window: int | None) -> jax.Array:
-    """[B, T, S] bool: query t may see key s (causal, valid, and within `window` keys when one is set)."""
-    distance = q_pos[:, :, None] - k_pos[:, None, :]
-    mask = k_valid[:, None, :] & (distance >= 0)
-    if window is not None:
-        mask &= distance < window
-    return mask
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Span:
+    """Where the tokens [B, T] of a call sit in their sequences: index t of row b is position `first[b] + t`,
+    a real token for `start[b] <= t < end[b]`. With a cache, row b's sequence is in cache slot `slot[b]`
+    (out of range: a padding row, which writes nothing), or in slot b where `slot` is None."""
+
+    first: jax.Array  # [B] int32
+    start: jax.Array  # [B] int32
+    end: jax.Array  # [B] int32
+    slot: jax.Array | None = None  # [B] int32
+
+    def positions(self, length: int) -> jax.Array:
+        return self.first[:, None] + jnp.arange(length)
+
+    @classmethod
+    def from_mask(cls, valid: jax.Array) -> Span:
+        """The span of a padded batch whose `valid` [B, T] marks one run of real tokens per row (padding on the
+        left, the right or both), each starting at position 0."""
+        count = valid.sum(axis=1, dtype=jnp.int32)
+        start = jnp.where(count > 0, jnp.argmax(valid, axis=1), 0).astype(jnp.int32)
+        return cls(first=-start, start=start, end=start + count)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, sinks: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped attention with a learned sink logit per head.
+# Logical axes of a layer's cached keys and values, beside the weights' axes.
+CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 
-    q [B, T, Hq, D], k and v [B, S, Hkv, D], sinks [Hq], mask [B, T, S] -> [B, T, Hq, D]. The sink joins each
-    row's softmax as one more (unscaled) logit and is then dropped, so a row may give less than 1 to its keys.
-    """
-    batch, length, num_heads, head_dim = q.shape
-    num_kv = k.shape[2]
-    q = q.reshape(batch, length, num_kv, num_heads // num_kv, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * head_dim**-0.5
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    sink = jnp.broadcast_to(sinks.astype(F32).reshape(1, num_kv, -1, 1, 1), (*scores.shape[:-1], 1))
-    probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
-    return out.reshape(batch, length, num_heads, head_dim)
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerCache:
+    """One layer's keys and values [slots, length, kv_heads, head_dim] (`CACHE_AXES`), position p at index
+    p % length: full-attention layers hold the whole context, sliding layers their window as a ring."""
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array, span: Span) -> LayerCache:
+        """The cache with the real tokens' keys and values [B, T, kv, D] stored (of a ring, the last ones)."""
+        length = self.k.shape[1]
+        t = jnp.arange(k.shape[1])
+        kept = (t >= jnp.maximum(span.start, span.end - length)[:, None]) & (t < span.end[:, None])
+        index = jnp.where(kept, span.positions(k.shape[1]) % length, length)  # length: dropped
+        slot = jnp.arange(k.shape[0]) if span.slot is None else span.slot
+        rows = slot[:, None]
+        return LayerCache(
+            self.k.at[rows, index].set(k.astype(self.k.dtype), mode="drop"),
+            self.v.at[rows, index].set(v.astype(self.v.dtype), mode="drop"),
+        )
+
+
+def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:
+    """Positions a layer's cache keeps: its window for a sliding layer, the whole context for the others."""
+    return min(cfg.window(layer) or max_len, max_len)
+
+
+def cache_shape(cfg: ModelConfig, layer: int, slots: int, max_len: int) -> tuple[int, int, int, int]:
+    return (slots, cache_length(cfg, layer, max_len), cfg.num_kv_heads, cfg.head_dim)
 
 
 class Attention(nnx.Module):
@@ -155,11 +185,22 @@ class Attention(nnx.Module):
         out = jnp.einsum("bthd,hde->bte", attended, self.o[...].astype(dtype)) + self.o_bias[...].astype(dtype)
         return constrain(out, ("batch", "seq", "embed"))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, keys: Keys) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: Span, cache: LayerCache | None, block: int
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Attends the tokens x [B, T, hidden] at `span` to what they may see: each other and, with a cache,
+        their sequences' earlier tokens. Returns the output and the cache holding the new keys too."""
         q, k, v = self.qkv(x, cos, sin)
-        k, v, k_pos, k_valid = keys(self.index, k, v)
-        mask = causal_mask(positions, k_pos, k_valid, self.window)
-        return self.project_out(attend(q, k, v, self.sinks[...], mask))
+        spans = [KeySpan(k, v, first=span.first, start=span.start, end=span.end)]
+        if cache is not None and self.window is None:  # the cache holds the whole context: store, then read it
+            cache = cache.write(k, v, span)
+            spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, rows=span.slot)]
+        elif cache is not None:  # a ring as long as the window: read what it held before the new keys replace it
+            held = KeySpan(cache.k, cache.v, end=span.first + span.start, rows=span.slot, ring=True)
+            spans = [held, *spans]
+            cache = cache.write(k, v, span)
+        out = attend(q, span.first, self.sinks[...], spans, self.window, block=block)
+        return self.project_out(out), cache
 
 
 # ------------------------------------------------------------------------------------------------- MoE
@@ -413,9 +454,12 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MoE(cfg, param_dtype=param_dtype, packed=packed_experts, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array, keys: Keys) -> jax.Array:
-        x = x + self.attn(self.attn_norm(x), cos, sin, positions, keys)
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: Span, cache: LayerCache | None, block: int
+    ) -> tuple[jax.Array, LayerCache | None]:
+        attended, cache = self.attn(self.attn_norm(x), cos, sin, span, cache, block)
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 def vocab_parallel_lookup(mesh, table: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -436,16 +480,6 @@ def vocab_parallel_lookup(mesh, table: jax.Array, tokens: jax.Array) -> jax.Arra
     token_spec = logical_to_spec(("batch", "seq"), tokens.shape, sizes)
     out_spec = logical_to_spec(("batch", "seq", "embed"), (*tokens.shape, table.shape[1]), sizes)
     return jax.shard_map(local, mesh=mesh, in_specs=(table_spec, token_spec), out_specs=out_spec)(table, tokens)
-
-
-def self_attention_keys(positions: jax.Array, valid: jax.Array, layer: int, k: jax.Array, v: jax.Array):
-    """Keys without a cache: the tokens attend to each other."""
-    return k, v, positions, valid
-
-
-def positions_from_mask(valid: jax.Array) -> jax.Array:
-    """Positions [B, T] counting only valid tokens, so that left padding does not shift a prompt."""
-    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
 class GptOss(nnx.Module):
@@ -488,24 +522,31 @@ class GptOss(nnx.Module):
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def __call__(
+        self, tokens: jax.Array, attention_mask: jax.Array | None = None, *, attention_block: int = DEFAULT_BLOCK
+    ) -> jax.Array:
+        """tokens [B, T]; attention_mask [B, T] marks real tokens: one run a row, padding on the left or the
+        right. Each row's first real token is at position 0."""
+        valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+        hidden, _ = self.hidden_states(tokens, Span.from_mask(valid), attention_block=attention_block)
+        return self.logits(hidden)
+
+    def hidden_states(
         self,
         tokens: jax.Array,
-        attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """tokens [B, T]; attention_mask [B, T] marks real tokens (0 for padding, left or right);
-        positions default to the count of real tokens before each one."""
-        valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
-        positions = positions_from_mask(valid) if positions is None else positions
-        return self.logits(self.hidden_states(tokens, positions, partial(self_attention_keys, positions, valid)))
-
-    def hidden_states(self, tokens: jax.Array, positions: jax.Array, keys: Keys) -> jax.Array:
-        """The last layer's output [B, T, hidden] for tokens at `positions`, attending to what `keys` gives."""
+        span: Span,
+        caches: Sequence[LayerCache] | None = None,
+        *,
+        attention_block: int = DEFAULT_BLOCK,
+    ) -> tuple[jax.Array, list[LayerCache] | None]:
+        """The last layer's output [B, T, hidden] for tokens at `span`, and with `caches` (one per layer) the
+        caches with the tokens' keys and values added."""
         x = self.embed_tokens(tokens)
-        cos, sin = rope_cos_sin(positions, self.config, x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, positions, keys)
-        return x
+        cos, sin = rope_cos_sin(span.positions(tokens.shape[1]), self.config, x.dtype)
+        updated = []
+        for index, layer in enumerate(self.layers):
+            x, cache = layer(x, cos, sin, span, None if caches is None else caches[index], attention_block)
+            updated.append(cache)
+        return x, None if caches is None else updated
 
 
 

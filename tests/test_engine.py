@@ -10,7 +10,8 @@ import pytest
 
 from conftest import small_config
 from gptoss_dist import from_pretrained
-from gptoss_dist.engine import Engine, Request, cache_bytes_per_sequence, cache_lengths
+from gptoss_dist.engine import Engine, Request, cache_bytes_per_sequence
+from gptoss_dist.model import cache_length
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import MESH_AXES, make_mesh
 from reference import load_reference
@@ -90,10 +91,10 @@ def test_seeded_sampling_depends_only_on_the_request(checkpoint, model):
 def test_sliding_layers_keep_only_their_window(model):
     engine = Engine(model, max_slots=4, max_len=64)
     slots = engine.empty_slots()
-    for layer, keys in enumerate(slots.cache.k):
+    for layer, cache in enumerate(slots.cache):
         expected = CONFIG.sliding_window if CONFIG.window(layer) else 64
-        assert keys.shape == (4, expected, CONFIG.num_kv_heads, CONFIG.head_dim)
-    assert cache_lengths(CONFIG, 64) == [8, 64, 8]
+        assert cache.k.shape == cache.v.shape == (4, expected, CONFIG.num_kv_heads, CONFIG.head_dim)
+    assert [cache_length(CONFIG, layer, 64) for layer in range(3)] == [8, 64, 8]
     per_position = 2 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
     assert engine.cache_bytes_per_sequence() == per_position * (8 + 64 + 8)
     # GPT-OSS-20B at 8k context: 12 layers keep 128 positions, 12 keep 8192.
@@ -182,12 +183,37 @@ def test_bad_requests_are_refused_by_name(model, request_, message):
         Engine(model, max_slots=2, max_len=64).generate([request_])
 
 
-def test_prefill_calls_stay_within_the_token_budget(model, transformers_greedy):
-    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=8, prefill_tokens=64)
-    shapes = []
-    prefill = engine._prefill
-    engine._prefill = lambda **kw: shapes.append(kw["prompts"].shape) or prefill(**kw)
+@pytest.mark.parametrize("shape", [None, (2, 2, 2)], ids=["unsharded", "mesh-2x2x2"])
+def test_prompts_prefilled_in_pieces_give_transformers_greedy_tokens(checkpoint, model, transformers_greedy, shape):
+    """A budget of 16 tokens a call: the 20- and 40-token prompts go in 2 and 3 pieces, attention in blocks of
+    4, and the 8-key windows of the sliding layers straddle the pieces."""
+    mesh = mesh_of(shape) if shape else None
+    model = from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh) if mesh else model
+    engine = Engine(model, mesh, max_slots=4, max_len=96, steps_per_call=8, prefill_tokens=16, min_prefill_len=4,
+                    attention_block=4)  # fmt: skip
     results = engine.generate([Request(p, max_new_tokens=36) for p in prompts()])
-    assert all(rows * width <= 64 or rows == 1 for rows, width in shapes)
-    assert len(shapes) > 2  # the six prompts did not go in one call
     assert [r.tokens for r in results] == transformers_greedy
+    assert all(rows * width <= 16 for rows, width in engine.prefill_shapes)
+    assert sum(engine.prefill_shapes.values()) >= 6  # the six prompts did not go in one call
+
+
+def test_decoding_goes_on_while_a_long_prompt_is_prefilled(model):
+    """A 60-token prompt admitted behind three short ones takes 4 pieces of 16; the short ones get tokens
+    between its pieces, and every request gets the tokens it gets with its prompt in one piece."""
+    lengths = (3, 5, 4, 60)
+    requests = [Request(p, max_new_tokens=20, id=i) for i, p in enumerate(prompts(lengths, seed=9))]
+    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=2, prefill_tokens=16, min_prefill_len=4)
+    long_started, short_tokens_meanwhile = False, 0
+    results = {}
+    for update in engine.stream(requests):
+        if update.request.id == 3:
+            long_started = True
+        elif not long_started:
+            short_tokens_meanwhile += len(update.tokens)
+        if update.result is not None:
+            results[update.result.id] = update.result.tokens
+    prefill_calls = sum(engine.prefill_shapes.values())
+    assert prefill_calls >= 5  # the short prompts' call and the long prompt's 4 pieces
+    assert short_tokens_meanwhile >= 3 + 3 * 2 * 2  # first tokens, then 2 steps a decode call between pieces
+    whole = Engine(model, max_slots=4, max_len=96, steps_per_call=2)  # each prompt in one piece
+    assert [results[i] for i in range(4)] == [r.tokens for r in whole.generate(requests)]

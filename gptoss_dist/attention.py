@@ -1,0 +1,154 @@
+"""Blockwise attention with GPT-OSS's learned sink logit: an online softmax over blocks of keys (flash-style),
+so that no call builds a whole [queries, keys] score matrix and memory grows with the block, not the context.
+
+Keys come in `KeySpan`s: runs of consecutive positions, such as a slot's cache or the keys of the tokens being
+run. Because their positions are consecutive, the blocks a block of queries can see follow from the positions
+alone, and the rest are skipped: future blocks, and on sliding layers everything before the window.
+
+The sink joins each row's softmax as one more (unscaled) logit whose value is zero. The running softmax starts
+from it (maximum = sink, total = 1), so a row that sees no key attends to nothing and returns zeros.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+DEFAULT_BLOCK = 512
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeySpan:
+    """Keys and values [N, S, kv_heads, head_dim] of which query row b sees row `rows[b]` (row b where `rows`
+    is None). At index s is the key of position `first[b] + s`, real for `start[b] <= s < end[b]`; or, for a
+    `ring`, the key of the one position p < end[b] with p % S == s among the last S, real if p >= 0."""
+
+    k: jax.Array
+    v: jax.Array
+    end: jax.Array  # [B] int32
+    first: jax.Array | int = 0  # [B] int32
+    start: jax.Array | int = 0  # [B] int32
+    rows: jax.Array | None = None  # [B] int32
+    ring: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    def block(self, index: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Keys and values [B, size, kv, D] of the block that starts at `index`, their positions [B, size] and
+        which are real. The last block of a span whose length `size` does not divide is shifted back to fit;
+        the keys it repeats are not real, so that no key counts twice."""
+        length = self.k.shape[1]
+        offset = jnp.minimum(index, length - size)
+        k = jax.lax.dynamic_slice_in_dim(self.k, offset, size, axis=1)
+        v = jax.lax.dynamic_slice_in_dim(self.v, offset, size, axis=1)
+        if self.rows is not None:
+            k, v = k[self.rows], v[self.rows]
+        at = offset + jnp.arange(size)
+        if self.ring:
+            last = self.end[:, None] - 1
+            positions = last - (last - at) % length
+            return k, v, positions, (at >= index) & (positions >= 0)
+        real = (at >= index) & (at >= _column(self.start)) & (at < self.end[:, None])
+        return k, v, jnp.broadcast_to(_column(self.first) + at, real.shape), real
+
+
+def _column(x: jax.Array | int) -> jax.Array | int:
+    return x[:, None] if jnp.ndim(x) else x
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Softmax:
+    """The running softmax of a block of queries: per (row, kv head, group, query) the largest logit so far,
+    the sum of exp(logit - largest), and the values weighted likewise."""
+
+    largest: jax.Array  # [B, kv, g, Tq] float32
+    total: jax.Array  # [B, kv, g, Tq] float32
+    weighted: jax.Array  # [B, kv, g, Tq, D] float32
+
+
+def attend(
+    q: jax.Array,
+    q_first: jax.Array,
+    sinks: jax.Array,
+    spans: Sequence[KeySpan],
+    window: int | None,
+    *,
+    block: int = DEFAULT_BLOCK,
+) -> jax.Array:
+    """Grouped attention with a learned sink logit per head, computed block by block.
+
+    q [B, T, Hq, D] holds queries at positions `q_first[b] + t`; each attends, causally and within `window`
+    keys when one is set, to the real keys of `spans`; sinks [Hq]. Returns [B, T, Hq, D] in q's dtype.
+    """
+    batch, length, num_heads, head_dim = q.shape
+    num_kv = spans[0].k.shape[2]
+    q_block = min(block, length)
+    num_q_blocks = math.ceil(length / q_block)
+    padded = jnp.pad(q, ((0, 0), (0, num_q_blocks * q_block - length), (0, 0), (0, 0)))
+    grouped = padded.reshape(batch, num_q_blocks, q_block, num_kv, num_heads // num_kv, head_dim)
+    sink = sinks.astype(F32).reshape(num_kv, -1)
+
+    def query_block(index_and_q):
+        index, q_blk = index_and_q
+        q_pos = q_first[:, None] + index * q_block + jnp.arange(q_block)
+        state = _Softmax(
+            largest=jnp.broadcast_to(sink[None, :, :, None], (batch, *sink.shape, q_block)),
+            total=jnp.ones((batch, *sink.shape, q_block), F32),
+            weighted=jnp.zeros((batch, *sink.shape, q_block, head_dim), F32),
+        )
+        for span in spans:
+            state = _attend_span(state, q_blk, q_pos, span, window, block)
+        out = state.weighted / state.total[..., None]
+        return jnp.einsum("bkgtd->btkgd", out).astype(q.dtype)
+
+    out = jax.lax.map(query_block, (jnp.arange(num_q_blocks), jnp.moveaxis(grouped, 1, 0)))
+    out = jnp.moveaxis(out, 0, 1).reshape(batch, num_q_blocks * q_block, num_heads, head_dim)
+    return out[:, :length]
+
+
+def _attend_span(
+    state: _Softmax, q: jax.Array, q_pos: jax.Array, span: KeySpan, window: int | None, block: int
+) -> _Softmax:
+    """Folds into `state` the blocks of `span` that the queries q [B, Tq, kv, g, D] at q_pos [B, Tq] can see."""
+    size = min(block, span.k.shape[1])
+    first_block, end_block = _visible_blocks(q_pos, span, window, size)
+    scale = q.shape[-1] ** -0.5
+
+    def fold(index, state: _Softmax) -> _Softmax:
+        k, v, k_pos, real = span.block(index * size, size)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=F32) * scale
+        distance = q_pos[:, :, None] - k_pos[:, None, :]
+        seen = real[:, None, :] & (distance >= 0)
+        if window is not None:
+            seen &= distance < window
+        scores = jnp.where(seen[:, None, None], scores, -jnp.inf)
+        largest = jnp.maximum(state.largest, scores.max(axis=-1))
+        weights = jnp.exp(scores - largest[..., None])
+        rescale = jnp.exp(state.largest - largest)
+        weighted = jnp.einsum("bkgts,bskd->bkgtd", weights.astype(v.dtype), v, preferred_element_type=F32)
+        return _Softmax(
+            largest=largest,
+            total=state.total * rescale + weights.sum(axis=-1),
+            weighted=state.weighted * rescale[..., None] + weighted,
+        )
+
+    return jax.lax.fori_loop(first_block, end_block, fold, state)
+
+
+def _visible_blocks(q_pos: jax.Array, span: KeySpan, window: int | None, size: int) -> tuple[jax.Array, jax.Array]:
+    """The range of blocks of `size` keys of `span` that hold a key some query at q_pos [B, Tq] may see (all of a
+    ring's: it is as long as a window)."""
+    if span.ring:
+        return 0, -(-span.k.shape[1] // size)
+    lowest_q, highest_q = q_pos[:, 0] - span.first, q_pos[:, -1] - span.first  # as indices into the span
+    start = span.start if window is None else jnp.maximum(span.start, lowest_q - window + 1)
+    end = jnp.minimum(span.end, highest_q + 1)
+    seen = start < end
+    start = jnp.min(jnp.where(seen, start, span.k.shape[1]))
+    end = jnp.max(jnp.where(seen, end, 0))
+    return start // size, jnp.maximum(start // size, -(-end // size))
