@@ -67,6 +67,14 @@ class ModelConfig:
         """YaRN's factor on cos and sin: 0.1 * ln(factor) + 1."""
         return 0.1 * math.log(self.rope_factor) + 1.0 if self.rope_factor > 1 else 1.0
 
+    def check_max_len(self, max_len: int) -> None:
+        """Raises ConfigError, naming both numbers, for a context longer than the model's positions."""
+        if max_len > self.max_position_embeddings:
+            raise ConfigError(
+                f"max_len {max_len} exceeds the model's {self.max_position_embeddings} positions "
+                "(max_position_embeddings)"
+            )
+
     def window(self, layer: int) -> int | None:
         """The sliding window of `layer`, or None where the layer attends to every earlier key."""
         return self.sliding_window if self.layer_types[layer] == SLIDING else None

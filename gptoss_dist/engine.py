@@ -256,11 +256,7 @@ class Engine:
         attention_block: int = DEFAULT_BLOCK,
     ):
         self.config: ModelConfig = model.config
-        if max_len > self.config.max_position_embeddings:
-            raise ValueError(
-                f"max_len={max_len} is above the model's max_position_embeddings "
-                f"({self.config.max_position_embeddings})"
-            )
+        self.config.check_max_len(max_len)
         self.mesh = mesh
         self.max_slots, self.max_len, self.steps_per_call = max_slots, max_len, steps_per_call
         self.prefill_tokens = prefill_tokens

@@ -212,8 +212,7 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     """The configured mesh, once the checkpoint's model is known to fit it: refuses, before any weight is
     read, a run whose weights, KV cache and working memory exceed a chip (naming the setting to turn)."""
     model_config = read_config(config.checkpoint)
-    if config.max_len > model_config.max_position_embeddings:
-        raise JobError(f"max_len {config.max_len} exceeds the model's {model_config.max_position_embeddings} positions")
+    model_config.check_max_len(config.max_len)
     mesh = make_mesh(config.mesh, model_config, devices, packed_experts=config.packed_experts)
     try:
         memory = plan.chip_memory(config.chip, jax.local_devices()[0])

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from gptoss_dist.config import ModelConfig
+from gptoss_dist.config import ConfigError, ModelConfig
 from gptoss_dist.engine import cache_bytes_per_sequence
 from gptoss_dist.sharding import MESH_AXES, weight_placements
 
@@ -153,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if -1 in mesh.values():
             sys.exit("error: give every mesh size (no -1) to plan without the devices")
         try:
+            cfg.check_max_len(run_settings.max_len)
             sizes = mesh_shape(mesh, math.prod(mesh.values()))
             check_model_fits_mesh(cfg, sizes, packed_experts=run_settings.packed_experts)
-        except MeshError as err:
+        except (ConfigError, MeshError) as err:
             sys.exit(f"error: {err}")
         plan = plan_memory(cfg, sizes, max_slots=run_settings.max_slots, max_len=run_settings.max_len,
                            prefill_tokens=run_settings.prefill_tokens, dtype=np.dtype(settings.dtype(run_settings)),
