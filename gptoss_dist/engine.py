@@ -193,6 +193,16 @@ def replicated(x: jax.Array) -> jax.Array:
     return constrain(x, (None,) * x.ndim)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Blank:
+    """An array the engine creates: its shape, dtype, logical axes and fill value."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+    axes: tuple[str | None, ...]
+    fill: int | float = 0
+
+
 @functools.lru_cache(maxsize=None)
 def _full(shape: tuple[int, ...], dtype, fill, sharding) -> Callable[[], jax.Array]:
     """A compiled maker of a filled array in `sharding`, kept so that each run does not compile it again."""
@@ -271,35 +281,71 @@ class Engine:
         self.length_buckets = _buckets(min(min_prefill_len, self.piece_len), self.piece_len)
         self.graphdef, self.params = nnx.split(model)
         self.dtype = model.compute_dtype
-        options = dict(graphdef=self.graphdef, max_len=max_len, attention_block=attention_block)
-        self._prefill = partial(_prefill_jit, **options)
-        self._decode = partial(_decode_jit, steps=steps_per_call, **options)
+        self._static = dict(graphdef=self.graphdef, max_len=max_len, attention_block=attention_block)
+        self._prefill = partial(_prefill_jit, **self._static)
+        self._decode = partial(_decode_jit, steps=steps_per_call, **self._static)
         self.slot_steps = 0  # decode steps x slots spent, for measuring batching efficiency
         self.prefill_shapes: Counter[tuple[int, int]] = Counter()  # (rows, width) of each prefill call run
 
     def cache_bytes_per_sequence(self) -> int:
         return cache_bytes_per_sequence(self.config, self.max_len, self.dtype)
 
-    def _filled(self, shape: tuple[int, ...], dtype, axes: Sequence[str | None], fill=0) -> jax.Array:
-        """A new array, created on the devices in its sharding (never whole on one device)."""
-        sharding = None
-        if self.mesh is not None:
-            spec = logical_to_spec(axes, shape, mesh_sizes(self.mesh))
-            sharding = jax.sharding.NamedSharding(self.mesh, spec)
-        return _full(shape, jnp.dtype(dtype), fill, sharding)()
+    def _sharding(self, shape: tuple[int, ...], axes: Sequence[str | None]) -> jax.sharding.Sharding | None:
+        if self.mesh is None:
+            return None
+        return jax.sharding.NamedSharding(self.mesh, logical_to_spec(axes, shape, mesh_sizes(self.mesh)))
 
-    def empty_slots(self) -> Slots:
-        """Slots with an empty cache; sliding layers' caches hold only their window."""
+    def _slot_layout(self) -> Slots:
+        """Each Slots array as a `_Blank`: sliding layers' caches hold only their window."""
         cfg, count = self.config, self.max_slots
         shapes = [cache_shape(cfg, layer, count, self.max_len) for layer in range(cfg.num_layers)]
-        cache = [LayerCache(*(self._filled(shape, self.dtype, CACHE_AXES) for _ in range(2))) for shape in shapes]
-        per_slot = partial(self._filled, (count,), axes=SLOT_AXES)
+        cache = [LayerCache(*(_Blank(shape, self.dtype, CACHE_AXES) for _ in range(2))) for shape in shapes]
+        per_slot = partial(_Blank, (count,), axes=SLOT_AXES)
         return Slots(
-            cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32),
-            generated=per_slot(jnp.int32), active=per_slot(bool), max_new=per_slot(jnp.int32),
-            temperature=per_slot(jnp.float32), top_k=per_slot(jnp.int32), top_p=per_slot(jnp.float32, fill=1.0),
-            seed=per_slot(jnp.uint32), stop=self._filled((count, self.stop_width), jnp.int32, SLOT_AXES + (None,), -1),
+            cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32), generated=per_slot(jnp.int32),
+            active=per_slot(jnp.bool_), max_new=per_slot(jnp.int32), temperature=per_slot(jnp.float32),
+            top_k=per_slot(jnp.int32), top_p=per_slot(jnp.float32, fill=1.0), seed=per_slot(jnp.uint32),
+            stop=_Blank((count, self.stop_width), jnp.int32, (*SLOT_AXES, None), fill=-1),
         )  # fmt: skip
+
+    def empty_slots(self) -> Slots:
+        """Slots with an empty cache, each array created on the devices in its sharding (never whole on one)."""
+        return jax.tree.map(
+            lambda b: _full(b.shape, jnp.dtype(b.dtype), b.fill, self._sharding(b.shape, b.axes))(), self._slot_layout()
+        )
+
+    def abstract_slots(self) -> Slots:
+        """The slots' shapes, dtypes and shardings, without allocating them (to compile without running)."""
+        return jax.tree.map(
+            lambda b: jax.ShapeDtypeStruct(b.shape, b.dtype, sharding=self._sharding(b.shape, b.axes)),
+            self._slot_layout(),
+        )
+
+    def lower_prefill(self, rows: int, width: int) -> jax.stages.Lowered:
+        """The prefill call of `rows` prompt pieces of `width` tokens, lowered for this engine's mesh from
+        abstract arguments: it reads no weights and allocates no cache, so the engine's model may be abstract."""
+        per_row = partial(self._abstract_input, (rows,))
+        settings = {name: per_row(dtype) for name, (_, dtype) in REQUEST_SETTINGS.items()}
+        settings["stop"] = self._abstract_input((rows, self.stop_width), np.int32)
+        with self._mesh_context():
+            return _prefill_jit.lower(
+                **self._static, params=self.params, slots=self.abstract_slots(), tokens=self._abstract_input((rows, width), np.int32),
+                first=per_row(np.int32), count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool),
+                settings=settings,
+            )  # fmt: skip
+
+    def lower_decode(self) -> jax.stages.Lowered:
+        """The decode call, lowered like `lower_prefill`."""
+        with self._mesh_context():
+            return _decode_jit.lower(
+                **self._static, steps=self.steps_per_call, params=self.params, slots=self.abstract_slots()
+            )
+
+    def _abstract_input(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding(shape, (None,) * len(shape)))
+
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     def validate(self, request: Request) -> None:
         """Raises ValueError, naming the request, for one that cannot run."""
@@ -340,7 +386,7 @@ class Engine:
         from `requests` only as slots free up, so the iterable may be long and lazily read. Closing the
         iterator early drops the requests in flight."""
         pending, exhausted = iter(requests), False
-        with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+        with self._mesh_context():
             slots = self.empty_slots()
             running: dict[int, _Sequence] = {}  # by slot, in the order admitted
             just_prefilled = False

@@ -6,9 +6,9 @@ Weights come from the sharding rules (exactly what each device holds); packed ex
 count their MXFP4 blocks and scales, a byte per two weights and one per 32. The KV cache is the engine's:
 every slot's keys and values, sliding layers holding only their window, split over `data` and, where they
 divide, the KV heads over `tensor`. Working memory is an estimate of the largest call's live activations: a prefill
-of as many `max_len`-token prompts as `prefill_tokens` allows (float32 attention scores and probabilities, the experts' token
+call of `prefill_tokens` prompt tokens (attention a block of queries and keys at a time, the experts' token
 copies, the residual stream, the last positions' logits), and with packed experts one expert's weights
-dequantized at a time.
+dequantized at a time. `bench/tpu_compile.py` gives XLA's own figures for a TPU topology.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ConfigError, ModelConfig
 from gptoss_dist.engine import cache_bytes_per_sequence
 from gptoss_dist.sharding import MESH_AXES, weight_placements
@@ -56,17 +57,23 @@ def working_per_chip(
     cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, prefill_tokens: int, dtype,
     packed_experts: bool = False,
 ) -> int:  # fmt: skip
-    """Largest live activations of a prefill call of `max_len`-token prompts, on one chip (an estimate)."""
-    prompts = min(max_slots, max(sizes["data"], prefill_tokens // max_len))
-    rows, tensor, width = math.ceil(prompts / sizes["data"]), sizes["tensor"], max_len
+    """Largest live activations of a prefill call, on one chip (an estimate): prompt pieces of at most
+    `prefill_tokens` tokens in all, a row or more per data shard, whose attention runs a block at a time."""
+    data, tensor = sizes["data"], sizes["tensor"]
+    piece = min(max(1, prefill_tokens // data), max_len)
+    rows = math.ceil(min(max_slots, max(data, prefill_tokens // piece)) / data)
+    tokens = rows * piece
     itemsize = np.dtype(dtype).itemsize
-    scores = 2 * rows * math.ceil(cfg.num_heads / tensor) * width * (width + 1) * F32
-    expert_rows = rows * width * cfg.experts_per_token
+    heads = math.ceil(cfg.num_heads / tensor)
+    block = min(DEFAULT_BLOCK, piece)
+    scores = 3 * rows * heads * block * DEFAULT_BLOCK * F32  # a block's scores, weights and mask
+    attention = tokens * (heads * cfg.head_dim * (itemsize + F32) + 2 * cfg.num_kv_heads * cfg.head_dim * itemsize)
+    expert_rows = tokens * cfg.experts_per_token
     experts = expert_rows * (2 * cfg.hidden_size + 3 * cfg.intermediate_size // tensor) * itemsize
-    residual = 4 * rows * width * cfg.hidden_size * F32
+    residual = 4 * tokens * cfg.hidden_size * F32
     logits = rows * cfg.vocab_size // (tensor * sizes["expert"]) * F32
     dequantized = 3 * cfg.hidden_size * cfg.intermediate_size // tensor * itemsize if packed_experts else 0
-    return scores + experts + residual + logits + dequantized
+    return scores + attention + experts + residual + logits + dequantized
 
 
 def plan_memory(
