@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -80,7 +81,7 @@ def main() -> None:
     cfg = run_settings.model_config(settings)
     devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
     sizes = dict(zip(MESH_AXES, map(int, args.mesh.split(","))))
-    mesh = make_mesh(sizes, cfg, devices, packed_experts=args.packed_experts)
+    mesh = make_mesh(sizes, cfg, devices[: math.prod(sizes.values())], packed_experts=args.packed_experts)
     model = sharded_abstract_model(cfg, mesh, jnp.bfloat16, args.packed_experts)
     engine = Engine(model, mesh, max_slots=args.max_slots, max_len=args.max_len, prefill_tokens=args.prefill_tokens,
                     steps_per_call=settings.steps_per_call)  # fmt: skip

@@ -17,7 +17,7 @@ def get_config():
             experts_per_token=4,
             sliding_window=8,
             layer_types=("sliding_attention", "full_attention") * 2,
-            max_position_embeddings=4096,
+            max_position_embeddings=131072,
         ),
         dtype="float32",
         max_slots=8,

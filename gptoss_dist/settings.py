@@ -37,10 +37,12 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "input": "",  # JSONL of requests, local or gs://
             "output": "",  # directory for the results and errors JSONL, local or gs://
             "max_slots": 64,  # sequences in flight
-            "max_len": 4096,  # tokens per sequence, prompt and completion
+            "max_len": 4096,  # tokens per sequence, prompt and completion; up to the model's max_position_embeddings
             "steps_per_call": 8,  # decode steps per host round trip
-            "min_prefill_len": 16,  # prompts are padded to this length, doubled until max_len: fewer compiled shapes
-            "prefill_tokens": 8192,  # (padded) prompt tokens per prefill call: bounds prefill memory
+            "min_prefill_len": 16,  # prompt pieces are padded to this length, doubled up: fewer compiled shapes
+            # (padded) prompt tokens per prefill call: bounds prefill memory; a longer prompt goes in pieces, each
+            # attending to what the cache holds of it, with decode calls in between
+            "prefill_tokens": 8192,
             "chip": "",  # the accelerator to plan memory for (gptoss_dist.plan.CHIPS); "" reads the device's
             # several processes: from these or GPTOSS_* variables (gptoss_dist.distributed); on a TPU pod,
             # tpu_pod=True lets JAX find the hosts

@@ -56,24 +56,32 @@ def logits_in_pieces(model, mesh, prompts: list[np.ndarray], piece: int, block: 
     return [np.concatenate(rows) for rows in pieces]
 
 
-@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
-def test_logits_of_a_prompt_in_pieces_equal_one_call_and_transformers(small_checkpoint, mesh_shape):
-    """Prompts of 29 and 17 tokens in pieces of 8 (edges on the 8-key windows' edges), 5 and 3 (windows
-    straddling the pieces), with attention blocks of 4: 3 to 10 pieces each."""
-    mesh = make_mesh(dict(zip(MESH_AXES, mesh_shape)), small_config(), jax.devices()[: int(np.prod(mesh_shape))])
-    model = from_pretrained(small_checkpoint, dtype=jnp.float32, mesh=mesh)
+@pytest.fixture(scope="module")
+def prompts_and_expected(small_checkpoint):
+    """Prompts of 29 and 17 tokens, with transformers' logits, checked against ours in one call."""
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, 128, n).astype(np.int32) for n in (29, 17)]
     reference = load_reference(small_checkpoint)
+    model = from_pretrained(small_checkpoint, dtype=jnp.float32)
+    expected = []
     for prompt in prompts:
-        whole = np.asarray(forward(from_pretrained(small_checkpoint, dtype=jnp.float32), jnp.asarray(prompt[None])))[0]
-        expected = reference_logits(reference, prompt)
-        scale = np.abs(expected).max()
-        assert np.abs(whole - expected).max() <= 1e-5 * scale
-        for piece in (8, 5, 3):
-            got = logits_in_pieces(model, mesh, prompts, piece, block=4)[[len(p) for p in prompts].index(len(prompt))]
-            assert np.abs(got - whole).max() <= 1e-5 * scale, f"pieces of {piece}"
-            assert np.abs(got - expected).max() <= 1e-5 * scale, f"pieces of {piece}"
+        logits = reference_logits(reference, prompt)
+        whole = np.asarray(forward(model, jnp.asarray(prompt[None])))[0]
+        assert np.abs(whole - logits).max() <= 1e-5 * np.abs(logits).max()
+        expected.append(logits)
+    return prompts, expected
+
+
+@pytest.mark.parametrize("mesh_shape", [(1, 1, 1), (2, 2, 2)])
+def test_logits_of_prompts_in_pieces_equal_transformers(small_checkpoint, prompts_and_expected, mesh_shape):
+    """The two prompts together, in pieces of 8 (edges on the 8-key windows' edges), 5 and 3 (windows
+    straddling the pieces), with attention blocks of 4: 3 to 10 pieces each."""
+    mesh = make_mesh(dict(zip(MESH_AXES, mesh_shape)), small_config(), jax.devices()[: int(np.prod(mesh_shape))])
+    model = from_pretrained(small_checkpoint, dtype=jnp.float32, mesh=mesh)
+    prompts, expected = prompts_and_expected
+    for piece in (8, 5, 3):
+        for got, logits in zip(logits_in_pieces(model, mesh, prompts, piece, block=4), expected, strict=True):
+            assert np.abs(got - logits).max() <= 1e-5 * np.abs(logits).max(), f"pieces of {piece}"
 
 
 @pytest.fixture(scope="module")
