@@ -11,7 +11,9 @@ generated instead, control tokens by name: for a model that does not write harmo
 
 Ctrl-C during a reply stops it at the end of the current engine call and keeps the conversation, with the
 final text so far; at the prompt, Ctrl-C or Ctrl-D ends the session. `/reset` starts a new conversation,
-`/exit` ends the session. What the user types is data: a control-token string in it stays plain text.
+`/exit` ends the session. What the user types is data: a control-token string in it stays plain text. A
+line that cannot be read or replied to (bytes that are not UTF-8, a lone surrogate) is said so, and the
+session goes on.
 """
 
 from __future__ import annotations
@@ -31,14 +33,8 @@ from gptoss_dist import records
 from gptoss_dist.checkpoint import CheckpointError
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine, Request
-from gptoss_dist.generate import (
-    EXIT_CANNOT_START,
-    JobError,
-    check_engine_settings,
-    checkpoint_tokenizer,
-    make_engine,
-    planned_mesh,
-)
+from gptoss_dist.exit_codes import EXIT_CANNOT_START
+from gptoss_dist.generate import JobError, check_engine_settings, checkpoint_tokenizer, make_engine, planned_mesh
 from gptoss_dist.harmony import MESSAGE, MESSAGE_ENDS, START, parse_messages, render_for_completion
 from gptoss_dist.sharding import MeshError, mesh_shape
 from gptoss_dist.tokenizer import Tokenizer
@@ -238,6 +234,9 @@ class Chat:
             except (EOFError, KeyboardInterrupt):
                 self.out.write("\n")
                 return
+            except UnicodeDecodeError as err:  # the terminal sent bytes that are not UTF-8
+                self.out.write(f"(cannot read that line: {err})\n")
+                continue
             command = line.strip()
             if command == "/exit":
                 return
@@ -251,10 +250,11 @@ class Chat:
         """Streams the model's reply to the user's `text` and keeps its final message."""
         self.messages.append({"role": "user", "content": text})
         try:
+            records.check_text(text, "the line")
             request = self.request()
-        except ValueError as err:  # the conversation no longer fits the context
+        except Exception as err:  # noqa: BLE001  a line that does not fit the context, or cannot be tokenized
             self.messages.pop()
-            self.out.write(f"(cannot reply: {err}; /reset starts a new conversation)\n")
+            self.out.write(f"(cannot reply: {records.error_message(err)}; /reset starts a new conversation)\n")
             return
         view = ReplyView(self.tokenizer, self.out, show_analysis=self.config.chat.show_analysis,
                          raw=self.config.chat.raw)  # fmt: skip

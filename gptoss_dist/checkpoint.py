@@ -12,8 +12,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import posixpath
 import struct
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,26 @@ def filesystem(path: str | Path) -> fsspec.AbstractFileSystem:
 def join(directory: str | Path, name: str) -> str:
     """`directory/name` for a local path or a URL."""
     return f"{str(directory).rstrip('/')}/{name}"
+
+
+def write_atomically(path: str, data: bytes, *, create: bool = False) -> None:
+    """Writes `path` whole or not at all: a local file is renamed (or, with `create`, linked) into place, an
+    object is uploaded in one request. With `create`, only if `path` does not exist yet: FileExistsError if it
+    does (an object store checks that through a generation precondition)."""
+    fs, local_path = fsspec.core.url_to_fs(path)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data, mode="create" if create else "overwrite")
+        return
+    target = Path(local_path)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temporary.open("xb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        (os.link if create else os.replace)(temporary, target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def read_config(directory: str | Path) -> ModelConfig:

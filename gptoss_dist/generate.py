@@ -7,12 +7,18 @@ The checkpoint (the Hugging Face layout or a converted one, local or `gs://`) de
 `tokenizer.json`; the config file holds the run's settings (`gptoss_dist.settings`: mesh, slots, lengths,
 sampling defaults, paths), each of which can be overridden as `--config.x=y`. `gptoss_dist.records` describes
 the records, `gptoss_dist.storage` how the output is written exactly once: a job that is killed and started
-again with the same settings continues where it stopped.
+again with the same settings and input continues where it stopped. The output records what made it; a run
+whose input or settings differ is refused, except that `retry_errors` runs the lines that ended in errors
+again, edited or not. One job at a time writes an output: it takes the output's lock before any weight is
+read, which also checks that the output can be written.
 
 Every request is checked before it reaches the engine. One that cannot run goes to the errors with its line
 number and id, and the job goes on with the others. Each result is written as its request finishes. The job
 exits 1 if any request failed (in this run or an earlier run of it into the same output), 2 if it cannot
-start (a bad setting, an unreadable input or checkpoint); nothing is written then.
+start (a bad setting, an unreadable input or checkpoint, an output it cannot write or that another job
+holds, an input or settings that differ from those that made the output; no record is written then)
+or loses its output's lock to another job, 3 if a process of a multi-process job stops because a step
+across the processes failed (another process died).
 
 Stop strings end a completion where one first appears in its text (where control tokens appear by name):
 `text` ends before it, `tokens` with the token that completes it, and finish_reason is "stop". The engine stops
@@ -24,7 +30,9 @@ which costs the tokens generated past it, not correctness.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
+import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,13 +49,13 @@ from gptoss_dist import distributed, plan, records, settings, storage
 from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained, join, read_config
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine, Request, Result
+from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
 from gptoss_dist.harmony import parse_completion, render_for_completion
 from gptoss_dist.records import InputRecord, RecordError
 from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes
 from gptoss_dist.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
-EXIT_FAILED_REQUESTS, EXIT_CANNOT_START = 1, 2
 
 
 class JobError(Exception):
@@ -152,7 +160,7 @@ def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> 
     stop_strings = [entry for entry in record.stop if isinstance(entry, str)]
     tokens, text, finish_reason = cut_at_stop_strings(result.tokens, result.finish_reason, stop_strings, tokenizer)
     line = {
-        "id": record.id, "text": text, "tokens": tokens, "finish_reason": finish_reason,
+        "line": record.line, "id": record.id, "text": text, "tokens": tokens, "finish_reason": finish_reason,
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(tokens)},
     }  # fmt: skip
     return line | (harmony_channels(tokens, tokenizer) if record.messages is not None else {})
@@ -181,7 +189,17 @@ def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
         _check_positive(config, name)
     if config.part_seconds < 0:
         raise JobError(f"part_seconds must be >= 0, not {config.part_seconds}")
+    if not config.lock_timeout_s > 0:
+        raise JobError(f"lock_timeout_s must be > 0, not {config.lock_timeout_s}")
     return check_engine_settings(config)
+
+
+def result_settings(config: ml_collections.ConfigDict, defaults: records.Sampling) -> dict[str, Any]:
+    """The settings that change what a request yields, by dotted name: one output holds the results of one
+    set of them."""
+    sampling = {f"sampling.{name}": value for name, value in dataclasses.asdict(defaults).items()}
+    harmony = {f"harmony.{name}": value for name, value in config.harmony.items()}
+    return {"checkpoint": config.checkpoint, "dtype": config.dtype, "max_len": config.max_len} | sampling | harmony
 
 
 def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling:
@@ -247,12 +265,13 @@ class Job:
         self.config, self.engine, self.tokenizer, self.output = config, engine, tokenizer, output
         self.bar, self.summary = bar, summary
         self.in_flight: dict[str, InputRecord] = {}
+        self.done_lines = output.done_lines
         self.start = time.monotonic()
 
     def run(self, items: Iterable[InputRecord | RecordError]) -> None:
         for request, result in self.engine.run(self.requests(items)):
             record = self.in_flight.pop(request.id)
-            self.output.results.append(result_record(record, result, self.tokenizer))
+            self.output.write_result(result_record(record, result, self.tokenizer))
             self.summary.ok += 1
             self.summary.tokens += result.completion_tokens
             self.advance()
@@ -268,10 +287,9 @@ class Job:
                 yield prepared
 
     def pending(self, items: Iterable[InputRecord | RecordError]) -> Iterator[InputRecord | RecordError]:
-        """`items` less those an earlier run already wrote."""
+        """`items` less those of lines an earlier run already wrote."""
         for item in items:
-            done_id = isinstance(item, InputRecord) and item.id in self.output.done_ids
-            if done_id or item.line in self.output.done_lines:
+            if item.line in self.done_lines:
                 self.summary.done_before += 1
             else:
                 yield item
@@ -279,11 +297,11 @@ class Job:
     def prepare(self, record: InputRecord) -> Request | RecordError:
         try:
             return make_request(record, self.tokenizer, self.engine, self.config.harmony)
-        except ValueError as err:
-            return RecordError(record.line, record.id, str(err))
+        except Exception as err:  # noqa: BLE001  whatever tokenizing or rendering a record raises is its error
+            return RecordError(record.line, record.id, records.error_message(err))
 
     def fail(self, error: RecordError) -> None:
-        self.output.errors.append(error.to_json())
+        self.output.write_error(error.to_json())
         self.summary.failed += 1
         self.advance()
 
@@ -293,33 +311,77 @@ class Job:
         self.bar.update()
 
 
-def run_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Summary:
-    """Runs the batch job that `config` describes (on `devices`, default all) and says what it did.
+def _writer_succeeded(succeeded: bool) -> bool:
+    """Whether the writing process succeeded, as it says (every process calls this)."""
+    if jax.process_count() == 1:
+        return succeeded
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(succeeded)))
 
-    Raises JobError (or the checkpoint's, the mesh's or the input's error) if it cannot start."""
-    defaults = check_settings(config)
-    mesh = planned_mesh(config, devices)
-    lines = storage.read_lines(config.input)
-    total = storage.count_lines(config.input)
-    tokenizer = checkpoint_tokenizer(config.checkpoint)
-    engine = make_engine(config, tokenizer, mesh)
-    output = storage.JobOutput(config.output, part_records=config.part_records, part_seconds=config.part_seconds)
+
+def lock_output(config: ml_collections.ConfigDict) -> storage.OutputLock | contextlib.nullcontext:
+    """The writing process's lock on the output (a context that releases it), which checks that the output
+    can be written; a null context in the other processes, which raise too if the writer cannot take it."""
+    if not distributed.is_writer():
+        if not _writer_succeeded(True):
+            raise JobError("process 0 cannot take the output (its error says why)")
+        return contextlib.nullcontext()
+    lock, taken = storage.OutputLock(config.output, config.lock_timeout_s), False
+    try:
+        lock.acquire()
+        taken = True
+    finally:
+        _writer_succeeded(taken)
+    return lock
+
+
+def open_output(
+    config: ml_collections.ConfigDict, made_by: storage.Manifest, lock: storage.OutputLock | None
+) -> storage.JobOutput:
+    """The job's output, checked against what makes this run (`made_by`), and opened for writing in the writer."""
+    output = storage.JobOutput(config.output, part_records=config.part_records, part_seconds=config.part_seconds,
+                               lock=lock)  # fmt: skip
+    output.resume(made_by, config.input, retry_errors=config.retry_errors)
     # Every process runs the same requests (each holds its data shard's slots); all must have read what an
-    # earlier run did before the one writer appends to it.
+    # earlier run did before the one writer changes it.
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("gptoss-generate: output read")
     if distributed.is_writer():
         output.start_writing()
-    summary = Summary(output.describe(), failed_before=output.failed_before)
-    done = len(output.done_ids) + len(output.done_lines)
-    bar = tqdm(total=total, initial=min(done, total), unit="request", desc="generating", dynamic_ncols=True,
-               disable=not distributed.is_writer())  # fmt: skip
-    try:
-        Job(config, engine, tokenizer, output, bar, summary).run(records.read_records(lines, defaults))
-    finally:
-        bar.close()
-        output.close()
+    return output
+
+
+def run_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Summary:
+    """Runs the batch job that `config` describes (on `devices`, default all) and says what it did.
+
+    Raises JobError (or the checkpoint's, the mesh's, the input's or the output's error) if it cannot start."""
+    defaults = check_settings(config)
+    mesh = planned_mesh(config, devices)
+    made_by = storage.Manifest(result_settings(config, defaults), storage.read_fingerprints(config.input))
+    with lock_output(config) as lock:
+        output = open_output(config, made_by, lock)
+        tokenizer = checkpoint_tokenizer(config.checkpoint)
+        engine = make_engine(config, tokenizer, mesh)
+        summary = Summary(output.describe(), failed_before=output.failed_before)
+        bar = tqdm(total=len(made_by.lines), initial=len(output.done_lines), unit="request", desc="generating",
+                   dynamic_ncols=True, disable=not distributed.is_writer())  # fmt: skip
+        items = records.read_records(storage.read_lines(config.input), defaults, output.result_lines)
+        try:
+            Job(config, engine, tokenizer, output, bar, summary).run(items)
+        finally:
+            bar.close()
+            output.close()
     return summary
+
+
+def stop_after_lost_peer(err: jax.errors.JaxRuntimeError) -> None:
+    """Ends this process of a multi-process job after a step across the processes failed (as when another
+    process died) with one line, skipping JAX's shutdown, whose barrier waits for the dead process."""
+    first_line = str(err).strip().splitlines()[0]
+    print(f"gptoss-generate: error: process {jax.process_index()} of {jax.process_count()} stopped, a step across "
+          f"the processes failed ({first_line}); if another process died, its output says why", file=sys.stderr)  # fmt: skip
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_PEER_LOST)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -335,6 +397,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (JobError, storage.InputError, storage.OutputError, CheckpointError, ConfigError, MeshError) as err:
             print(f"gptoss-generate: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)
+        except jax.errors.JaxRuntimeError as err:
+            if jax.process_count() == 1:
+                raise
+            stop_after_lost_peer(err)
         if distributed.is_writer():
             print(f"gptoss-generate: {summary.line()}")
         sys.exit(summary.exit_code)

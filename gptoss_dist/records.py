@@ -15,15 +15,19 @@ Input, one request a line (blank lines are skipped):
     stop              a string or a list of strings and token ids, at most MAX_STOP (how stop strings end a
                       completion: gptoss_dist.generate)
 
+Strings are text: a JSON escape of a lone surrogate (`"\\ud800"`), which no tokenizer takes, makes the
+record an error, except in `id`, which is only copied to the output (escaped there as it came).
+
 Output, one line per request, in `results`:
 
-    id, text (the completion's, without a final stop token or a stop string), tokens, finish_reason ("stop",
+    line (from 1), id, text (the completion's, without a final stop token or a stop string), tokens, finish_reason ("stop",
     "length" or "context"), usage {prompt_tokens, completion_tokens};
     for `messages` requests also `analysis` and `final`, the text of those channels of the parsed completion
     (null where it has none), and `parse_error` where the completion is not valid harmony.
 
 and one line per input line that cannot run, in `errors`: `line` (from 1), `id` (null where the line has
-none), `error`.
+none), `error`. Whatever a line holds, it gets one or the other: any exception that reading, checking,
+tokenizing or rendering it raises is its error.
 """
 
 from __future__ import annotations
@@ -61,6 +65,12 @@ class RecordError(Exception):
 
     def to_json(self) -> dict[str, Any]:
         return {"line": self.line, "id": self.id, "error": self.message}
+
+
+def error_message(err: Exception) -> str:
+    """What an exception says about a record: a ValueError's message is the checks' own, any other is a
+    surprise that the record caused, named by its type."""
+    return str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +122,17 @@ def sampling_defaults(settings: Mapping[str, Any]) -> Sampling:
         raise ValueError(f"sampling.{err}") from err
 
 
+def check_text(value: str, field: str) -> str:
+    """`value`, if UTF-8 can hold it; ValueError, naming `field`, for a lone surrogate (which a JSON escape or
+    a terminal's undecodable bytes can give), which is not a character and which no tokenizer takes."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as err:
+        surrogate = _show(value[err.start])
+        raise ValueError(f"{field} is not valid text: a lone surrogate {surrogate} at {err.start}") from None
+    return value
+
+
 def _messages(value: Any) -> tuple[dict[str, str], ...]:
     if not isinstance(value, list) or not value:
         raise ValueError("messages must be a non-empty list of {role, content} objects")
@@ -125,6 +146,8 @@ def _messages(value: Any) -> tuple[dict[str, str], ...]:
                 raise ValueError(f"messages[{i}].{key} must be a string, not {_show(message.get(key))}")
         if not isinstance(message.get("channel", ""), str):
             raise ValueError(f"messages[{i}].channel must be a string, not {_show(message['channel'])}")
+        for key, text in message.items():
+            check_text(text, f"messages[{i}].{key}")
     return tuple(value)
 
 
@@ -147,6 +170,8 @@ def _stop(value: Any) -> tuple[str | int, ...]:
     for entry in entries:
         if not (_is_token_id(entry) or (isinstance(entry, str) and entry)):
             raise ValueError(f"stop entries must be non-empty strings or token ids, not {_show(entry)}")
+        if isinstance(entry, str):
+            check_text(entry, "stop")
     return tuple(entries)
 
 
@@ -161,7 +186,7 @@ def _record(line: int, record_id: str, data: dict[str, Any], defaults: Sampling)
     if "prompt" in data:
         if not isinstance(data["prompt"], str) or not data["prompt"]:
             raise ValueError(f"prompt must be a non-empty string, not {_show(data['prompt'])}")
-        prompt["prompt"] = data["prompt"]
+        prompt["prompt"] = check_text(data["prompt"], "prompt")
     elif "messages" in data:
         prompt["messages"] = _messages(data["messages"])
     else:
@@ -178,39 +203,53 @@ def _record(line: int, record_id: str, data: dict[str, Any], defaults: Sampling)
     return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), **prompt)
 
 
-def parse_record(line: int, text: bytes | str, defaults: Sampling) -> InputRecord:
-    """The request on input line number `line`; RecordError, with the line and the id if known, if it is not
-    a valid one."""
+def _json_object(text: bytes | str) -> dict[str, Any]:
     try:
         data = json.loads(text)
-    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
-        raise RecordError(line, None, f"not valid JSON: {err}") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError; nesting too deep to parse
+        raise ValueError(f"not valid JSON: {err}") from None
     if not isinstance(data, dict):
-        raise RecordError(line, None, f"not a JSON object but {type(data).__name__}")
+        raise ValueError(f"not a JSON object but {type(data).__name__}")
+    return data
+
+
+def _record_id(data: dict[str, Any]) -> str:
     if "id" not in data:
-        raise RecordError(line, None, "missing id")
-    record_id = data["id"]
-    if not isinstance(record_id, str) or not record_id:
-        raise RecordError(line, None, f"id must be a non-empty string, not {_show(record_id)}")
+        raise ValueError("missing id")
+    if not isinstance(data["id"], str) or not data["id"]:
+        raise ValueError(f"id must be a non-empty string, not {_show(data['id'])}")
+    return data["id"]
+
+
+def parse_record(line: int, text: bytes | str, defaults: Sampling) -> InputRecord:
+    """The request on input line number `line`; RecordError, with the line and the id if known, if it is not
+    a valid one, whatever the exception its bytes cause."""
+    record_id = None
     try:
+        data = _json_object(text)
+        record_id = _record_id(data)
         return _record(line, record_id, data, defaults)
-    except ValueError as err:
-        raise RecordError(line, record_id, str(err)) from None
+    except Exception as err:  # noqa: BLE001  whatever a line's bytes cause is that line's error
+        raise RecordError(line, record_id, error_message(err)) from None
 
 
-def read_records(lines: Iterable[tuple[int, bytes]], defaults: Sampling) -> Iterator[InputRecord | RecordError]:
-    """A record, or the error that stops it, per numbered line. An id's first line claims it, valid or not;
-    a later line with the same id is an error."""
-    first_line: dict[str, int] = {}
+def _duplicate(record: InputRecord | RecordError, claimed_by: int) -> RecordError:
+    where = f"first on line {claimed_by}" if claimed_by < record.line else f"line {claimed_by} holds its result"
+    return RecordError(record.line, record.id, f"duplicate id {record.id!r}, {where}")
+
+
+def read_records(
+    lines: Iterable[tuple[int, bytes]], defaults: Sampling, results: Mapping[str, int] | None = None
+) -> Iterator[InputRecord | RecordError]:
+    """A record, or the error that stops it, per numbered line. An id's first line claims it, valid or not,
+    unless `results` (id: line, of results an earlier run wrote) gives it to another line; a line with an id
+    that another line claims is an error."""
+    claimed = dict(results or {})
     for number, text in lines:
         try:
             record: InputRecord | RecordError = parse_record(number, text, defaults)
         except RecordError as err:
             record = err
-        if record.id is not None and record.id in first_line:
-            record = RecordError(
-                number, record.id, f"duplicate id {record.id!r}, first on line {first_line[record.id]}"
-            )
-        elif record.id is not None:
-            first_line[record.id] = number
+        if record.id is not None and claimed.setdefault(record.id, number) != number:
+            record = _duplicate(record, claimed[record.id])
         yield record

@@ -50,6 +50,8 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
                             "cpu_devices": 0, "timeout_s": 300},
             "part_records": 1000,  # remote output: records per uploaded part file...
             "part_seconds": 60.0,  # ...or fewer, once the oldest waiting record is this old
+            "retry_errors": False,  # run the input lines that ended in errors again (edited since, or not)
+            "lock_timeout_s": 120.0,  # a job's lock on its output not renewed for this long is a dead job's
             "sampling": {"max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0},
             "harmony": {"reasoning_effort": "medium", "current_date": ""},  # "": no date line
             # the terminal chat (gptoss_dist.chat): its developer instructions ("": none), how the reply's

@@ -23,6 +23,8 @@ dimensions, and an array axis is never split more ways than the gcd of its size 
 limits of its mesh axes. For GPT-OSS-20B that is one expert along `experts`, one head along the heads, 1/64
 of the experts' intermediate dimension and 1/128 of the vocabulary. So whatever mesh a job picks, each
 device's shard is a union of whole read chunks, and each process reads only the chunks its devices hold.
+Every chunk is stored, zeros too, and a read of a chunk that is missing fails (as does one of a truncated or
+corrupt chunk), naming the array and the elements read: a partial copy of a checkpoint never loads as zeros.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from gptoss_dist.checkpoint import CheckpointError, abstract_model, filesystem, join, read_config
+from gptoss_dist.checkpoint import CheckpointError, abstract_model, filesystem, join, read_config, write_atomically
 from gptoss_dist.model import GptOss
 from gptoss_dist.sharding import REPLICATE_IF_INDIVISIBLE, RULES, param_shardings
 
@@ -131,19 +133,21 @@ def _kvstore(directory: str, name: str) -> str | dict[str, str]:
 
 
 def create_array(directory: str, name: str, spec: ArraySpec) -> ts.TensorStore:
-    """An empty array for `spec`, replacing whatever an earlier, interrupted conversion left there."""
+    """An empty array for `spec`, replacing whatever an earlier, interrupted conversion left there. Every chunk
+    is stored, zeros too, so that a missing chunk is an error when read, never zeros."""
     layout = ts.ChunkLayout(read_chunk_shape=spec.read_chunk, write_chunk_shape=spec.write_chunk)
     return ts.open(
-        {"driver": "zarr3", "kvstore": _kvstore(directory, name)},
+        {"driver": "zarr3", "kvstore": _kvstore(directory, name), "store_data_equal_to_fill_value": True},
         create=True, delete_existing=True, dtype=ts.dtype(spec.dtype), shape=spec.shape, chunk_layout=layout,
         context=_CONTEXT,
     ).result()  # fmt: skip
 
 
 def open_array(directory: str, name: str, spec: ArraySpec) -> ts.TensorStore:
+    """A converted array for reading: a chunk that is missing (say from a partial copy) fails its read."""
     try:
         return ts.open(
-            {"driver": "zarr3", "kvstore": _kvstore(directory, name)},
+            {"driver": "zarr3", "kvstore": _kvstore(directory, name), "fill_missing_data_reads": False},
             open=True, read=True, dtype=ts.dtype(spec.dtype), shape=spec.shape, context=_CONTEXT,
         ).result()  # fmt: skip
     except ValueError as err:
@@ -155,11 +159,14 @@ class InFlight:
 
     def __init__(self, budget: int):
         self._budget, self._bytes = budget, 0
-        self._queue: collections.deque[tuple[list, int, Callable[[], Any] | None]] = collections.deque()
+        self._queue: collections.deque[tuple[list, int, Callable[[], Any] | None, str | None]] = collections.deque()
 
-    def add(self, futures: Sequence[Any], nbytes: int = 0, then: Callable[[], Any] | None = None) -> None:
-        """Adds futures; `then` runs once they, and everything added before them, have finished."""
-        self._queue.append((list(futures), nbytes, then))
+    def add(
+        self, futures: Sequence[Any], nbytes: int = 0, then: Callable[[], Any] | None = None, what: str | None = None
+    ) -> None:
+        """Adds futures; `then` runs once they, and everything added before them, have finished. If one fails,
+        and `what` names what they read, CheckpointError names it."""
+        self._queue.append((list(futures), nbytes, then, what))
         self._bytes += nbytes
         while self._queue and (self._bytes > self._budget or all(f.done() for f in self._queue[0][0])):
             self._finish_oldest()
@@ -169,9 +176,14 @@ class InFlight:
             self._finish_oldest()
 
     def _finish_oldest(self) -> None:
-        futures, nbytes, then = self._queue.popleft()
-        for future in futures:
-            future.result()
+        futures, nbytes, then, what = self._queue.popleft()
+        try:
+            for future in futures:
+                future.result()
+        except ValueError as err:  # tensorstore's: a chunk missing, truncated or corrupt
+            if what is None:
+                raise
+            raise CheckpointError(f"{what}: {err}") from None
         self._bytes -= nbytes
         if then is not None:
             then()
@@ -188,10 +200,7 @@ def _read_json(path: str) -> Any:
 
 
 def _write_json(path: str, record: Any) -> None:
-    """Writes atomically: a local file is renamed into place, an object store replaces the object whole."""
-    fs = filesystem(path)
-    with fs.transaction, fs.open(path, "wb") as f:
-        f.write(json.dumps(record).encode())
+    write_atomically(path, json.dumps(record).encode())
 
 
 def _specs_of(record: dict[str, Any]) -> dict[str, ArraySpec] | None:
@@ -320,19 +329,25 @@ def _index_key(index: tuple[slice, ...]) -> tuple:
     return tuple((s.start, s.stop) for s in index)
 
 
-def _restore(array: ts.TensorStore, var: nnx.Variable, sharding: jax.sharding.Sharding, in_flight: InFlight) -> None:
-    """Starts reading the parts of `array` that this process's devices hold; they go into `var` once read."""
+def _restore(
+    array: ts.TensorStore, where: str, var: nnx.Variable, sharding: jax.sharding.Sharding, in_flight: InFlight
+) -> None:
+    """Starts reading the parts of `array` (stored at `where`) that this process's devices hold; they go into
+    `var` once read."""
     shape, dtype = var.get_value().shape, var.get_value().dtype
     indices = {_index_key(index): index for index in sharding.addressable_devices_indices_map(shape).values()}
     reads = {key: array[index].read() for key, index in indices.items()}
-    nbytes = len(reads) * math.prod(sharding.shard_shape(shape)) * array.dtype.numpy_dtype.itemsize
+    nbytes = math.prod(sharding.shard_shape(shape)) * array.dtype.numpy_dtype.itemsize
+    for key, index in indices.items():
+        box = ", ".join("{}:{}".format(*part.indices(dim)[:2]) for part, dim in zip(index, shape, strict=True))
+        in_flight.add([reads[key]], nbytes, what=f"{where}, elements [{box}]")
 
     def place() -> None:
         var.set_value(
             jax.make_array_from_callback(shape, sharding, lambda index: reads[_index_key(index)].result().astype(dtype))
         )
 
-    in_flight.add(list(reads.values()), nbytes, then=place)
+    in_flight.add([], then=place)
 
 
 def load(
@@ -360,6 +375,7 @@ def load(
     in_flight = InFlight(READ_AHEAD_BYTES)
     for param, var in flat.items():
         name = array_name(param)
-        _restore(open_array(directory, name, stored[name]), var, shardings.get(param, one_device), in_flight)
+        where = f"{join(directory, ARRAYS_DIR)}/{name}"
+        _restore(open_array(directory, name, stored[name]), where, var, shardings.get(param, one_device), in_flight)
     in_flight.drain()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -7,6 +7,9 @@ Each process gets GPTOSS_COORDINATOR, GPTOSS_NUM_PROCESSES, GPTOSS_PROCESS_ID an
 gptoss_dist/distributed.py); its output lines are prefixed with [process i]. SIGINT and SIGTERM are passed
 on to every process. When one process fails, the others are stopped (SIGTERM, then SIGKILL after
 --grace_s) and the launcher exits with that process's status, so a dead peer never leaves the rest hanging.
+A status that the job ends with by itself (gptoss_dist.exit_codes: some requests failed, or it cannot start)
+is not a failure while every process ends so within --grace_s: the launcher says what it means and exits
+with it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ import subprocess
 import sys
 import threading
 import time
+
+from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
+
+# Statuses every process of the job ends with together, by itself, and what they mean.
+JOB_ENDINGS = {
+    EXIT_FAILED_REQUESTS: "the job ran to its end, and some requests failed: its summary and errors say which",
+    EXIT_CANNOT_START: "the job could not start: its error says why",
+}
 
 
 def free_port() -> int:
@@ -64,13 +75,27 @@ def stop(children: list[subprocess.Popen], grace_s: float) -> None:
             child.wait()
 
 
+def all_end_with(children: list[subprocess.Popen], status: int, grace_s: float) -> bool:
+    """Whether every process ends with `status` by itself within `grace_s`."""
+    deadline = time.monotonic() + grace_s
+    while any(child.poll() is None for child in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return all(child.poll() == status for child in children)
+
+
 def supervise(children: list[subprocess.Popen], grace_s: float) -> int:
     """Waits for every process; on the first failure stops the rest. Returns the exit status."""
     while True:
         statuses = [child.poll() for child in children]
-        failed = [(i, s) for i, s in enumerate(statuses) if s not in (None, 0)]
+        # a process that stopped because another died (EXIT_PEER_LOST) is not the one to name
+        failed = sorted(
+            ((i, s) for i, s in enumerate(statuses) if s not in (None, 0)), key=lambda f: f[1] == EXIT_PEER_LOST
+        )
         if failed:
             index, status = failed[0]
+            if status in JOB_ENDINGS and all_end_with(children, status, grace_s):
+                print(f"[launch] every process exited with status {status}: {JOB_ENDINGS[status]}", file=sys.stderr)
+                return status
             print(f"[launch] process {index} exited with status {status}; stopping the others", file=sys.stderr)
             stop(children, grace_s)
             return status if status > 0 else 128 - status

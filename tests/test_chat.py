@@ -137,6 +137,22 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_final_text_so_far():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C raises again at the prompt
 
 
+def test_a_line_that_cannot_be_read_or_replied_to_is_said_and_the_session_goes_on():
+    engine = ScriptedEngine()
+    chat, out = chat_with(engine)
+    lines = iter([b"caf\xe9", "a\udc80b", "Hi", "/exit"])
+
+    def read_line(_prompt: str) -> str:  # as input() does: bytes the terminal's encoding cannot decode raise
+        line = next(lines)
+        return line.decode() if isinstance(line, bytes) else line
+
+    chat.session(read_line)
+    shown = out.getvalue()
+    assert "(cannot read that line: 'utf-8' codec can't decode byte 0xe9 in position 3" in shown
+    assert '(cannot reply: the line is not valid text: a lone surrogate "\\udc80" at 1; /reset' in shown
+    assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["Hi"] and len(engine.requests) == 1
+
+
 # ------------------------------------------------------------------------------------------ the command
 
 

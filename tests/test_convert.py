@@ -222,6 +222,35 @@ def test_bad_input_fails_clearly_and_marks_nothing_complete(source, tmp_path, da
     assert not (tmp_path / "out" / MARKER_FILE).exists()
 
 
+def delete_chunk(fs, path: str) -> None:
+    fs.rm(path)
+
+
+def truncate_chunk(fs, path: str) -> None:
+    fs.pipe_file(path, fs.cat_file(path)[:-100])
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (delete_chunk, r"NOT_FOUND: chunk \{[\d, ]+\} .*/c/0/0/0\"? is missing"),
+        (truncate_chunk, r"DATA_LOSS: .*/c/0/0/0"),
+    ],
+    ids=["deleted", "truncated"],
+)
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_missing_or_damaged_chunk_fails_the_load_naming_the_array(request, where, damage, says, tmp_path):
+    """As a partial copy leaves a checkpoint: never zeros, always an error that names the array."""
+    converted = request.getfixturevalue(f"{where}_converted")
+    fs = filesystem(converted)
+    copy = str(tmp_path / "copy") if where == "local" else f"{converted}-{damage.__name__}"
+    fs.copy(f"{converted}/", copy, recursive=True)
+    array = f"{copy}/arrays/layers.1.mlp.gate_up"
+    damage(fs, f"{array}/c/0/0/0")
+    with pytest.raises(CheckpointError, match=rf"{array}, elements \[0:6, 0:64, 0:128\]: {says}"):
+        from_pretrained(copy)
+
+
 def test_complete_destination_is_refused_unless_overwrite(source, tmp_path):
     destination = tmp_path / "out"
     convert(str(source), str(destination), show_progress=False)

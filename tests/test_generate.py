@@ -10,42 +10,34 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_dist import from_pretrained, records, settings, storage
+from gptoss_dist import from_pretrained, records, storage
 from gptoss_dist.checkpoint import filesystem
 from gptoss_dist.engine import Engine, Request
-from gptoss_dist.generate import cut_at_stop_strings, make_request, run_job, stop_ids
+from gptoss_dist.generate import cut_at_stop_strings, make_request, stop_ids
 from gptoss_dist.harmony import render_for_completion
 from gptoss_dist.random_checkpoint import (
     BYTE_TOKENIZER_SIZE,
     CONTROL_TOKENS,
     TOKENIZER_FILE,
     write_byte_tokenizer,
-    write_random_checkpoint,
 )
 from gptoss_dist.tokenizer import Tokenizer, load_tokenizer
 from reference import load_reference
 
-pytest_plugins = ["gcs_emulator", "tokenizer_fixtures"]
+from job_fixtures import ROOT, by_id, cli, job_config, read_output, run, run_cli, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "tiny.py"
-MODEL = settings.model_config(runpy.run_path(str(TINY_CONFIG))["get_config"]())
-# Every job's engine shapes; one prefill width (conversations, byte-level behind harmony's system message, take
-# about 270 tokens), so that only the three row counts compile.
-JOB = {"max_slots": 4, "max_len": 384, "min_prefill_len": 384, "steps_per_call": 4, "sampling.max_new_tokens": 12}
+pytest_plugins = ["gcs_emulator", "tokenizer_fixtures", "job_fixtures"]
+
 TEXTS = ["Hello", "The sky is", "1, 2, 3,", "<|start|>user", "naïve café"]  # <|start|>: text, 9 byte tokens
 CONVERSATIONS = [
     [{"role": "user", "content": "Write one line about the sea, please, in English."}],
@@ -56,65 +48,6 @@ CONVERSATIONS = [
         {"role": "user", "content": "Please?"},
     ],
 ]
-
-
-def job_config(checkpoint, input_path, output, **overrides):
-    """The tiny config with these paths, JOB and `overrides` (a dotted name sets a nested field)."""
-    config = runpy.run_path(str(TINY_CONFIG))["get_config"]()
-    paths = {"checkpoint": str(checkpoint), "input": str(input_path), "output": str(output)}
-    for name, value in (paths | JOB | overrides).items():
-        section, _, field = name.rpartition(".")
-        (config[section] if section else config)[field] = value
-    return config
-
-
-def cli(checkpoint, input_path, output, **overrides) -> list[str]:
-    """The command line of the same job."""
-    settings_ = {"checkpoint": checkpoint, "input": input_path, "output": output} | JOB | overrides
-    return [sys.executable, "-m", "gptoss_dist.generate", f"--config={TINY_CONFIG}",
-            *(f"--config.{name}={value}" for name, value in settings_.items())]  # fmt: skip
-
-
-def run(config):
-    return run_job(config, devices=jax.devices()[:1])
-
-
-def write_jsonl(path, lines: list[Any]) -> str:
-    """Writes dicts as JSON lines, strings as they are."""
-    text = "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines)
-    filesystem(str(path)).pipe_file(str(path), text.encode())
-    return str(path)
-
-
-def read_output(directory, name) -> list[dict[str, Any]]:
-    """The records of `name` in a job's output directory: one file locally, parts elsewhere."""
-    if storage.is_local(str(directory)):
-        path = Path(directory) / f"{name}.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    fs = filesystem(directory)
-    fs.invalidate_cache()
-    parts = sorted(fs.glob(f"{directory}/{name}-*.jsonl"))
-    return [json.loads(line) for part in parts for line in fs.cat_file(part).decode().splitlines()]
-
-
-def by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    ids = [line["id"] for line in lines]
-    assert len(ids) == len(set(ids)), f"duplicated ids: {sorted(i for i in set(ids) if ids.count(i) > 1)}"
-    return {line["id"]: line for line in lines}
-
-
-@pytest.fixture(scope="module")
-def hf_checkpoint(tmp_path_factory) -> Path:
-    return write_random_checkpoint(tmp_path_factory.mktemp("generate") / "tiny-hf", MODEL, seed=5)
-
-
-@pytest.fixture(scope="module")
-def converted(hf_checkpoint, tmp_path_factory) -> str:
-    from gptoss_dist import convert
-
-    destination = tmp_path_factory.mktemp("generate") / "tiny-converted"
-    convert.convert(str(hf_checkpoint), str(destination), dtype="float32", show_progress=False)
-    return str(destination)
 
 
 @pytest.fixture(scope="module")
@@ -407,14 +340,14 @@ def test_parts_are_uploaded_whole_and_numbered_on(tmp_path):
     log = storage.PartsLog(directory, "results", part_records=2, part_seconds=3600)
     log.start_writing()
     for i in range(5):
-        log.append({"id": f"r{i}"})
+        log.append({"line": i + 1, "id": f"r{i}"})
     assert max(filesystem(directory).ls(directory, detail=False)).endswith("results-00001.jsonl")
     log.close()
     reopened = storage.PartsLog(directory, "results", part_records=2, part_seconds=0)
-    assert [r["id"] for r in reopened.existing()] == [f"r{i}" for i in range(5)]
-    reopened.append({"id": "ignored"})  # a process that is not the writer writes nothing
+    assert [record["id"] for _, record in reopened.entries()] == [f"r{i}" for i in range(5)]
+    reopened.append({"line": 7, "id": "ignored"})  # a process that is not the writer writes nothing
     reopened.start_writing()
-    reopened.append({"id": "r5"})  # part_seconds=0: uploaded at once
+    reopened.append({"line": 6, "id": "r5"})  # part_seconds=0: uploaded at once
     assert [p.rsplit("/", 1)[1] for p in sorted(filesystem(directory).ls(directory, detail=False))] == [
         "results-00000.jsonl", "results-00001.jsonl", "results-00002.jsonl", "results-00003.jsonl"
     ]  # fmt: skip
@@ -422,19 +355,6 @@ def test_parts_are_uploaded_whole_and_numbered_on(tmp_path):
 
 KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [1 + i % 200, 2 + i % 50, 3]} for i in range(150)]
 KILL_LINES = [*KILL_REQUESTS[:10], {"id": "k005", "prompt": "duplicate"}, *KILL_REQUESTS[10:]]
-
-
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory) -> dict[str, str]:
-    """Settings that give job subprocesses one persistent compilation cache, so only the first one compiles."""
-    cache = tmp_path_factory.mktemp("jax-cache")
-    return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-def run_cli(command: list[str], cache: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Runs a job to its end, in the environment as it is now (the GCS emulator's settings included)."""
-    env = os.environ | (cache or {})
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -470,7 +390,8 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
 ):
     base = str(tmp_path) if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/kill-test"
     input_path, output = write_jsonl(f"{base}/in.jsonl", KILL_LINES), f"{base}/out"
-    command = cli(hf_checkpoint, input_path, output, part_records=2)
+    # the killed job's lock is never released: the rerun takes it over once lock_timeout_s has passed
+    command = cli(hf_checkpoint, input_path, output, part_records=2, lock_timeout_s=1)
     log_path = tmp_path / "killed.log"
     with log_path.open("wb") as log:
         env = os.environ | compilation_cache
@@ -486,7 +407,8 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
     done = len(survived) + len(read_output(output, storage.ERRORS))  # the error waits in memory on gs://
     if where == "local":  # a line cut off by the kill, as a write interrupted midway leaves it
         with open(Path(output) / "results.jsonl", "ab") as results:
-            results.write(b'{"id": "k149", "text": "cut o')
+            results.write(b'{"line": 151, "id": "k149", "text": "cut o')
+    time.sleep(1)
     again = run_cli(command, compilation_cache)
     assert again.returncode == 1, again.stderr
     assert f"({done} done by an earlier run" in again.stdout

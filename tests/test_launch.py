@@ -52,7 +52,8 @@ def workdir(tmp_path_factory):
 def job_command(workdir: Path, output: str) -> list[str]:
     return [sys.executable, "-m", "gptoss_dist.generate", f"--config={ROOT / 'configs' / 'tiny.py'}",
             f"--config.checkpoint={workdir / 'hf'}", f"--config.input={workdir / 'requests.jsonl'}",
-            f"--config.output={workdir / output}", "--config.max_slots=4", "--config.max_len=128", *MESH_FLAGS]  # fmt: skip
+            f"--config.output={workdir / output}", "--config.max_slots=4", "--config.max_len=128", *MESH_FLAGS,
+            "--config.lock_timeout_s=2"]  # fmt: skip
 
 
 def environment(workdir: Path, **extra: str) -> dict[str, str]:
@@ -96,7 +97,9 @@ def test_a_dead_process_stops_the_others_and_a_rerun_completes_exactly_once(work
     status = launcher.wait(timeout=90)
     assert time.monotonic() - killed_at < 60
     assert status != 0
-    assert "process 1 exited with status -9; stopping the others" in (workdir / "killed.log").read_text()
+    killed_log = (workdir / "killed.log").read_text()
+    assert "process 1 exited with status -9; stopping the others" in killed_log
+    assert "Traceback" not in killed_log  # the survivor, if it saw its peer go, said so in one line
     assert all(not pid_alive(pid) for pid in child_pids(launcher.pid))
 
     rerun = subprocess.run(launch(workdir, "killed", 2, 4), env=environment(workdir), capture_output=True,
@@ -186,3 +189,28 @@ def test_plan_command_prints_every_chip():
     rows = {line.split()[0]: line for line in done.stdout.splitlines()[2:]}
     assert set(rows) == set(plan.CHIPS)
     assert rows["v5e"].endswith("yes") and rows["v5e"].split()[1] == "16"
+
+
+def run_launcher(script: str, grace_s: float) -> subprocess.CompletedProcess:
+    """launch/local.py running `python -c script` as two processes."""
+    command = [sys.executable, str(ROOT / "launch" / "local.py"), "--processes=2", "--devices=1", f"--grace_s={grace_s}",
+               "--", sys.executable, "-c", script]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "status, meaning",
+    [(1, "the job ran to its end, and some requests failed"), (2, "the job could not start: its error says why")],
+)
+def test_every_process_ending_with_a_job_status_is_said_plainly(status, meaning):
+    done = run_launcher(f"import sys; sys.exit({status})", grace_s=10)
+    assert done.returncode == status
+    assert f"[launch] every process exited with status {status}: {meaning}" in done.stderr
+    assert "stopping the others" not in done.stderr
+
+
+def test_one_process_failing_while_the_others_run_stops_them():
+    done = run_launcher("import os, sys, time; os.environ['GPTOSS_PROCESS_ID'] == '1' and sys.exit(1); time.sleep(60)",
+                        grace_s=1)  # fmt: skip
+    assert done.returncode == 1
+    assert "[launch] process 1 exited with status 1; stopping the others" in done.stderr
