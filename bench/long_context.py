@@ -16,7 +16,6 @@ in one piece (the peer).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import subprocess
@@ -33,8 +32,7 @@ from gptoss_dist.model import random_model
 
 
 def long_config(config_path: str):
-    cfg = run_settings.model_config(load_settings(config_path))
-    return dataclasses.replace(cfg, max_position_embeddings=131072)
+    return run_settings.model_config(load_settings(config_path))
 
 
 def prompt(cfg, length: int, seed: int = 0) -> list[int]:

@@ -132,8 +132,6 @@ class LayerCache:
 
     def write(self, k: jax.Array, v: jax.Array, span: Span) -> LayerCache:
         """The cache with the real tokens' keys and values [B, T, kv, D] stored (of a ring, the last ones)."""
-        if k.shape[1] == 1:
-            return self._write_token(k, v, span)
         length = self.k.shape[1]
         t = jnp.arange(k.shape[1])
         kept = (t >= jnp.maximum(span.start, span.end - length)[:, None]) & (t < span.end[:, None])
@@ -144,27 +142,6 @@ class LayerCache:
             self.k.at[rows, index].set(k.astype(self.k.dtype), mode="drop"),
             self.v.at[rows, index].set(v.astype(self.v.dtype), mode="drop"),
         )
-
-
-    def _write_token(self, k: jax.Array, v: jax.Array, span: Span) -> LayerCache:
-        """`write` of one token a row (decoding), row by row with dynamic_update_slice, which updates the cache in
-        place in whatever layout it has. (A scatter made the TPU compiler copy every cache array to another layout
-        and back: eight caches' worth of temporaries in an 8-step decode call.)"""
-        length = self.k.shape[1]
-        slot = jnp.arange(k.shape[0]) if span.slot is None else span.slot
-
-        def write_row(row: jax.Array, cache: LayerCache) -> LayerCache:
-            at = (slot[row], span.first[row] % length, 0, 0)
-            real = (span.start[row] <= 0) & (span.end[row] > 0)
-
-            def put(store: jax.Array, new: jax.Array) -> jax.Array:
-                old = jax.lax.dynamic_slice(store, at, (1, 1, *store.shape[2:]))
-                token = jax.lax.dynamic_slice_in_dim(new, row, 1).astype(store.dtype)
-                return jax.lax.dynamic_update_slice(store, jnp.where(real, token, old), at)
-
-            return LayerCache(put(cache.k, k), put(cache.v, v))
-
-        return jax.lax.fori_loop(0, k.shape[0], write_row, self)
 
 
 def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:

@@ -3,7 +3,6 @@ and memory that stays bounded for a 16,384-token prompt."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import resource
 import runpy
@@ -86,9 +85,9 @@ def test_logits_of_prompts_in_pieces_equal_transformers(small_checkpoint, prompt
 
 @pytest.fixture(scope="module")
 def long_context_checkpoint(tmp_path_factory) -> Path:
-    """The tiny model with GPT-OSS's 131,072 positions."""
+    """The tiny model, which has GPT-OSS's 131,072 positions."""
     cfg = settings.model_config(runpy.run_path(str(TINY))["get_config"]())
-    cfg = dataclasses.replace(cfg, max_position_embeddings=131072)
+    assert cfg.max_position_embeddings == 131072
     return write_random_checkpoint(tmp_path_factory.mktemp("long-hf"), cfg, seed=6)
 
 
