@@ -106,9 +106,11 @@ def attend(
         out = state.weighted / state.total[..., None]
         return jnp.einsum("bkgtd->btkgd", out).astype(q.dtype)
 
-    out = jax.lax.map(query_block, (jnp.arange(num_q_blocks), jnp.moveaxis(grouped, 1, 0)))
-    out = jnp.moveaxis(out, 0, 1).reshape(batch, num_q_blocks * q_block, num_heads, head_dim)
-    return out[:, :length]
+    if num_q_blocks == 1:  # as decoding and short pieces are: no loop to compile and run
+        out = query_block((0, grouped[:, 0]))[:, None]
+    else:
+        out = jnp.moveaxis(jax.lax.map(query_block, (jnp.arange(num_q_blocks), jnp.moveaxis(grouped, 1, 0))), 0, 1)
+    return out.reshape(batch, num_q_blocks * q_block, num_heads, head_dim)[:, :length]
 
 
 def _attend_span(
@@ -116,7 +118,6 @@ def _attend_span(
 ) -> _Softmax:
     """Folds into `state` the blocks of `span` that the queries q [B, Tq, kv, g, D] at q_pos [B, Tq] can see."""
     size = min(block, span.k.shape[1])
-    first_block, end_block = _visible_blocks(q_pos, span, window, size)
     scale = q.shape[-1] ** -0.5
 
     def fold(index, state: _Softmax) -> _Softmax:
@@ -137,7 +138,9 @@ def _attend_span(
             weighted=state.weighted * rescale[..., None] + weighted,
         )
 
-    return jax.lax.fori_loop(first_block, end_block, fold, state)
+    if span.k.shape[1] == size:  # a span of one block (a window's ring, a short cache): no loop, masks suffice
+        return fold(0, state)
+    return jax.lax.fori_loop(*_visible_blocks(q_pos, span, window, size), fold, state)
 
 
 def _visible_blocks(q_pos: jax.Array, span: KeySpan, window: int | None, size: int) -> tuple[jax.Array, jax.Array]:
