@@ -5,8 +5,9 @@ Keys come in `KeySpan`s: runs of consecutive positions, such as a slot's cache o
 run. Because their positions are consecutive, the blocks a block of queries can see follow from the positions
 alone, and the rest are skipped: future blocks, and on sliding layers everything before the window.
 
-The sink joins each row's softmax as one more (unscaled) logit whose value is zero. The running softmax starts
-from it (maximum = sink, total = 1), so a row that sees no key attends to nothing and returns zeros.
+The sink joins each row's softmax as one more (unscaled) logit that carries a zero value vector. The running
+softmax starts from it (maximum = sink, total = 1), so a row that sees no key attends to nothing and returns
+zeros. This portable path runs on every backend; it is the reference for any backend kernel put behind `attend`.
 """
 
 from __future__ import annotations
