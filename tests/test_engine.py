@@ -183,13 +183,11 @@ def test_bad_requests_are_refused_by_name(model, request_, message):
         Engine(model, max_slots=2, max_len=64).generate([request_])
 
 
-@pytest.mark.parametrize("shape", [None, (2, 2, 2)], ids=["unsharded", "mesh-2x2x2"])
-def test_prompts_prefilled_in_pieces_give_transformers_greedy_tokens(checkpoint, model, transformers_greedy, shape):
+def test_prompts_prefilled_in_pieces_give_transformers_greedy_tokens(model, transformers_greedy):
     """A budget of 16 tokens a call: the 20- and 40-token prompts go in 2 and 3 pieces, attention in blocks of
-    4, and the 8-key windows of the sliding layers straddle the pieces."""
-    mesh = mesh_of(shape) if shape else None
-    model = from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh) if mesh else model
-    engine = Engine(model, mesh, max_slots=4, max_len=96, steps_per_call=8, prefill_tokens=16, min_prefill_len=4,
+    4, and the 8-key windows of the sliding layers straddle the pieces. (test_long_context checks the logits of
+    pieces on a 2x2x2 mesh.)"""
+    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=8, prefill_tokens=16, min_prefill_len=4,
                     attention_block=4)  # fmt: skip
     results = engine.generate([Request(p, max_new_tokens=36) for p in prompts()])
     assert [r.tokens for r in results] == transformers_greedy
