@@ -90,10 +90,10 @@ def main() -> None:
         "prefill": (f"prefill {rows}x{width}", lambda: engine.lower_prefill(rows, width)),
         "decode": (f"decode {settings.steps_per_call} steps", engine.lower_decode),
     }
+    setting = {"topology": args.topology, "device": devices[0].device_kind, "mesh": args.mesh,
+               "max_slots": args.max_slots, "max_len": args.max_len, "packed_experts": args.packed_experts}  # fmt: skip
     for key in args.programs.split(","):
         name, lower = programs[key]
-        setting = {"topology": args.topology, "device": devices[0].device_kind, "mesh": args.mesh,
-                   "max_slots": args.max_slots, "max_len": args.max_len, "packed_experts": args.packed_experts}  # fmt: skip
         print(json.dumps(setting | measure(name, lower)), flush=True)
 
 

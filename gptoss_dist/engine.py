@@ -329,9 +329,9 @@ class Engine:
         settings["stop"] = self._abstract_input((rows, self.stop_width), np.int32)
         with self._mesh_context():
             return _prefill_jit.lower(
-                **self._static, params=self.params, slots=self.abstract_slots(), tokens=self._abstract_input((rows, width), np.int32),
-                first=per_row(np.int32), count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool),
-                settings=settings,
+                **self._static, params=self.params, slots=self.abstract_slots(),
+                tokens=self._abstract_input((rows, width), np.int32), first=per_row(np.int32),
+                count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool), settings=settings,
             )  # fmt: skip
 
     def lower_decode(self) -> jax.stages.Lowered:

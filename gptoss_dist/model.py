@@ -167,7 +167,6 @@ class Attention(nnx.Module):
         self.o_bias = _constant((hidden,), ("embed",), param_dtype, 0.0)
         self.sinks = _constant((heads,), ("q_heads",), param_dtype, 0.0)
         self.window = cfg.window(layer)
-        self.index = layer
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Projects x [B, T, hidden] to rotated q [B, T, Hq, D], rotated k and v [B, T, Hkv, D]."""
@@ -191,13 +190,14 @@ class Attention(nnx.Module):
         """Attends the tokens x [B, T, hidden] at `span` to what they may see: each other and, with a cache,
         their sequences' earlier tokens. Returns the output and the cache holding the new keys too."""
         q, k, v = self.qkv(x, cos, sin)
-        spans = [KeySpan(k, v, first=span.first, start=span.start, end=span.end)]
-        if cache is not None and self.window is None:  # the cache holds the whole context: store, then read it
+        own = KeySpan(k, v, first=span.first, start=span.start, end=span.end)
+        if cache is None:
+            spans = [own]
+        elif self.window is None:  # the cache holds the whole context: store, then read it
             cache = cache.write(k, v, span)
             spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, rows=span.slot)]
-        elif cache is not None:  # a ring as long as the window: read what it held before the new keys replace it
-            held = KeySpan(cache.k, cache.v, end=span.first + span.start, rows=span.slot, ring=True)
-            spans = [held, *spans]
+        else:  # a ring as long as the window: read what it held before the new keys replace it
+            spans = [KeySpan(cache.k, cache.v, end=span.first + span.start, rows=span.slot, ring=True), own]
             cache = cache.write(k, v, span)
         out = attend(q, span.first, self.sinks[...], spans, self.window, block=block)
         return self.project_out(out), cache

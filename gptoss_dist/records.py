@@ -20,8 +20,8 @@ record an error, except in `id`, which is only copied to the output (escaped the
 
 Output, one line per request, in `results`:
 
-    line (from 1), id, text (the completion's, without a final stop token or a stop string), tokens, finish_reason ("stop",
-    "length" or "context"), usage {prompt_tokens, completion_tokens};
+    line (from 1), id, text (the completion's, without a final stop token or a stop string), tokens,
+    finish_reason ("stop", "length" or "context"), usage {prompt_tokens, completion_tokens};
     for `messages` requests also `analysis` and `final`, the text of those channels of the parsed completion
     (null where it has none), and `parse_error` where the completion is not valid harmony.
 
