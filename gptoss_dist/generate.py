@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -50,7 +51,7 @@ from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained,
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine, Request, Result
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
-from gptoss_dist.harmony import parse_completion, render_for_completion
+from gptoss_dist.harmony import Message, channel_texts, parse_reply, render_for_completion, tool_calls
 from gptoss_dist.records import InputRecord, RecordError
 from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes
 from gptoss_dist.tokenizer import Tokenizer
@@ -96,7 +97,7 @@ def prompt_tokens(record: InputRecord, tokenizer: Tokenizer, harmony: ml_collect
         return tokenizer.encode(record.prompt)
     if record.messages is not None:
         effort = record.reasoning_effort or harmony.reasoning_effort
-        return render_for_completion(record.messages, tokenizer, reasoning_effort=effort,
+        return render_for_completion(record.messages, tokenizer, tools=record.tools, reasoning_effort=effort,
                                      current_date=harmony.current_date or None)  # fmt: skip
     return list(record.prompt_tokens)
 
@@ -146,13 +147,32 @@ def cut_at_stop_strings(
     return tokens[:kept], text[:cut], "stop"
 
 
-def harmony_channels(tokens: list[int], tokenizer: Tokenizer) -> dict[str, Any]:
-    """The analysis and final channels of a harmony completion, or why it does not parse."""
+def harmony_fields(tokens: list[int], tool_names: Sequence[str], tokenizer: Tokenizer) -> dict[str, Any]:
+    """The analysis and final channels of a harmony completion and, if it ends in a call, the call; or why it
+    does not parse."""
     try:
-        channels = parse_completion(tokens, tokenizer)
+        messages, call = parse_reply(tokens, tokenizer)
     except ValueError as err:
         return {"analysis": None, "final": None, "parse_error": str(err)}
-    return {"analysis": channels.get("analysis"), "final": channels.get("final")}
+    channels = channel_texts(messages)
+    fields = {"analysis": channels.get("analysis"), "final": channels.get("final")}
+    return fields | (tool_call_fields(call, tool_names) if call is not None else {})
+
+
+def tool_call_fields(message: Message, tool_names: Sequence[str]) -> dict[str, Any]:
+    """The fields of a completion that ends in the call `message`: finish_reason, the function call and what
+    is wrong with it, if anything."""
+    calls = tool_calls([message])
+    fields = {"finish_reason": "tool_calls", "tool_calls": [dataclasses.asdict(call) for call in calls]}
+    if not calls:
+        return fields | {"tool_call_error": f"a call to {message.recipient!r}, which is not a function tool"}
+    if calls[0].name not in tool_names:
+        return fields | {"tool_call_error": f"a call to {calls[0].name!r}, which is not a declared tool"}
+    try:
+        json.loads(calls[0].arguments)
+    except ValueError as err:
+        return fields | {"tool_call_error": f"arguments are not valid JSON: {err}"}
+    return fields
 
 
 def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -163,7 +183,9 @@ def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> 
         "line": record.line, "id": record.id, "text": text, "tokens": tokens, "finish_reason": finish_reason,
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(tokens)},
     }  # fmt: skip
-    return line | (harmony_channels(tokens, tokenizer) if record.messages is not None else {})
+    if record.messages is None:
+        return line
+    return line | harmony_fields(tokens, [tool.name for tool in record.tools], tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------- job

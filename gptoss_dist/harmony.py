@@ -21,9 +21,9 @@ so a control-token string inside a message stays plain text.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
-import json
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -135,8 +135,13 @@ def parse_completion(tokens: Iterable[int], tokenizer: Tokenizer) -> dict[str, s
     The texts of several messages on one channel are joined by a blank line;
     a message without a channel is keyed by ``""``.
     """
+    return channel_texts(parse_messages(tokens, tokenizer))
+
+
+def channel_texts(messages: Iterable[Message]) -> dict[str, str]:
+    """Text per channel of ``messages``, as ``parse_completion`` gives it."""
     texts: dict[str, list[str]] = {}
-    for message in parse_messages(tokens, tokenizer):
+    for message in messages:
         texts.setdefault(message.channel or "", []).append(message.content)
     return {channel: "\n\n".join(parts) for channel, parts in texts.items()}
 
@@ -149,6 +154,12 @@ def parse_messages(tokens: Iterable[int], tokenizer: Tokenizer) -> list[Message]
     ``openai-harmony`` raises), and ``<|endoftext|>`` ends the completion.
     Raises ValueError on a token outside a message or a malformed header.
     """
+    return parse_reply(tokens, tokenizer)[0]
+
+
+def parse_reply(tokens: Iterable[int], tokenizer: Tokenizer) -> tuple[list[Message], Message | None]:
+    """The messages of a completion, as ``parse_messages`` gives them, and the call it ends with: the message
+    that its last token, ``<|call|>``, closes (None if its last token closes no call)."""
     start, message = tokenizer.token_id(START), tokenizer.token_id(MESSAGE)
     ends = set(tokenizer.find_token_ids(MESSAGE_ENDS))
     stop = set(tokenizer.find_token_ids([END_OF_TEXT]))
@@ -157,7 +168,9 @@ def parse_messages(tokens: Iterable[int], tokenizer: Tokenizer) -> list[Message]
     role: str | None = "assistant"
     header: list[int] = []
     body: list[int] = []
+    closed_by = None  # the end token that the last token was
     for token in tokens:
+        closed_by = None
         if token in stop:
             break
         if state == "start":
@@ -171,12 +184,13 @@ def parse_messages(tokens: Iterable[int], tokenizer: Tokenizer) -> list[Message]
                 header.append(token)
         elif token in ends:
             parsed.append(_parse_message(tokenizer, header, role, body))
-            state = "start"
+            state, closed_by = "start", token
         else:
             body.append(token)
     if state == "content":
         parsed.append(_parse_message(tokenizer, header, role, body))
-    return parsed
+    call = parsed[-1] if closed_by in tokenizer.find_token_ids([CALL]) else None
+    return parsed, call
 
 
 def tool_calls(messages: Iterable[Message]) -> list[ToolCall]:

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
+from tokenizer_fixtures import encode_with_control_tokens
 
-from gptoss_dist.harmony import Message, Tool, ToolCall, parse_completion, parse_messages, render_for_completion, tool_calls
+from gptoss_dist.harmony import (
+    Message,
+    Tool,
+    ToolCall,
+    parse_completion,
+    parse_messages,
+    render_for_completion,
+    tool_calls,
+)
 from gptoss_dist.tokenizer import Tokenizer
 
 pytest_plugins = ["tokenizer_fixtures"]
@@ -98,7 +106,10 @@ CONVERSATIONS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     ),
     "unicode": ([{"role": "user", "content": "Ünïcödé 你好，世界 🙂🦜 𝔘\n\n\ttabs  "}], {"current_date": "2025-12-31"}),
     "tools-every-schema-feature": ([{"role": "user", "content": "Weather?"}], {"tools": TOOLS}),
-    "one-call": ([{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [CALL]}], {"tools": TOOLS}),
+    "one-call": (
+        [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [CALL]}],
+        {"tools": TOOLS},
+    ),
     "several-calls": (
         [
             WEATHER_CALL[0],
@@ -117,7 +128,10 @@ CONVERSATIONS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
         [WEATHER_CALL[0], {"role": "assistant", "content": "Looking.", "channel": "commentary", "tool_calls": [CALL]}],
         {"tools": TOOLS},
     ),
-    "efforts-with-tools": (WEATHER_CALL, {"tools": (WEATHER,), "reasoning_effort": "low", "current_date": "2025-06-28"}),
+    "efforts-with-tools": (
+        WEATHER_CALL,
+        {"tools": (WEATHER,), "reasoning_effort": "low", "current_date": "2025-06-28"},
+    ),
     "effort-high-with-tools": ([{"role": "user", "content": "Hi"}], {"tools": (CLOCK,), "reasoning_effort": "high"}),
     "developer-with-tools": (
         [{"role": "developer", "content": "Use tools. <|start|>"}, *WEATHER_CALL],
@@ -192,14 +206,6 @@ def harmony_messages(oh: Any, encoding: Any, tokens: list[int]) -> list[Message]
         Message(m.author.name or m.author.role.value, m.content[0].text, m.channel, m.recipient, m.content_type)
         for m in parsed
     ]
-
-
-def encode_with_control_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Ids of ``text`` where each ``<|name|>`` is that control token (for writing test completions)."""
-    ids = []
-    for i, piece in enumerate(re.split(r"(<\|[a-z_0-9]+\|>)", text)):
-        ids += [tokenizer.token_id(piece)] if i % 2 else tokenizer.encode(piece)
-    return ids
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
