@@ -25,7 +25,14 @@ from flax import nnx
 from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.model import CACHE_AXES, GptOss, LayerCache, Span, cache_length, cache_shape
-from gptoss_dist.sampling import sample, token_keys
+from gptoss_dist.sampling import (
+    MAX_TOP_LOGPROBS,
+    TokenScores,
+    logprobs_of,
+    sample,
+    token_keys,
+    token_scores_where_wanted,
+)
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
 
 # GPT-OSS's stop tokens: <|return|>, <|endoftext|>, <|call|>.
@@ -36,7 +43,9 @@ SLOT_AXES = ("batch",)
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's."""
+    """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's.
+    `logprobs` scores each generated token (with its `top_logprobs` most likely alternatives), `prompt_logprobs`
+    each prompt token after the first (see `sampling`: the model's log-probabilities, before sampling)."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 256
@@ -46,17 +55,34 @@ class Request:
     seed: int = 0
     stop: Sequence[int] = ()
     id: Any = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, its rank among all tokens (1: the most likely), and the request's
+    `top_logprobs` most likely tokens as (token id, log-probability), most likely first."""
+
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass
 class Result:
     """A finished request: its generated tokens (a final stop token included) and why it ended:
-    "stop" (a stop token), "length" (max_new_tokens) or "context" (the engine's max_len)."""
+    "stop" (a stop token), "length" (max_new_tokens) or "context" (the engine's max_len). If the request asked
+    for them, the scores of its tokens (one each) and its prompt's tokens after the first with their
+    log-probabilities, as (token id, log-probability)."""
 
     id: Any
     tokens: list[int]
     finish_reason: str
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[tuple[int, float]] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -100,6 +126,7 @@ class Slots:
     top_k: jax.Array  # [B] int32
     top_p: jax.Array  # [B] float32
     seed: jax.Array  # [B] uint32
+    logprobs: jax.Array  # [B] bool: score the generated tokens
     stop: jax.Array  # [B, S] int32, padded with -1
 
 
@@ -110,6 +137,7 @@ REQUEST_SETTINGS = {
     "top_k": ("top_k", np.int32),
     "top_p": ("top_p", np.float32),
     "seed": ("seed", np.uint32),
+    "logprobs": ("logprobs", np.bool_),
 }
 
 
@@ -119,10 +147,25 @@ def _finished(slots: Slots, max_len: int) -> jax.Array:
     return stopped | (slots.generated >= slots.max_new) | (slots.length + 1 >= max_len)
 
 
-def _next_tokens(model: GptOss, slots: Slots, hidden: jax.Array) -> jax.Array:
+def _next_tokens(model: GptOss, slots: Slots, hidden: jax.Array) -> tuple[jax.Array, TokenScores]:
+    """The next token of each slot, and its scores where an active slot wants them."""
     logits = model.logits(hidden)[:, -1]
     keys = token_keys(slots.seed, slots.generated)
-    return sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    tokens = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    return tokens, token_scores_where_wanted(slots.logprobs & slots.active, logits, tokens)
+
+
+def _prompt_logprobs(model: GptOss, hidden: jax.Array, following: jax.Array) -> jax.Array:
+    """The log-probabilities [n, T] of the prompt tokens `following` [n, T] each position (-1: none), from the
+    hidden states [n, T, H] of a prefill piece: one piece's logits at a time, and none if no row wants them."""
+
+    def score(hidden: jax.Array, following: jax.Array) -> jax.Array:
+        return logprobs_of(model.logits(hidden), jnp.maximum(following, 0))
+
+    def skip(hidden: jax.Array, following: jax.Array) -> jax.Array:
+        return jnp.zeros(following.shape, jnp.float32)
+
+    return jax.lax.cond(jnp.any(following >= 0), score, skip, hidden, following)
 
 
 def prefill(
@@ -134,23 +177,26 @@ def prefill(
     count: jax.Array,
     targets: jax.Array,
     last: jax.Array,
+    following: jax.Array,
     settings: dict[str, jax.Array],
     *,
     max_len: int,
     attention_block: int,
-) -> tuple[Slots, jax.Array, jax.Array]:
+) -> tuple[Slots, jax.Array, jax.Array, TokenScores, jax.Array]:
     """Runs a piece of each of n prompts into slots `targets` [n] (out of range: a padding row): `count` [n]
     tokens [n, T] (right-padded) at positions `first` [n] onwards, which attend to their slot's cache and to
     each other. Rows whose piece is the prompt's `last` [n] sample their first token and become active; the
-    others stay inactive until their next piece. Returns the slots, the first tokens [n] and which slots are
-    active [B], the last two replicated so that every process can read them."""
+    others stay inactive until their next piece. `following` [n, T] holds the prompt token after each position
+    where a row scores its prompt (-1 elsewhere). Returns the slots, the first tokens [n], which slots are
+    active [B], the first tokens' scores and the log-probabilities of `following` [n, T], all but the slots
+    replicated so that every process can read them."""
     model = nnx.merge(graphdef, params)
     span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets)
     hidden, cache = model.hidden_states(tokens, span, slots.cache, attention_block=attention_block)
     final = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
     zeros = jnp.zeros_like(count)
     new = Slots(cache=None, token=zeros, length=first + count, generated=zeros, active=last, **settings)
-    sampled = _next_tokens(model, new, final)
+    sampled, scores = _next_tokens(model, new, final)
     new = dataclasses.replace(new, token=sampled, generated=last.astype(jnp.int32))
     new = dataclasses.replace(new, active=last & ~_finished(new, max_len))
 
@@ -158,22 +204,25 @@ def prefill(
         return old.at[targets].set(update, mode="drop")
 
     merged = jax.tree.map(scatter, dataclasses.replace(slots, cache=None), new)
-    return dataclasses.replace(merged, cache=cache), replicated(sampled), replicated(merged.active)
+    prompt_scores = _prompt_logprobs(model, hidden, following)
+    outputs = jax.tree.map(replicated, (sampled, merged.active, scores, prompt_scores))
+    return dataclasses.replace(merged, cache=cache), *outputs
 
 
 def decode(
     graphdef: nnx.GraphDef, params: nnx.State, slots: Slots, *, steps: int, max_len: int, attention_block: int
-) -> tuple[Slots, jax.Array, jax.Array, jax.Array]:
+) -> tuple[Slots, jax.Array, jax.Array, jax.Array, TokenScores]:
     """`steps` decode steps for every slot in one call; inactive slots neither change nor write to the cache.
-    Returns the slots, the tokens [steps, B], which of them were generated by an active slot [steps, B] and
-    which slots are still active [B], the last three replicated."""
+    Returns the slots, the tokens [steps, B], which of them were generated by an active slot [steps, B], which
+    slots are still active [B] and the tokens' scores [steps, B, ...] (zeros where no slot wants them), all but
+    the slots replicated."""
     model = nnx.merge(graphdef, params)
 
     def step(slots: Slots, _):
         live = slots.active
         span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32))
         hidden, cache = model.hidden_states(slots.token[:, None], span, slots.cache, attention_block=attention_block)
-        token = _next_tokens(model, slots, hidden)
+        token, scores = _next_tokens(model, slots, hidden)
         slots = dataclasses.replace(
             slots,
             cache=cache,
@@ -182,10 +231,10 @@ def decode(
             generated=slots.generated + live,
         )
         slots = dataclasses.replace(slots, active=live & ~_finished(slots, max_len))
-        return slots, (token, live)
+        return slots, (token, live, scores)
 
-    slots, (tokens, emitted) = jax.lax.scan(step, slots, length=steps)
-    return slots, replicated(tokens), replicated(emitted), replicated(slots.active)
+    slots, (tokens, emitted, scores) = jax.lax.scan(step, slots, length=steps)
+    return slots, *jax.tree.map(replicated, (tokens, emitted, slots.active, scores))
 
 
 def replicated(x: jax.Array) -> jax.Array:
@@ -220,6 +269,12 @@ _decode_jit = jax.jit(
 # ------------------------------------------------------------------------------------------- engine
 
 
+def _token_logprob(scores: TokenScores, index: tuple[int, ...], top: int) -> TokenLogprob:
+    """The scores of the token at `index` in host `scores`, with its `top` most likely alternatives."""
+    alternatives = zip(scores.top_tokens[index][:top].tolist(), scores.top_logprobs[index][:top].tolist())
+    return TokenLogprob(float(scores.logprob[index]), int(scores.rank[index]), list(alternatives))
+
+
 def _buckets(smallest: int, largest: int) -> list[int]:
     """smallest, 2*smallest, 4*smallest, ... below `largest`, then `largest`."""
     sizes = [smallest * 2**i for i in range(max(0, math.ceil(math.log2(largest / smallest))))]
@@ -232,11 +287,14 @@ def _fit(buckets: list[int], size: int) -> int:
 
 @dataclasses.dataclass
 class _Sequence:
-    """A request in a slot: the prompt tokens already in the cache and the tokens generated so far."""
+    """A request in a slot: the prompt tokens already in the cache, the tokens generated so far and the scores
+    it asked for."""
 
     request: Request
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -305,6 +363,7 @@ class Engine:
             cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32), generated=per_slot(jnp.int32),
             active=per_slot(jnp.bool_), max_new=per_slot(jnp.int32), temperature=per_slot(jnp.float32),
             top_k=per_slot(jnp.int32), top_p=per_slot(jnp.float32, fill=1.0), seed=per_slot(jnp.uint32),
+            logprobs=per_slot(jnp.bool_),
             stop=_Blank((count, self.stop_width), jnp.int32, (*SLOT_AXES, None), fill=-1),
         )  # fmt: skip
 
@@ -331,7 +390,8 @@ class Engine:
             return _prefill_jit.lower(
                 **self._static, params=self.params, slots=self.abstract_slots(),
                 tokens=self._abstract_input((rows, width), np.int32), first=per_row(np.int32),
-                count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool), settings=settings,
+                count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool),
+                following=self._abstract_input((rows, width), np.int32), settings=settings,
             )  # fmt: skip
 
     def lower_decode(self) -> jax.stages.Lowered:
@@ -366,6 +426,8 @@ class Engine:
             raise ValueError(f"{name}: seed must be in [0, 2**32)")
         if len(request.stop) > MAX_REQUEST_STOP_TOKENS:
             raise ValueError(f"{name}: at most {MAX_REQUEST_STOP_TOKENS} stop tokens, not {len(request.stop)}")
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS or (request.top_logprobs and not request.logprobs):
+            raise ValueError(f"{name}: top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], and 0 without logprobs")
 
     def generate(self, requests: Iterable[Request]) -> list[Result]:
         """Results in the order of `requests`."""
@@ -436,11 +498,15 @@ class Engine:
         targets = np.full(rows, self.max_slots, np.int32)  # out of range: padding rows write nowhere
         last = np.zeros(rows, bool)
         stop = np.full((rows, self.stop_width), -1, np.int32)
+        following = np.full(tokens.shape, -1, np.int32)  # the prompt tokens to score
         settings = {name: np.zeros(rows, dtype) for name, (_, dtype) in REQUEST_SETTINGS.items()}
         for row, (slot, piece) in enumerate(pieces.items()):
             sequence = running[slot]
             request, start = sequence.request, sequence.prefilled
             tokens[row, :piece] = request.prompt[start : start + piece]
+            if request.prompt_logprobs:
+                scored = request.prompt[start + 1 : start + piece + 1]
+                following[row, : len(scored)] = scored
             first[row], count[row], targets[row] = start, piece, slot
             last[row] = start + piece == len(request.prompt)
             stops = (*self.stop_tokens, *request.stop)
@@ -450,39 +516,55 @@ class Engine:
             sequence.prefilled += piece
         settings["stop"] = stop
         self.prefill_shapes[tokens.shape] += 1
-        slots, sampled, active = self._prefill(params=self.params, slots=slots, tokens=tokens, first=first,
-                                               count=count, targets=targets, last=last, settings=settings)  # fmt: skip
-        sampled = np.asarray(sampled)
-        new_tokens = {slot: [int(sampled[row])] for row, slot in enumerate(pieces) if last[row]}
-        return slots, self._updates(new_tokens, active, running)
+        slots, sampled, active, scores, prompt_scores = self._prefill(
+            params=self.params, slots=slots, tokens=tokens, first=first, count=count, targets=targets, last=last,
+            following=following, settings=settings,
+        )  # fmt: skip
+        sampled, scores, prompt_scores = jax.tree.map(np.asarray, (sampled, scores, prompt_scores))
+        for row, slot in enumerate(pieces):
+            scored = following[row] >= 0  # a prefix of the row
+            running[slot].prompt_logprobs += zip(following[row, scored].tolist(), prompt_scores[row, scored].tolist())
+        new_tokens = {slot: [(int(sampled[row]), (row,))] for row, slot in enumerate(pieces) if last[row]}
+        return slots, self._updates(new_tokens, scores, active, running)
 
     def _step(self, slots, running):
-        slots, tokens, emitted, active = self._decode(params=self.params, slots=slots)
+        slots, tokens, emitted, active, scores = self._decode(params=self.params, slots=slots)
         self.slot_steps += self.steps_per_call * self.max_slots
-        tokens, emitted = np.asarray(tokens), np.asarray(emitted)
+        tokens, emitted, scores = np.asarray(tokens), np.asarray(emitted), jax.tree.map(np.asarray, scores)
         new_tokens = {
-            slot: [int(t) for t in tokens[emitted[:, slot], slot]]
+            slot: [(int(tokens[step, slot]), (step, slot)) for step in np.flatnonzero(emitted[:, slot])]
             for slot, sequence in running.items()
             if not sequence.prefilling
         }
-        return slots, self._updates(new_tokens, active, running)
+        return slots, self._updates(new_tokens, scores, active, running)
 
-    def _updates(self, new_tokens: dict[int, list[int]], active: jax.Array, running) -> list[Update]:
-        """Adds each slot's new tokens to its request's, and frees the slots that ended. Slots left out of
-        `new_tokens` were not in the call and are still running."""
+    def _updates(self, new_tokens: dict[int, list[tuple[int, tuple[int, ...]]]], scores: TokenScores,
+                 active: jax.Array, running) -> list[Update]:  # fmt: skip
+        """Adds each slot's new tokens, given with their index in `scores`, to its request's (and their scores, if
+        it asked for them), and frees the slots that ended. Slots left out of `new_tokens` were not in the call
+        and are still running."""
         active = np.asarray(active)
         updates = []
-        for slot, tokens in new_tokens.items():
+        for slot, indexed in new_tokens.items():
             sequence = running[slot]
+            request, tokens = sequence.request, [token for token, _ in indexed]
             sequence.generated.extend(tokens)
+            if request.logprobs:
+                sequence.logprobs.extend(_token_logprob(scores, index, request.top_logprobs) for _, index in indexed)
             result = None
             if not active[slot]:
                 del running[slot]
-                request = sequence.request
-                result = Result(request.id, sequence.generated, self._reason(request, sequence.generated),
-                                len(request.prompt))  # fmt: skip
-            updates.append(Update(sequence.request, tokens, result))
+                result = self._result(sequence)
+            updates.append(Update(request, tokens, result))
         return updates
+
+    def _result(self, sequence: _Sequence) -> Result:
+        request = sequence.request
+        return Result(
+            request.id, sequence.generated, self._reason(request, sequence.generated), len(request.prompt),
+            logprobs=sequence.logprobs if request.logprobs else None,
+            prompt_logprobs=sequence.prompt_logprobs if request.prompt_logprobs else None,
+        )  # fmt: skip
 
     def _reason(self, request: Request, tokens: list[int]) -> str:
         if tokens[-1] in self.stop_tokens or tokens[-1] in request.stop:

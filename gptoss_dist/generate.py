@@ -49,7 +49,7 @@ from tqdm import tqdm
 from gptoss_dist import distributed, plan, records, settings, storage
 from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained, join, read_config
 from gptoss_dist.config import ConfigError
-from gptoss_dist.engine import Engine, Request, Result
+from gptoss_dist.engine import Engine, Request, Result, TokenLogprob
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
 from gptoss_dist.harmony import Message, channel_texts, parse_reply, render_for_completion, tool_calls
 from gptoss_dist.records import InputRecord, RecordError
@@ -119,7 +119,8 @@ def make_request(
     request = Request(
         prompt_tokens(record, tokenizer, harmony), max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
-        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id,
+        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id, logprobs=record.logprobs,
+        top_logprobs=record.top_logprobs, prompt_logprobs=record.prompt_logprobs,
     )  # fmt: skip
     engine.validate(request)
     return request
@@ -175,6 +176,23 @@ def tool_call_fields(message: Message, tool_names: Sequence[str]) -> dict[str, A
     return fields
 
 
+def logprob_fields(result: Result, kept: int, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The scores that the request asked for, of its first `kept` tokens and of its prompt."""
+
+    def scored(token: int, logprob: float) -> dict[str, Any]:
+        return {"token": token, "text": tokenizer.decode([token]), "logprob": logprob}
+
+    def ranked(token: int, scores: TokenLogprob) -> dict[str, Any]:
+        return scored(token, scores.logprob) | {"rank": scores.rank, "top_logprobs": [scored(*t) for t in scores.top]}
+
+    fields = {}
+    if result.logprobs is not None:
+        fields["logprobs"] = [ranked(*entry) for entry in zip(result.tokens[:kept], result.logprobs, strict=False)]
+    if result.prompt_logprobs is not None:
+        fields["prompt_logprobs"] = [scored(*entry) for entry in result.prompt_logprobs]
+    return fields
+
+
 def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> dict[str, Any]:
     """The output line of a finished request (see gptoss_dist.records)."""
     stop_strings = [entry for entry in record.stop if isinstance(entry, str)]
@@ -183,6 +201,7 @@ def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> 
         "line": record.line, "id": record.id, "text": text, "tokens": tokens, "finish_reason": finish_reason,
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(tokens)},
     }  # fmt: skip
+    line |= logprob_fields(result, len(tokens), tokenizer)
     if record.messages is None:
         return line
     return line | harmony_fields(tokens, [tool.name for tool in record.tools], tokenizer)

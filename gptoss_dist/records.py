@@ -21,6 +21,10 @@ Input, one request a line (blank lines are skipped):
                       sampling (defaults: the run's `sampling` settings)
     stop              a string or a list of strings and token ids, at most MAX_STOP (how stop strings end a
                       completion: gptoss_dist.generate)
+    logprobs          true: score each generated token (default false), with its `top_logprobs` (0 to 20,
+                      default 0) most likely alternatives; the model's float32 log-probabilities, before
+                      temperature, top-k and top-p
+    prompt_logprobs   true: score each prompt token after the first (default false)
 
 Strings are text: a JSON escape of a lone surrogate (`"\\ud800"`), which no tokenizer takes, makes the
 record an error, except in `id`, which is only copied to the output (escaped there as it came).
@@ -29,6 +33,9 @@ Output, one line per request, in `results`:
 
     line (from 1), id, text (the completion's, without a final stop token or a stop string), tokens,
     finish_reason ("stop", "length" or "context"), usage {prompt_tokens, completion_tokens};
+    if asked, `logprobs`, one per token of `tokens`: {token, text, logprob, rank (1: the most likely token),
+    top_logprobs: [{token, text, logprob}, ...] (most likely first)}, and `prompt_logprobs`, one per prompt
+    token after the first: {token, text, logprob};
     for `messages` requests also `analysis` and `final`, the text of those channels of the parsed completion
     (null where it has none), and `parse_error` where the completion is not valid harmony. A completion that
     ends in a tool call (`<|call|>`) has finish_reason "tool_calls" and `tool_calls`, [{"name", "arguments"}]
@@ -51,6 +58,7 @@ from typing import Any, get_args
 
 from gptoss_dist.engine import MAX_REQUEST_STOP_TOKENS
 from gptoss_dist.harmony import ReasoningEffort, Tool
+from gptoss_dist.sampling import MAX_TOP_LOGPROBS
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_tokens")
 MESSAGE_FIELDS = {"role", "content", "channel", "name", "tool_calls"}
@@ -68,7 +76,8 @@ SAMPLING_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
 }
 REASONING_EFFORTS = get_args(ReasoningEffort)
 MESSAGES_ONLY = ("reasoning_effort", "tools")
-FIELDS = {"id", *PROMPT_FIELDS, *MESSAGES_ONLY, "stop", *SAMPLING_RULES}
+SCORING_FLAGS = ("logprobs", "prompt_logprobs")
+FIELDS = {"id", *PROMPT_FIELDS, *MESSAGES_ONLY, "stop", *SAMPLING_RULES, *SCORING_FLAGS, "top_logprobs"}
 
 
 class RecordError(Exception):
@@ -110,6 +119,9 @@ class InputRecord:
     prompt_tokens: tuple[int, ...] | None = None
     reasoning_effort: ReasoningEffort | None = None
     tools: tuple[Tool, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
 
 def _show(value: Any) -> str:
@@ -268,7 +280,20 @@ def _record(line: int, record_id: str, data: dict[str, Any], defaults: Sampling)
         prompt["reasoning_effort"] = data["reasoning_effort"]
     overrides = {field: sampling_value(field, data[field]) for field in SAMPLING_RULES if field in data}
     sampling = dataclasses.replace(defaults, **overrides)
-    return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), **prompt)
+    return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), **prompt, **_scoring(data))
+
+
+def _scoring(data: dict[str, Any]) -> dict[str, bool | int]:
+    """The record's scoring fields, checked."""
+    scoring = {flag: data[flag] for flag in SCORING_FLAGS if flag in data}
+    if bad := [flag for flag, value in scoring.items() if not isinstance(value, bool)]:
+        raise ValueError(f"{bad[0]} must be true or false, not {_show(scoring[bad[0]])}")
+    top = data.get("top_logprobs", 0)
+    if not (isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], not {_show(top)}")
+    if top and not scoring.get("logprobs"):
+        raise ValueError("top_logprobs needs logprobs: true")
+    return scoring | {"top_logprobs": top}
 
 
 def _json_object(text: bytes | str) -> dict[str, Any]:

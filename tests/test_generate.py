@@ -25,7 +25,7 @@ from tokenizer_fixtures import encode_with_control_tokens
 
 from gptoss_dist import from_pretrained, records, storage
 from gptoss_dist.checkpoint import filesystem
-from gptoss_dist.engine import Engine, Request, Result
+from gptoss_dist.engine import Engine, Request, Result, TokenLogprob
 from gptoss_dist.generate import cut_at_stop_strings, make_request, result_record, stop_ids
 from gptoss_dist.harmony import Tool, render_for_completion
 from gptoss_dist.random_checkpoint import (
@@ -249,6 +249,7 @@ BAD_LINES = {  # line -> (id, part of the error)
     20: ("twin-tools", "tools: duplicate tool name(s) 'f'"),
     21: ("undeclared-tool", "a tool message names tool 'g', which is not declared (tools: f)"),
     22: ("bad-schema", "tool 'f': parameters property 'x': oneOf is not supported"),
+    23: ("top-21", "top_logprobs must be an integer in [0, 20], not 21"),
 }
 TOOL_SPEC = {"name": "f", "description": "Does f.", "parameters": {"type": "object", "properties": {}}}
 TOOL = {"type": "function"} | TOOL_SPEC
@@ -266,7 +267,8 @@ def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path)
         {"id": "too-long", "prompt_tokens": [1] * 400},
         {"id": "negative", "prompt": "Hello", "max_new_tokens": -3},
         {"id": "cold", "prompt": "Hello", "temperature": -0.5},
-        {"id": "ok-2", "prompt_tokens": [1, 2, 3], "temperature": 0.5},
+        {"id": "ok-2", "prompt_tokens": [1, 2, 3], "temperature": 0.5, "logprobs": True, "top_logprobs": 2,
+         "prompt_logprobs": True},
         {"id": "top-p", "prompt": "Hello", "top_p": 0},
         {"id": "two-prompts", "prompt": "Hello", "prompt_tokens": [1]},
         {"id": "big-stop", "prompt": "Hello", "stop": [9999]},
@@ -284,11 +286,17 @@ def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path)
             "messages": [USER],
             "tools": [TOOL | {"parameters": {"type": "object", "properties": {"x": {"oneOf": []}}}}],
         },
+        {"id": "top-21", "prompt": "Hello", "logprobs": True, "top_logprobs": 21},
     ]
     config = job_config(converted, write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out")
     summary = run(config)
     assert (summary.ok, summary.failed, summary.exit_code) == (2, len(BAD_LINES), 1)
-    assert sorted(by_id(read_output(tmp_path / "out", storage.RESULTS))) == ["ok-1", "ok-2"]
+    results = by_id(read_output(tmp_path / "out", storage.RESULTS))
+    assert sorted(results) == ["ok-1", "ok-2"] and "logprobs" not in results["ok-1"]
+    scored = results["ok-2"]
+    assert [entry["token"] for entry in scored["logprobs"]] == scored["tokens"]
+    assert [len(entry["top_logprobs"]) for entry in scored["logprobs"]] == [2] * len(scored["tokens"])
+    assert [entry["token"] for entry in scored["prompt_logprobs"]] == [2, 3]
     errors = read_output(tmp_path / "out", storage.ERRORS)
     assert [e["line"] for e in errors] == sorted(BAD_LINES)
     for error in errors:
@@ -311,6 +319,9 @@ def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path)
         ({"id": "a", "prompt": ""}, "prompt must be a non-empty string"),
         ({"id": "a", "prompt": "x", "reasoning_effort": "low"}, "reasoning_effort applies to messages only"),
         ({"id": "a", "prompt": "x", "tools": []}, "tools applies to messages only"),
+        ({"id": "a", "prompt": "x", "logprobs": 1}, "logprobs must be true or false, not 1"),
+        ({"id": "a", "prompt": "x", "logprobs": True, "top_logprobs": -1}, "top_logprobs must be an integer in [0, 20"),
+        ({"id": "a", "prompt": "x", "top_logprobs": 3}, "top_logprobs needs logprobs: true"),
         (
             {"id": "a", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max"},
             "reasoning_effort must be",
@@ -406,6 +417,23 @@ def test_a_call_token_that_closes_no_call_is_no_tool_call(tokenizer):
     line = result_record(record, Result("a", to_a_builtin, "stop", 5), tokenizer)
     assert (line["finish_reason"], line["tool_calls"]) == ("tool_calls", [])
     assert line["tool_call_error"] == "a call to 'python', which is not a function tool"
+
+
+def test_result_records_hold_the_scores_of_the_tokens_they_keep(tokenizer):
+    record = records.parse_record(
+        2, json.dumps({"id": "a", "prompt": "x", "stop": ["c"], "logprobs": True, "prompt_logprobs": True}), DEFAULTS
+    )
+    scores = [TokenLogprob(-0.5 * i, i + 1, [(97 + i, -0.1), (120, -0.2)]) for i in range(4)]
+    result = Result("a", tokenizer.encode("abcd"), "length", 2, logprobs=scores, prompt_logprobs=[(98, -1.5)])
+    line = result_record(record, result, tokenizer)
+    assert (line["text"], line["tokens"], line["finish_reason"]) == ("ab", [97, 98, 99], "stop")  # "c" cut the rest
+    x = {"token": 120, "text": "x", "logprob": -0.2}
+    assert line["logprobs"] == [
+        {"token": 97 + i, "text": "abc"[i], "logprob": -0.5 * i, "rank": i + 1,
+         "top_logprobs": [{"token": 97 + i, "text": "abc"[i], "logprob": -0.1}, x]}
+        for i in range(3)
+    ]  # fmt: skip
+    assert line["prompt_logprobs"] == [{"token": 98, "text": "b", "logprob": -1.5}]
 
 
 def test_nan_and_bad_defaults_are_refused():
