@@ -55,8 +55,9 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "sampling": {"max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0},
             "harmony": {"reasoning_effort": "medium", "current_date": ""},  # "": no date line
             # the terminal chat (gptoss_dist.chat): its developer instructions ("": none), how the reply's
-            # analysis channel is shown ("dim", "plain" or "hide"), and raw=True for the completion as generated
-            "chat": {"system": "", "show_analysis": "dim", "raw": False},
+            # analysis channel is shown ("dim", "plain" or "hide"), raw=True for the completion as generated, and
+            # a JSON file with a list of function tools ("": none)
+            "chat": {"system": "", "show_analysis": "dim", "raw": False, "tools": ""},
         }
     )
     settings.update(overrides)
