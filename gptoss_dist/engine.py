@@ -250,7 +250,8 @@ class Engine:
     Prompts are prefilled in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory: short
     prompts share a call, and a longer prompt is cut into pieces that each attend to what the cache holds of it.
     While some slots are decoding, prefill calls alternate with decode calls, so a long prompt does not stall
-    the batch. Attention runs in blocks of `attention_block` queries and keys."""
+    the batch. Attention runs in blocks of `attention_block` queries and keys. With `overlap`, the host reads a
+    call's tokens while the next call runs."""
 
     def __init__(
         self,
@@ -264,12 +265,13 @@ class Engine:
         min_prefill_len: int = 16,
         prefill_tokens: int = 8192,
         attention_block: int = DEFAULT_BLOCK,
+        overlap: bool = True,
     ):
         self.config: ModelConfig = model.config
         self.config.check_max_len(max_len)
         self.mesh = mesh
         self.max_slots, self.max_len, self.steps_per_call = max_slots, max_len, steps_per_call
-        self.prefill_tokens = prefill_tokens
+        self.prefill_tokens, self.overlap = prefill_tokens, overlap
         self.stop_tokens = tuple(stop_tokens)
         self.stop_width = len(self.stop_tokens) + MAX_REQUEST_STOP_TOKENS
         data = mesh_sizes(mesh)["data"] if mesh is not None else 1
@@ -384,11 +386,16 @@ class Engine:
         """Yields, after every prefill and every decode call, an update for each request in it that generated:
         its new tokens, and its result once it has ended, while the others keep running. Requests are drawn
         from `requests` only as slots free up, so the iterable may be long and lazily read. Closing the
-        iterator early drops the requests in flight."""
+        iterator early drops the requests in flight.
+
+        With `overlap`, each call is dispatched before the host reads the previous call's tokens, so the device
+        never waits for the host's bookkeeping. A slot that ends in one call is then freed a call later; it
+        stays inactive meanwhile, so the tokens are the same."""
         pending, exhausted = iter(requests), False
         with self._mesh_context():
             slots = self.empty_slots()
             running: dict[int, _Sequence] = {}  # by slot, in the order admitted
+            unread: Callable[[], list[Update]] | None = None  # the call in flight whose tokens are not read
             just_prefilled = False
             while True:
                 free = [s for s in range(self.max_slots) if s not in running]
@@ -399,15 +406,19 @@ class Engine:
                 waiting = [slot for slot, sequence in running.items() if sequence.prefilling]
                 decoding = len(running) > len(waiting)
                 if waiting and not (decoding and just_prefilled):
-                    slots, updates = self._prefill_call(slots, waiting, running)
+                    slots, read = self._prefill_call(slots, waiting, running)
                     just_prefilled = True
-                    yield from updates
-                    continue
-                just_prefilled = False
-                if not decoding:
+                elif decoding:
+                    slots, read = self._step(slots, running)
+                    just_prefilled = False
+                elif unread is not None:
+                    read = None  # nothing left to dispatch: read the last call
+                else:
                     return
-                slots, updates = self._step(slots, running)
-                yield from updates
+                if self.overlap:
+                    read, unread = unread, read
+                if read is not None:
+                    yield from read()
 
     def _take(self, pending: Iterator[Request], count: int) -> list[Request]:
         taken = [request for _, request in zip(range(count), pending)]
@@ -429,6 +440,7 @@ class Engine:
         return pieces
 
     def _prefill_call(self, slots, waiting, running):
+        """Dispatches the next prefill call; returns the slots and a reader of its updates."""
         pieces = self._pieces(waiting, running)
         rows = _fit(self.row_buckets, len(pieces))
         tokens = np.zeros((rows, _fit(self.length_buckets, max(pieces.values()))), np.int32)
@@ -452,28 +464,41 @@ class Engine:
         self.prefill_shapes[tokens.shape] += 1
         slots, sampled, active = self._prefill(params=self.params, slots=slots, tokens=tokens, first=first,
                                                count=count, targets=targets, last=last, settings=settings)  # fmt: skip
-        sampled = np.asarray(sampled)
-        new_tokens = {slot: [int(sampled[row])] for row, slot in enumerate(pieces) if last[row]}
-        return slots, self._updates(new_tokens, active, running)
+        finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row]}
+
+        def read() -> list[Update]:
+            first_tokens = np.asarray(sampled)
+            new_tokens = {slot: [int(first_tokens[row])] for row, slot in enumerate(pieces) if last[row]}
+            return self._updates(new_tokens, active, running, finishing)
+
+        return slots, read
 
     def _step(self, slots, running):
+        """Dispatches a decode call; returns the slots and a reader of its updates."""
         slots, tokens, emitted, active = self._decode(params=self.params, slots=slots)
         self.slot_steps += self.steps_per_call * self.max_slots
-        tokens, emitted = np.asarray(tokens), np.asarray(emitted)
-        new_tokens = {
-            slot: [int(t) for t in tokens[emitted[:, slot], slot]]
-            for slot, sequence in running.items()
-            if not sequence.prefilling
-        }
-        return slots, self._updates(new_tokens, active, running)
+        decoding = {slot: sequence for slot, sequence in running.items() if not sequence.prefilling}
 
-    def _updates(self, new_tokens: dict[int, list[int]], active: jax.Array, running) -> list[Update]:
-        """Adds each slot's new tokens to its request's, and frees the slots that ended. Slots left out of
-        `new_tokens` were not in the call and are still running."""
+        def read() -> list[Update]:
+            step_tokens, step_emitted = np.asarray(tokens), np.asarray(emitted)
+            new_tokens = {slot: [int(t) for t in step_tokens[step_emitted[:, slot], slot]] for slot in decoding}
+            return self._updates(new_tokens, active, running, decoding)
+
+        return slots, read
+
+    def _updates(
+        self, new_tokens: dict[int, list[int]], active: jax.Array, running: dict[int, _Sequence],
+        in_call: dict[int, _Sequence],
+    ) -> list[Update]:
+        """Adds each slot's new tokens to its request's, and frees the slots that ended. `in_call` holds the
+        sequences the call ran, by slot: a slot whose sequence has ended since (overlap) is left alone, even
+        when a new request has taken it. Slots left out of `new_tokens` were not in the call."""
         active = np.asarray(active)
         updates = []
         for slot, tokens in new_tokens.items():
-            sequence = running[slot]
+            sequence = in_call[slot]
+            if running.get(slot) is not sequence:
+                continue
             sequence.generated.extend(tokens)
             result = None
             if not active[slot]:
