@@ -237,10 +237,17 @@ class _Sequence:
     request: Request
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
+    unread: int = 0  # tokens that calls not read yet may have generated
 
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.request.prompt)
+
+    def may_go_on(self, max_len: int) -> bool:
+        """Whether the sequence may be active after the calls not read yet: a stop token may end it sooner,
+        but its token budget and the context end it for sure."""
+        generated = len(self.generated) + self.unread
+        return generated < self.request.max_new_tokens and len(self.request.prompt) + generated < max_len
 
 
 class Engine:
@@ -390,7 +397,8 @@ class Engine:
 
         With `overlap`, each call is dispatched before the host reads the previous call's tokens, so the device
         never waits for the host's bookkeeping. A slot that ends in one call is then freed a call later; it
-        stays inactive meanwhile, so the tokens are the same."""
+        stays inactive meanwhile, so the tokens are the same. No call is dispatched for sequences whose token
+        budget or context the calls in flight use up."""
         pending, exhausted = iter(requests), False
         with self._mesh_context():
             slots = self.empty_slots()
@@ -404,7 +412,7 @@ class Engine:
                     exhausted = len(admitted) < len(free)
                     running.update((slot, _Sequence(request)) for slot, request in zip(free, admitted))
                 waiting = [slot for slot, sequence in running.items() if sequence.prefilling]
-                decoding = len(running) > len(waiting)
+                decoding = any(not seq.prefilling and seq.may_go_on(self.max_len) for seq in running.values())
                 if waiting and not (decoding and just_prefilled):
                     slots, read = self._prefill_call(slots, waiting, running)
                     just_prefilled = True
@@ -465,9 +473,13 @@ class Engine:
         slots, sampled, active = self._prefill(params=self.params, slots=slots, tokens=tokens, first=first,
                                                count=count, targets=targets, last=last, settings=settings)  # fmt: skip
         finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row]}
+        for sequence in finishing.values():
+            sequence.unread += 1
 
         def read() -> list[Update]:
             first_tokens = np.asarray(sampled)
+            for sequence in finishing.values():
+                sequence.unread -= 1
             new_tokens = {slot: [int(first_tokens[row])] for row, slot in enumerate(pieces) if last[row]}
             return self._updates(new_tokens, active, running, finishing)
 
@@ -478,9 +490,13 @@ class Engine:
         slots, tokens, emitted, active = self._decode(params=self.params, slots=slots)
         self.slot_steps += self.steps_per_call * self.max_slots
         decoding = {slot: sequence for slot, sequence in running.items() if not sequence.prefilling}
+        for sequence in decoding.values():
+            sequence.unread += self.steps_per_call
 
         def read() -> list[Update]:
             step_tokens, step_emitted = np.asarray(tokens), np.asarray(emitted)
+            for sequence in decoding.values():
+                sequence.unread -= self.steps_per_call
             new_tokens = {slot: [int(t) for t in step_tokens[step_emitted[:, slot], slot]] for slot in decoding}
             return self._updates(new_tokens, active, running, decoding)
 
