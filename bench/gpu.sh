@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one go (one lent GPU, JAX with CUDA): the expert kernel alone, then decoding.
+# The GPU benchmarks in one go (one lent GPU, JAX with CUDA): the expert kernel alone (at most 4 minutes,
+# other tiles swept at 1 and 8 tokens), then decoding.
 #
 #   bash bench/gpu.sh OUT_DIR [extra bench/gpu_decode.py flags]
 #
@@ -20,7 +21,7 @@ if [ -n "${wheels// }" ]; then
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$out/gpu.txt"
-python3 bench/grouped_matmul.py --config=configs/gpt_oss_20b.py --tokens=1,8,64,256 \
+timeout 240 python3 bench/grouped_matmul.py --config=configs/gpt_oss_20b.py --tokens=1,8,64,256 --sweep=1,8 \
   --json="$out/grouped_matmul.json" 2>&1 | tee "$out/grouped_matmul.log"
 python3 bench/gpu_decode.py --config=configs/gpt_oss_20b.py --json="$out/gpu_decode.json" \
   --markdown="$out/gpu_decode.md" "$@" 2>&1 | tee "$out/gpu_decode.log"
