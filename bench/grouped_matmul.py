@@ -138,6 +138,9 @@ def main() -> None:
     for tokens in map(int, args.tokens.split(",")):
         sweep = tokens in [int(t) for t in args.sweep.split(",") if t]
         rows += case(cfg, weight_sets, bias, tokens, rng, args.interpret, sweep)
+        if args.json:  # rewritten after each case, so that a run cut short keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"machine": machine(), "config": args.config, "rows": rows}, f, indent=2)
     print(f"\n{args.config} gate_up, {machine()}")
     print("| tokens | impl | weights | tiles (out, inner, split, warps) | experts read | time | GB/s | rel. error |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -146,9 +149,6 @@ def main() -> None:
         tiles = ", ".join(str(r["tiles"][k]) for k in ("out", "inner", "split", "warps")) if "tiles" in r else ""
         print(f"| {r['tokens']} | {r['impl']} | {r['weights']} | {tiles} | {r['distinct_experts']} | {timing} "
               f"| {r.get('rel_error', float('nan')):.1e} |")  # fmt: skip
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine(), "config": args.config, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
