@@ -293,12 +293,19 @@ class _Sequence:
     request: Request
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
+    unread: int = 0  # tokens that calls not read yet may have generated
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.request.prompt)
+
+    def may_go_on(self, max_len: int) -> bool:
+        """Whether the sequence may be active after the calls not read yet: a stop token may end it sooner,
+        but its token budget and the context end it for sure."""
+        generated = len(self.generated) + self.unread
+        return generated < self.request.max_new_tokens and len(self.request.prompt) + generated < max_len
 
 
 class Engine:
@@ -308,7 +315,8 @@ class Engine:
     Prompts are prefilled in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory: short
     prompts share a call, and a longer prompt is cut into pieces that each attend to what the cache holds of it.
     While some slots are decoding, prefill calls alternate with decode calls, so a long prompt does not stall
-    the batch. Attention runs in blocks of `attention_block` queries and keys."""
+    the batch. Attention runs in blocks of `attention_block` queries and keys. With `overlap`, the host reads a
+    call's tokens while the next call runs."""
 
     def __init__(
         self,
@@ -322,12 +330,13 @@ class Engine:
         min_prefill_len: int = 16,
         prefill_tokens: int = 8192,
         attention_block: int = DEFAULT_BLOCK,
+        overlap: bool = True,
     ):
         self.config: ModelConfig = model.config
         self.config.check_max_len(max_len)
         self.mesh = mesh
         self.max_slots, self.max_len, self.steps_per_call = max_slots, max_len, steps_per_call
-        self.prefill_tokens = prefill_tokens
+        self.prefill_tokens, self.overlap = prefill_tokens, overlap
         self.stop_tokens = tuple(stop_tokens)
         self.stop_width = len(self.stop_tokens) + MAX_REQUEST_STOP_TOKENS
         data = mesh_sizes(mesh)["data"] if mesh is not None else 1
@@ -446,11 +455,17 @@ class Engine:
         """Yields, after every prefill and every decode call, an update for each request in it that generated:
         its new tokens, and its result once it has ended, while the others keep running. Requests are drawn
         from `requests` only as slots free up, so the iterable may be long and lazily read. Closing the
-        iterator early drops the requests in flight."""
+        iterator early drops the requests in flight.
+
+        With `overlap`, each call is dispatched before the host reads the previous call's tokens, so the device
+        never waits for the host's bookkeeping. A slot that ends in one call is then freed a call later; it
+        stays inactive meanwhile, so the tokens are the same. No call is dispatched for sequences whose token
+        budget or context the calls in flight use up."""
         pending, exhausted = iter(requests), False
         with self._mesh_context():
             slots = self.empty_slots()
             running: dict[int, _Sequence] = {}  # by slot, in the order admitted
+            unread: Callable[[], list[Update]] | None = None  # the call in flight whose tokens are not read
             just_prefilled = False
             while True:
                 free = [s for s in range(self.max_slots) if s not in running]
@@ -459,17 +474,21 @@ class Engine:
                     exhausted = len(admitted) < len(free)
                     running.update((slot, _Sequence(request)) for slot, request in zip(free, admitted))
                 waiting = [slot for slot, sequence in running.items() if sequence.prefilling]
-                decoding = len(running) > len(waiting)
+                decoding = any(not seq.prefilling and seq.may_go_on(self.max_len) for seq in running.values())
                 if waiting and not (decoding and just_prefilled):
-                    slots, updates = self._prefill_call(slots, waiting, running)
+                    slots, read = self._prefill_call(slots, waiting, running)
                     just_prefilled = True
-                    yield from updates
-                    continue
-                just_prefilled = False
-                if not decoding:
+                elif decoding:
+                    slots, read = self._step(slots, running)
+                    just_prefilled = False
+                elif unread is not None:
+                    read = None  # nothing left to dispatch: read the last call
+                else:
                     return
-                slots, updates = self._step(slots, running)
-                yield from updates
+                if self.overlap:
+                    read, unread = unread, read
+                if read is not None:
+                    yield from read()
 
     def _take(self, pending: Iterator[Request], count: int) -> list[Request]:
         taken = [request for _, request in zip(range(count), pending)]
@@ -491,6 +510,7 @@ class Engine:
         return pieces
 
     def _prefill_call(self, slots, waiting, running):
+        """Dispatches the next prefill call; returns the slots and a reader of its updates."""
         pieces = self._pieces(waiting, running)
         rows = _fit(self.row_buckets, len(pieces))
         tokens = np.zeros((rows, _fit(self.length_buckets, max(pieces.values()))), np.int32)
@@ -520,33 +540,57 @@ class Engine:
             params=self.params, slots=slots, tokens=tokens, first=first, count=count, targets=targets, last=last,
             following=following, settings=settings,
         )  # fmt: skip
-        sampled, scores, prompt_scores = jax.tree.map(np.asarray, (sampled, scores, prompt_scores))
-        for row, slot in enumerate(pieces):
-            scored = following[row] >= 0  # a prefix of the row
-            running[slot].prompt_logprobs += zip(following[row, scored].tolist(), prompt_scores[row, scored].tolist())
-        new_tokens = {slot: [(int(sampled[row]), (row,))] for row, slot in enumerate(pieces) if last[row]}
-        return slots, self._updates(new_tokens, scores, active, running)
+        in_call = {slot: running[slot] for slot in pieces}
+        finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row]}
+        for sequence in finishing.values():
+            sequence.unread += 1
+
+        def read() -> list[Update]:
+            first_tokens, first_scores, piece_scores = jax.tree.map(np.asarray, (sampled, scores, prompt_scores))
+            for sequence in finishing.values():
+                sequence.unread -= 1
+            for row, sequence in enumerate(in_call.values()):
+                scored = following[row] >= 0  # a prefix of the row
+                sequence.prompt_logprobs += zip(following[row, scored].tolist(), piece_scores[row, scored].tolist())
+            new_tokens = {slot: [(int(first_tokens[row]), (row,))] for row, slot in enumerate(pieces) if last[row]}
+            return self._updates(new_tokens, first_scores, active, running, finishing)
+
+        return slots, read
 
     def _step(self, slots, running):
+        """Dispatches a decode call; returns the slots and a reader of its updates."""
         slots, tokens, emitted, active, scores = self._decode(params=self.params, slots=slots)
         self.slot_steps += self.steps_per_call * self.max_slots
-        tokens, emitted, scores = np.asarray(tokens), np.asarray(emitted), jax.tree.map(np.asarray, scores)
-        new_tokens = {
-            slot: [(int(tokens[step, slot]), (step, slot)) for step in np.flatnonzero(emitted[:, slot])]
-            for slot, sequence in running.items()
-            if not sequence.prefilling
-        }
-        return slots, self._updates(new_tokens, scores, active, running)
+        decoding = {slot: sequence for slot, sequence in running.items() if not sequence.prefilling}
+        for sequence in decoding.values():
+            sequence.unread += self.steps_per_call
 
-    def _updates(self, new_tokens: dict[int, list[tuple[int, tuple[int, ...]]]], scores: TokenScores,
-                 active: jax.Array, running) -> list[Update]:  # fmt: skip
+        def read() -> list[Update]:
+            step_tokens, step_emitted, step_scores = jax.tree.map(np.asarray, (tokens, emitted, scores))
+            for sequence in decoding.values():
+                sequence.unread -= self.steps_per_call
+            new_tokens = {
+                slot: [(int(step_tokens[step, slot]), (step, slot)) for step in np.flatnonzero(step_emitted[:, slot])]
+                for slot in decoding
+            }
+            return self._updates(new_tokens, step_scores, active, running, decoding)
+
+        return slots, read
+
+    def _updates(
+        self, new_tokens: dict[int, list[tuple[int, tuple[int, ...]]]], scores: TokenScores, active: jax.Array,
+        running: dict[int, _Sequence], in_call: dict[int, _Sequence],
+    ) -> list[Update]:  # fmt: skip
         """Adds each slot's new tokens, given with their index in `scores`, to its request's (and their scores, if
-        it asked for them), and frees the slots that ended. Slots left out of `new_tokens` were not in the call
-        and are still running."""
+        it asked for them), and frees the slots that ended. `in_call` holds the sequences the call ran, by slot: a
+        slot whose sequence has ended since (overlap) is left alone, even when a new request has taken it. Slots
+        left out of `new_tokens` were not in the call."""
         active = np.asarray(active)
         updates = []
         for slot, indexed in new_tokens.items():
-            sequence = running[slot]
+            sequence = in_call[slot]
+            if running.get(slot) is not sequence:
+                continue
             request, tokens = sequence.request, [token for token, _ in indexed]
             sequence.generated.extend(tokens)
             if request.logprobs:
