@@ -360,7 +360,7 @@ def read_tools(path: str) -> tuple[Tool, ...]:
     if not path:
         return ()
     try:
-        return records.tools(json.loads(filesystem(path).cat_file(path)))
+        return records.parse_tools(json.loads(filesystem(path).cat_file(path)))
     except (OSError, ValueError) as err:  # a missing or unreadable file, JSON or a tool that is not valid
         raise ChatError(f"chat.tools: {path}: {err}") from None
 

@@ -198,7 +198,7 @@ def _tool_calls(value: Any, where: str) -> None:
             check_text(call[key], f"{where}[{i}].{key}")
 
 
-def tools(value: Any) -> tuple[Tool, ...]:
+def parse_tools(value: Any) -> tuple[Tool, ...]:
     """The function tools of a `tools` list (see above), checked; ValueError, naming the tool, if one is not
     valid or two share a name."""
     if not isinstance(value, list):
@@ -272,7 +272,7 @@ def _record(line: int, record_id: str, data: dict[str, Any], defaults: Sampling)
     if applied := [field for field in MESSAGES_ONLY if field in data and "messages" not in data]:
         raise ValueError(f"{applied[0]} applies to messages only")
     if "tools" in data:
-        prompt["tools"] = tools(data["tools"])
+        prompt["tools"] = parse_tools(data["tools"])
     if "reasoning_effort" in data:
         if data["reasoning_effort"] not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "

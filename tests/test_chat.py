@@ -219,7 +219,7 @@ def test_a_tool_call_is_shown_and_its_result_asked_for_and_given_back(tools_file
          "tool_calls": [{"name": "get_weather", "arguments": ARGUMENTS}]},
         {"role": "tool", "name": "get_weather", "content": "Sunny <|end|>"},
     ]  # fmt: skip
-    tools = records.tools(TOOLS)
+    tools = records.parse_tools(TOOLS)
     assert engine.requests[1].prompt == render_for_completion(conversation, TOKENIZER, tools=tools,
                                                               reasoning_effort="low")  # fmt: skip
     assert chat.messages == [*conversation, {"role": "assistant", "content": FINAL, "channel": "final"}]
