@@ -31,7 +31,7 @@ from gptoss_dist.sampling import (
     logprobs_of,
     sample,
     token_keys,
-    token_scores_where_wanted,
+    token_scores,
 )
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
 
@@ -126,7 +126,6 @@ class Slots:
     top_k: jax.Array  # [B] int32
     top_p: jax.Array  # [B] float32
     seed: jax.Array  # [B] uint32
-    logprobs: jax.Array  # [B] bool: score the generated tokens
     stop: jax.Array  # [B, S] int32, padded with -1
 
 
@@ -137,7 +136,6 @@ REQUEST_SETTINGS = {
     "top_k": ("top_k", np.int32),
     "top_p": ("top_p", np.float32),
     "seed": ("seed", np.uint32),
-    "logprobs": ("logprobs", np.bool_),
 }
 
 
@@ -147,25 +145,14 @@ def _finished(slots: Slots, max_len: int) -> jax.Array:
     return stopped | (slots.generated >= slots.max_new) | (slots.length + 1 >= max_len)
 
 
-def _next_tokens(model: GptOss, slots: Slots, hidden: jax.Array) -> tuple[jax.Array, TokenScores]:
-    """The next token of each slot, and its scores where an active slot wants them."""
+def _next_tokens(
+    model: GptOss, slots: Slots, hidden: jax.Array, logprobs: bool
+) -> tuple[jax.Array, TokenScores | None]:
+    """The next token of each slot, and with `logprobs` their scores."""
     logits = model.logits(hidden)[:, -1]
     keys = token_keys(slots.seed, slots.generated)
     tokens = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
-    return tokens, token_scores_where_wanted(slots.logprobs & slots.active, logits, tokens)
-
-
-def _prompt_logprobs(model: GptOss, hidden: jax.Array, following: jax.Array) -> jax.Array:
-    """The log-probabilities [n, T] of the prompt tokens `following` [n, T] each position (-1: none), from the
-    hidden states [n, T, H] of a prefill piece: one piece's logits at a time, and none if no row wants them."""
-
-    def score(hidden: jax.Array, following: jax.Array) -> jax.Array:
-        return logprobs_of(model.logits(hidden), jnp.maximum(following, 0))
-
-    def skip(hidden: jax.Array, following: jax.Array) -> jax.Array:
-        return jnp.zeros(following.shape, jnp.float32)
-
-    return jax.lax.cond(jnp.any(following >= 0), score, skip, hidden, following)
+    return tokens, token_scores(logits, tokens) if logprobs else None
 
 
 def prefill(
@@ -182,21 +169,23 @@ def prefill(
     *,
     max_len: int,
     attention_block: int,
-) -> tuple[Slots, jax.Array, jax.Array, TokenScores, jax.Array]:
+    logprobs: bool = False,
+    prompt_logprobs: bool = False,
+) -> tuple[Slots, jax.Array, jax.Array, TokenScores | None, jax.Array | None]:
     """Runs a piece of each of n prompts into slots `targets` [n] (out of range: a padding row): `count` [n]
     tokens [n, T] (right-padded) at positions `first` [n] onwards, which attend to their slot's cache and to
     each other. Rows whose piece is the prompt's `last` [n] sample their first token and become active; the
-    others stay inactive until their next piece. `following` [n, T] holds the prompt token after each position
-    where a row scores its prompt (-1 elsewhere). Returns the slots, the first tokens [n], which slots are
-    active [B], the first tokens' scores and the log-probabilities of `following` [n, T], all but the slots
-    replicated so that every process can read them."""
+    others stay inactive until their next piece. Returns the slots, the first tokens [n], which slots are active
+    [B], with `logprobs` the first tokens' scores, and with `prompt_logprobs` the log-probabilities [n, T] of
+    `following` [n, T], the prompt token after each position (-1: none), from the piece's logits (never more
+    than a piece's); all but the slots replicated so that every process can read them."""
     model = nnx.merge(graphdef, params)
     span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets)
     hidden, cache = model.hidden_states(tokens, span, slots.cache, attention_block=attention_block)
     final = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
     zeros = jnp.zeros_like(count)
     new = Slots(cache=None, token=zeros, length=first + count, generated=zeros, active=last, **settings)
-    sampled, scores = _next_tokens(model, new, final)
+    sampled, scores = _next_tokens(model, new, final, logprobs)
     new = dataclasses.replace(new, token=sampled, generated=last.astype(jnp.int32))
     new = dataclasses.replace(new, active=last & ~_finished(new, max_len))
 
@@ -204,25 +193,32 @@ def prefill(
         return old.at[targets].set(update, mode="drop")
 
     merged = jax.tree.map(scatter, dataclasses.replace(slots, cache=None), new)
-    prompt_scores = _prompt_logprobs(model, hidden, following)
+    prompt_scores = logprobs_of(model.logits(hidden), jnp.maximum(following, 0)) if prompt_logprobs else None
     outputs = jax.tree.map(replicated, (sampled, merged.active, scores, prompt_scores))
     return dataclasses.replace(merged, cache=cache), *outputs
 
 
 def decode(
-    graphdef: nnx.GraphDef, params: nnx.State, slots: Slots, *, steps: int, max_len: int, attention_block: int
-) -> tuple[Slots, jax.Array, jax.Array, jax.Array, TokenScores]:
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    slots: Slots,
+    *,
+    steps: int,
+    max_len: int,
+    attention_block: int,
+    logprobs: bool = False,
+) -> tuple[Slots, jax.Array, jax.Array, jax.Array, TokenScores | None]:
     """`steps` decode steps for every slot in one call; inactive slots neither change nor write to the cache.
     Returns the slots, the tokens [steps, B], which of them were generated by an active slot [steps, B], which
-    slots are still active [B] and the tokens' scores [steps, B, ...] (zeros where no slot wants them), all but
-    the slots replicated."""
+    slots are still active [B] and with `logprobs` the tokens' scores [steps, B, ...], all but the slots
+    replicated."""
     model = nnx.merge(graphdef, params)
 
     def step(slots: Slots, _):
         live = slots.active
         span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32))
         hidden, cache = model.hidden_states(slots.token[:, None], span, slots.cache, attention_block=attention_block)
-        token, scores = _next_tokens(model, slots, hidden)
+        token, scores = _next_tokens(model, slots, hidden, logprobs)
         slots = dataclasses.replace(
             slots,
             cache=cache,
@@ -258,15 +254,23 @@ def _full(shape: tuple[int, ...], dtype, fill, sharding) -> Callable[[], jax.Arr
     return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)
 
 
-# Compiled once per model structure and shape, shared by every engine; the slots are donated.
+# Compiled once per model structure, shape and the scores it gives, shared by every engine (a call that scores
+# nothing compiles and runs no scoring); the slots are donated.
 _prefill_jit = jax.jit(
-    prefill, static_argnames=("graphdef", "max_len", "attention_block"), donate_argnames=("slots",)
+    prefill,
+    static_argnames=("graphdef", "max_len", "attention_block", "logprobs", "prompt_logprobs"),
+    donate_argnames=("slots",),
 )
 _decode_jit = jax.jit(
-    decode, static_argnames=("graphdef", "steps", "max_len", "attention_block"), donate_argnames=("slots",)
+    decode, static_argnames=("graphdef", "steps", "max_len", "attention_block", "logprobs"), donate_argnames=("slots",)
 )
 
 # ------------------------------------------------------------------------------------------- engine
+
+
+def _any_asks(sequences: dict[int, _Sequence], score: str) -> bool:
+    """Whether any of `sequences` asks for the scores named `score` (a Request field): then a call scores."""
+    return any(getattr(sequence.request, score) for sequence in sequences.values())
 
 
 def _token_logprob(scores: TokenScores, index: tuple[int, ...], top: int) -> TokenLogprob:
@@ -372,7 +376,6 @@ class Engine:
             cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32), generated=per_slot(jnp.int32),
             active=per_slot(jnp.bool_), max_new=per_slot(jnp.int32), temperature=per_slot(jnp.float32),
             top_k=per_slot(jnp.int32), top_p=per_slot(jnp.float32, fill=1.0), seed=per_slot(jnp.uint32),
-            logprobs=per_slot(jnp.bool_),
             stop=_Blank((count, self.stop_width), jnp.int32, (*SLOT_AXES, None), fill=-1),
         )  # fmt: skip
 
@@ -536,12 +539,13 @@ class Engine:
             sequence.prefilled += piece
         settings["stop"] = stop
         self.prefill_shapes[tokens.shape] += 1
-        slots, sampled, active, scores, prompt_scores = self._prefill(
-            params=self.params, slots=slots, tokens=tokens, first=first, count=count, targets=targets, last=last,
-            following=following, settings=settings,
-        )  # fmt: skip
         in_call = {slot: running[slot] for slot in pieces}
         finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row]}
+        slots, sampled, active, scores, prompt_scores = self._prefill(
+            params=self.params, slots=slots, tokens=tokens, first=first, count=count, targets=targets, last=last,
+            following=following, settings=settings, logprobs=_any_asks(finishing, "logprobs"),
+            prompt_logprobs=_any_asks(in_call, "prompt_logprobs"),
+        )  # fmt: skip
         for sequence in finishing.values():
             sequence.unread += 1
 
@@ -550,8 +554,9 @@ class Engine:
             for sequence in finishing.values():
                 sequence.unread -= 1
             for row, sequence in enumerate(in_call.values()):
-                scored = following[row] >= 0  # a prefix of the row
-                sequence.prompt_logprobs += zip(following[row, scored].tolist(), piece_scores[row, scored].tolist())
+                scored = following[row] >= 0  # a prefix of the row, of a row that asked
+                if scored.any():
+                    sequence.prompt_logprobs += zip(following[row, scored].tolist(), piece_scores[row, scored].tolist())
             new_tokens = {slot: [(int(first_tokens[row]), (row,))] for row, slot in enumerate(pieces) if last[row]}
             return self._updates(new_tokens, first_scores, active, running, finishing)
 
@@ -559,9 +564,10 @@ class Engine:
 
     def _step(self, slots, running):
         """Dispatches a decode call; returns the slots and a reader of its updates."""
-        slots, tokens, emitted, active, scores = self._decode(params=self.params, slots=slots)
-        self.slot_steps += self.steps_per_call * self.max_slots
         decoding = {slot: sequence for slot, sequence in running.items() if not sequence.prefilling}
+        logprobs = _any_asks(decoding, "logprobs")
+        slots, tokens, emitted, active, scores = self._decode(params=self.params, slots=slots, logprobs=logprobs)
+        self.slot_steps += self.steps_per_call * self.max_slots
         for sequence in decoding.values():
             sequence.unread += self.steps_per_call
 
@@ -578,11 +584,11 @@ class Engine:
         return slots, read
 
     def _updates(
-        self, new_tokens: dict[int, list[tuple[int, tuple[int, ...]]]], scores: TokenScores, active: jax.Array,
+        self, new_tokens: dict[int, list[tuple[int, tuple[int, ...]]]], scores: TokenScores | None, active: jax.Array,
         running: dict[int, _Sequence], in_call: dict[int, _Sequence],
     ) -> list[Update]:  # fmt: skip
-        """Adds each slot's new tokens, given with their index in `scores`, to its request's (and their scores, if
-        it asked for them), and frees the slots that ended. `in_call` holds the sequences the call ran, by slot: a
+        """Adds each slot's new tokens, given with their index in `scores` (None: the call scored nothing), to its
+        request's (and their scores, if it asked for them), and frees the slots that ended. `in_call` holds the sequences the call ran, by slot: a
         slot whose sequence has ended since (overlap) is left alone, even when a new request has taken it. Slots
         left out of `new_tokens` were not in the call."""
         active = np.asarray(active)

@@ -50,16 +50,6 @@ def token_scores(logits: jax.Array, tokens: jax.Array) -> TokenScores:
     )
 
 
-def token_scores_where_wanted(wanted: jax.Array, logits: jax.Array, tokens: jax.Array) -> TokenScores:
-    """`token_scores` if any row is `wanted` [B]; zeros otherwise, which skips ranking the vocabulary."""
-
-    def zeros(logits: jax.Array, tokens: jax.Array) -> TokenScores:
-        shapes = jax.eval_shape(token_scores, logits, tokens)
-        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-    return jax.lax.cond(jnp.any(wanted), token_scores, zeros, logits, tokens)
-
-
 def token_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:
     """One PRNG key per row for generating token number `steps` of a request seeded `seeds`."""
     return jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(seeds, steps)
