@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import re
 import runpy
 import signal
@@ -110,8 +109,8 @@ class ScriptedEngine:
         self.requests.append(request)
         tokens = self.completions[min(len(self.requests), len(self.completions)) - 1]
         for n, start in enumerate(range(0, len(tokens), 3)):
-            if n == self.interrupt_after:
-                os.kill(os.getpid(), signal.SIGINT)
+            if n == self.interrupt_after:  # to this thread: os.kill may wake another, late under load
+                signal.raise_signal(signal.SIGINT)
             yield Update(request, tokens[start : start + 3])
 
 
