@@ -36,6 +36,7 @@ from gptoss_dist.engine import Engine, Request
 from gptoss_dist.exit_codes import EXIT_CANNOT_START
 from gptoss_dist.generate import JobError, check_engine_settings, checkpoint_tokenizer, make_engine, planned_mesh
 from gptoss_dist.harmony import MESSAGE, MESSAGE_ENDS, START, parse_messages, render_for_completion
+from gptoss_dist.settings import SettingsError
 from gptoss_dist.sharding import MeshError, mesh_shape
 from gptoss_dist.tokenizer import Tokenizer
 
@@ -309,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run(_):
         try:
             chat = open_chat(config.value)
-        except (ChatError, JobError, CheckpointError, ConfigError, MeshError) as err:
+        except (ChatError, JobError, SettingsError, CheckpointError, ConfigError, MeshError) as err:
             print(f"gptoss-chat: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)
         chat.session()

@@ -182,11 +182,11 @@ def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
 
 
 def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
-    """The sampling defaults, once every setting the job reads is checked; JobError naming the one that is not."""
+    """The sampling defaults, once every setting the job reads is checked; JobError or SettingsError naming the
+    one that is not."""
     for name in ("input", "output"):
         _check_given(config, name)
-    for name in ("max_slots", "part_records"):
-        _check_positive(config, name)
+    settings.check_positive(config, "max_slots", "part_records")
     if config.part_seconds < 0:
         raise JobError(f"part_seconds must be >= 0, not {config.part_seconds}")
     if not config.lock_timeout_s > 0:
@@ -204,10 +204,9 @@ def result_settings(config: ml_collections.ConfigDict, defaults: records.Samplin
 
 def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling:
     """The sampling defaults, once the settings that loading the model and generating read are checked (the
-    job's and the chat's); JobError naming the one that is not."""
+    job's and the chat's); JobError or SettingsError naming the one that is not."""
     _check_given(config, "checkpoint")
-    for name in ("max_len", "steps_per_call", "min_prefill_len"):
-        _check_positive(config, name)
+    settings.check_positive(config, "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens")
     if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
         raise JobError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
     try:
@@ -219,11 +218,6 @@ def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling
 def _check_given(config: ml_collections.ConfigDict, name: str) -> None:
     if not config[name]:
         raise JobError(f"no {name}: set --config.{name}")
-
-
-def _check_positive(config: ml_collections.ConfigDict, name: str) -> None:
-    if config[name] < 1:
-        raise JobError(f"{name} must be at least 1, not {config[name]}")
 
 
 def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
@@ -394,7 +388,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         distributed.initialize(config.value.distributed)
         try:
             summary = run_job(config.value)
-        except (JobError, storage.InputError, storage.OutputError, CheckpointError, ConfigError, MeshError) as err:
+        except (JobError, settings.SettingsError, storage.InputError, storage.OutputError, CheckpointError,
+                ConfigError, MeshError) as err:
             print(f"gptoss-generate: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)
         except jax.errors.JaxRuntimeError as err:

@@ -17,6 +17,10 @@ from gptoss_dist.config import FULL, SLIDING, ModelConfig
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
 def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.ConfigDict:
     """Defaults for every setting, with `model` (ModelConfig fields over GPT-OSS-20B's) and overrides."""
     fields = dataclasses.asdict(ModelConfig()) | model
@@ -69,5 +73,12 @@ def model_config(settings: ml_collections.ConfigDict) -> ModelConfig:
 
 def dtype(settings: ml_collections.ConfigDict) -> jnp.dtype:
     if settings.dtype not in DTYPES:
-        raise ValueError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
+        raise SettingsError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
     return DTYPES[settings.dtype]
+
+
+def check_positive(settings: ml_collections.ConfigDict, *names: str) -> None:
+    """Raises SettingsError naming the first of the settings `names` below 1."""
+    for name in names:
+        if settings[name] < 1:
+            raise SettingsError(f"{name} must be at least 1, not {settings[name]}")
