@@ -49,9 +49,9 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "prefill_tokens": 8192,
             "chip": "",  # the accelerator to plan memory for (gptoss_dist.plan.CHIPS); "" reads the device's
             # several processes: from these or GPTOSS_* variables (gptoss_dist.distributed); on a TPU pod,
-            # tpu_pod=True lets JAX find the hosts
+            # tpu_pod=True lets JAX find the hosts; a process silent for peer_timeout_s is lost, and the others stop
             "distributed": {"tpu_pod": False, "coordinator": "", "num_processes": 1, "process_id": 0,
-                            "cpu_devices": 0, "timeout_s": 300},
+                            "cpu_devices": 0, "timeout_s": 300, "peer_timeout_s": 30.0},
             "part_records": 1000,  # remote output: records per uploaded part file...
             "part_seconds": 60.0,  # ...or fewer, once the oldest waiting record is this old
             "retry_errors": False,  # run the input lines that ended in errors again (edited since, or not)
