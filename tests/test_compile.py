@@ -56,7 +56,7 @@ def test_tiny_compiles_on_v5e_2x2(mesh):
     rows = mesh[0]  # a prefill call has a row per data shard, of the prefill tokens shared out
     assert [program.name for program in report.programs] == ["decode 2 steps", f"prefill {rows}x{64 // rows}"]
     for program in report.programs:
-        assert program.fits and program.temp_bytes > 0
+        assert program.fits
         # each chip holds at least its shard of the weights and of the cache, as the plan counts them
         assert program.argument_bytes >= report.plan.weights + report.plan.kv_cache
         assert program.alias_bytes > 0  # the cache is donated: updated in place
