@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import topologies
 
 from gptoss_dist import plan, settings
 from gptoss_dist.checkpoint import abstract_model
@@ -137,8 +138,6 @@ def load_topology(name: str) -> Topology:
     # Only the presence of libtpu is checked here: JAX loads it when asked for a topology.
     if importlib.util.find_spec("libtpu") is None:
         raise CompileSettingsError("libtpu is not installed: pip install -e '.[tpu]' (jax[tpu]) to compile for a TPU")
-    from jax.experimental import topologies
-
     try:
         devices = list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as err:
