@@ -52,6 +52,7 @@ from gptoss_dist.harmony import (
     render_for_completion,
     tool_calls,
 )
+from gptoss_dist.settings import SettingsError
 from gptoss_dist.sharding import MeshError, mesh_shape
 from gptoss_dist.tokenizer import Tokenizer
 
@@ -383,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run(_):
         try:
             chat = open_chat(config.value)
-        except (ChatError, JobError, CheckpointError, ConfigError, MeshError) as err:
+        except (ChatError, JobError, SettingsError, CheckpointError, ConfigError, MeshError) as err:
             print(f"gptoss-chat: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)
         chat.session()

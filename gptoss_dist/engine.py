@@ -406,6 +406,13 @@ class Engine:
                 following=self._abstract_input((rows, width), np.int32), settings=settings,
             )  # fmt: skip
 
+    def prefill_call_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, width) a prefill call may take: the fewest rows at any width (one prompt's piece), or
+        more rows whose padded tokens stay within `prefill_tokens` (`_pieces`)."""
+        fewest = self.row_buckets[0]
+        return [(rows, width) for rows in self.row_buckets for width in self.length_buckets
+                if rows == fewest or rows * width <= self.prefill_tokens]  # fmt: skip
+
     def lower_decode(self) -> jax.stages.Lowered:
         """The decode call, lowered like `lower_prefill`."""
         with self._mesh_context():

@@ -17,8 +17,8 @@ number and id, and the job goes on with the others. Each result is written as it
 exits 1 if any request failed (in this run or an earlier run of it into the same output), 2 if it cannot
 start (a bad setting, an unreadable input or checkpoint, an output it cannot write or that another job
 holds, an input or settings that differ from those that made the output; no record is written then)
-or loses its output's lock to another job, 3 if a process of a multi-process job stops because a step
-across the processes failed (another process died).
+or loses its output's lock to another job, 3 if a process of a multi-process job stops because another
+process is lost (`distributed.PeerWatch`: it died or hangs).
 
 Stop strings end a completion where one first appears in its text (where control tokens appear by name):
 `text` ends before it, `tokens` with the token that completes it, and finish_reason is "stop". The engine stops
@@ -223,11 +223,11 @@ def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
 
 
 def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
-    """The sampling defaults, once every setting the job reads is checked; JobError naming the one that is not."""
+    """The sampling defaults, once every setting the job reads is checked; JobError or SettingsError naming the
+    one that is not."""
     for name in ("input", "output"):
         _check_given(config, name)
-    for name in ("max_slots", "part_records"):
-        _check_positive(config, name)
+    settings.check_positive(config, "max_slots", "part_records")
     if config.part_seconds < 0:
         raise JobError(f"part_seconds must be >= 0, not {config.part_seconds}")
     if not config.lock_timeout_s > 0:
@@ -245,10 +245,9 @@ def result_settings(config: ml_collections.ConfigDict, defaults: records.Samplin
 
 def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling:
     """The sampling defaults, once the settings that loading the model and generating read are checked (the
-    job's and the chat's); JobError naming the one that is not."""
+    job's and the chat's); JobError or SettingsError naming the one that is not."""
     _check_given(config, "checkpoint")
-    for name in ("max_len", "steps_per_call", "min_prefill_len"):
-        _check_positive(config, name)
+    settings.check_positive(config, "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens")
     if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
         raise JobError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
     try:
@@ -260,11 +259,6 @@ def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling
 def _check_given(config: ml_collections.ConfigDict, name: str) -> None:
     if not config[name]:
         raise JobError(f"no {name}: set --config.{name}")
-
-
-def _check_positive(config: ml_collections.ConfigDict, name: str) -> None:
-    if config[name] < 1:
-        raise JobError(f"{name} must be at least 1, not {config[name]}")
 
 
 def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
@@ -414,15 +408,22 @@ def run_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | N
     return summary
 
 
-def stop_after_lost_peer(err: jax.errors.JaxRuntimeError) -> None:
-    """Ends this process of a multi-process job after a step across the processes failed (as when another
-    process died) with one line, skipping JAX's shutdown, whose barrier waits for the dead process."""
-    first_line = str(err).strip().splitlines()[0]
-    print(f"gptoss-generate: error: process {jax.process_index()} of {jax.process_count()} stopped, a step across "
-          f"the processes failed ({first_line}); if another process died, its output says why", file=sys.stderr)  # fmt: skip
+def stop_for_lost_peer(why: str) -> None:
+    """Ends this process of a multi-process job because another is lost (`why`), with one line, skipping JAX's
+    shutdown, whose barrier waits for the lost process."""
+    print(f"gptoss-generate: error: process {jax.process_index()} of {jax.process_count()} stopped: {why}",
+          file=sys.stderr)  # fmt: skip
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_PEER_LOST)
+
+
+def stop_after_failed_step(err: jax.errors.JaxRuntimeError, watch: distributed.PeerWatch) -> None:
+    """Ends this process after a step across the processes failed, as when another process died: once the
+    watch has named the lost process (it ends the process then), or after its timeout without it."""
+    time.sleep(watch.timeout_s + 2 * watch.interval_s)
+    first_line = str(err).strip().splitlines()[0]
+    stop_for_lost_peer(f"a step across the processes failed ({first_line}), and no process was found lost")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -433,15 +434,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def run(_):
         distributed.initialize(config.value.distributed)
+        watch = None
         try:
+            watch = distributed.watch_peers(config.value.distributed.peer_timeout_s, stop_for_lost_peer)
             summary = run_job(config.value)
-        except (JobError, storage.InputError, storage.OutputError, CheckpointError, ConfigError, MeshError) as err:
+        except (JobError, settings.SettingsError, storage.InputError, storage.OutputError, CheckpointError,
+                ConfigError, MeshError) as err:
             print(f"gptoss-generate: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)
         except jax.errors.JaxRuntimeError as err:
-            if jax.process_count() == 1:
+            if watch is None:
                 raise
-            stop_after_lost_peer(err)
+            stop_after_failed_step(err, watch)
         if distributed.is_writer():
             print(f"gptoss-generate: {summary.line()}")
         sys.exit(summary.exit_code)
