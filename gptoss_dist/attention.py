@@ -26,12 +26,12 @@ DEFAULT_BLOCK = 512
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KeySpan:
-    """Keys and values [N, S, kv_heads, head_dim] of which query row b sees row `rows[b]` (row b where `rows`
-    is None). At index s is the key of position `first[b] + s`, real for `start[b] <= s < end[b]`; or, for a
-    `ring`, the key of the one position p < end[b] with p % S == s among the last S, real if p >= 0."""
+    """Keys and values side by side, kv [N, S, kv_heads, 2 * head_dim] (`pair`), of which query row b sees row
+    `rows[b]` (row b where `rows` is None). At index s is the key of position `first[b] + s`, real for
+    `start[b] <= s < end[b]`; or, for a `ring`, the key of the one position p < end[b] with p % S == s among the
+    last S, real if p >= 0."""
 
-    k: jax.Array
-    v: jax.Array
+    kv: jax.Array
     end: jax.Array  # [B] int32
     first: jax.Array | int = 0  # [B] int32
     start: jax.Array | int = 0  # [B] int32
@@ -42,12 +42,12 @@ class KeySpan:
         """Keys and values [B, size, kv, D] of the block that starts at `index`, their positions [B, size] and
         which are real. The last block of a span whose length `size` does not divide is shifted back to fit;
         the keys it repeats are not real, so that no key counts twice."""
-        length = self.k.shape[1]
+        length = self.kv.shape[1]
         offset = jnp.minimum(index, length - size)
-        k = jax.lax.dynamic_slice_in_dim(self.k, offset, size, axis=1)
-        v = jax.lax.dynamic_slice_in_dim(self.v, offset, size, axis=1)
+        kv = jax.lax.dynamic_slice_in_dim(self.kv, offset, size, axis=1)
         if self.rows is not None:
-            k, v = k[self.rows], v[self.rows]
+            kv = kv[self.rows]
+        k, v = unpair(kv)
         at = offset + jnp.arange(size)
         if self.ring:
             last = self.end[:, None] - 1
@@ -55,6 +55,18 @@ class KeySpan:
             return k, v, positions, (at >= index) & (positions >= 0)
         real = (at >= index) & (at >= _column(self.start)) & (at < self.end[:, None])
         return k, v, jnp.broadcast_to(_column(self.first) + at, real.shape), real
+
+
+def pair(k: jax.Array, v: jax.Array) -> jax.Array:
+    """Keys and values [..., head_dim] side by side in one array [..., 2 * head_dim]. A cache row of GPT-OSS's
+    64-wide heads is then 128 wide, a TPU's lane width: the TPU compiler neither pads it nor, to avoid padding,
+    stores it sequence-minor and re-lays it for every decode call (see BENCHMARKS.md)."""
+    return jnp.concatenate([k, v], axis=-1)
+
+
+def unpair(kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The keys and values of `pair`."""
+    return jnp.split(kv, 2, axis=-1)
 
 
 def _column(x: jax.Array | int) -> jax.Array | int:
@@ -87,7 +99,7 @@ def attend(
     keys when one is set, to the real keys of `spans`; sinks [Hq]. Returns [B, T, Hq, D] in q's dtype.
     """
     batch, length, num_heads, head_dim = q.shape
-    num_kv = spans[0].k.shape[2]
+    num_kv = spans[0].kv.shape[2]
     q_block = min(block, length)
     num_q_blocks = math.ceil(length / q_block)
     padded = jnp.pad(q, ((0, 0), (0, num_q_blocks * q_block - length), (0, 0), (0, 0)))
@@ -118,7 +130,7 @@ def _attend_span(
     state: _Softmax, q: jax.Array, q_pos: jax.Array, span: KeySpan, window: int | None, block: int
 ) -> _Softmax:
     """Folds into `state` the blocks of `span` that the queries q [B, Tq, kv, g, D] at q_pos [B, Tq] can see."""
-    size = min(block, span.k.shape[1])
+    size = min(block, span.kv.shape[1])
     scale = q.shape[-1] ** -0.5
 
     def fold(index, state: _Softmax) -> _Softmax:
@@ -139,7 +151,7 @@ def _attend_span(
             weighted=state.weighted * rescale[..., None] + weighted,
         )
 
-    if span.k.shape[1] == size:  # a span of one block (a window's ring, a short cache): no loop, masks suffice
+    if span.kv.shape[1] == size:  # a span of one block (a window's ring, a short cache): no loop, masks suffice
         return fold(0, state)
     return jax.lax.fori_loop(*_visible_blocks(q_pos, span, window, size), fold, state)
 
@@ -148,11 +160,11 @@ def _visible_blocks(q_pos: jax.Array, span: KeySpan, window: int | None, size: i
     """The range of blocks of `size` keys of `span` that hold a key some query at q_pos [B, Tq] may see (all of a
     ring's: it is as long as a window)."""
     if span.ring:
-        return 0, -(-span.k.shape[1] // size)
+        return 0, -(-span.kv.shape[1] // size)
     lowest_q, highest_q = q_pos[:, 0] - span.first, q_pos[:, -1] - span.first  # as indices into the span
     start = span.start if window is None else jnp.maximum(span.start, lowest_q - window + 1)
     end = jnp.minimum(span.end, highest_q + 1)
     seen = start < end
-    start = jnp.min(jnp.where(seen, start, span.k.shape[1]))
+    start = jnp.min(jnp.where(seen, start, span.kv.shape[1]))
     end = jnp.max(jnp.where(seen, end, 0))
     return start // size, jnp.maximum(start // size, -(-end // size))

@@ -31,7 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from gptoss_dist import mxfp4
 from gptoss_dist.config import ConfigError, ModelConfig
 from gptoss_dist.model import GptOss
-from gptoss_dist.sharding import param_shardings, put
+from gptoss_dist.sharding import param_formats, put
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -369,9 +369,9 @@ def from_pretrained(
     ckpt = HfCheckpoint(path)
     model = abstract_model(ckpt.config(), dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts)
     graphdef, state = nnx.split(model)
-    shardings = dict(nnx.to_flat_state(param_shardings(state, mesh))) if mesh is not None else {}
+    formats = dict(nnx.to_flat_state(param_formats(state, mesh))) if mesh is not None else {}
     flat = dict(nnx.to_flat_state(state))
     for param, value in iter_params(ckpt, state, packed_experts=packed_experts):
         value = value.astype(flat[param].get_value().dtype)
-        flat[param].set_value(put(value, shardings[param]) if mesh is not None else jax.device_put(value))
+        flat[param].set_value(put(value, formats[param]) if mesh is not None else jax.device_put(value))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

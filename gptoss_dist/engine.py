@@ -1,7 +1,7 @@
 """Batched decoding: a KV cache in fixed slots, prefill in bucketed pieces of bounded size, many decode steps
 per host round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
 
-The cache keeps, per layer, [slots, length, kv_heads, head_dim] keys and values (`model.LayerCache`).
+The cache keeps, per layer, keys and values side by side, [slots, length, kv_heads, 2 * head_dim] (`model.LayerCache`).
 Full-attention layers keep `max_len` positions; sliding layers keep only their window, as a ring buffer
 (position p at index p % window), which for GPT-OSS's 128-key window and long contexts halves the cache.
 """
@@ -370,7 +370,7 @@ class Engine:
         """Each Slots array as a `_Blank`: sliding layers' caches hold only their window."""
         cfg, count = self.config, self.max_slots
         shapes = [cache_shape(cfg, layer, count, self.max_len) for layer in range(cfg.num_layers)]
-        cache = [LayerCache(*(_Blank(shape, self.dtype, CACHE_AXES) for _ in range(2))) for shape in shapes]
+        cache = [LayerCache(_Blank(shape, self.dtype, CACHE_AXES)) for shape in shapes]
         per_slot = partial(_Blank, (count,), axes=SLOT_AXES)
         return Slots(
             cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32), generated=per_slot(jnp.int32),

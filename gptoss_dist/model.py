@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 
 from gptoss_dist import mxfp4
-from gptoss_dist.attention import DEFAULT_BLOCK, KeySpan, attend
+from gptoss_dist.attention import DEFAULT_BLOCK, KeySpan, attend, pair
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.grouped_matmul import grouped_matmul
-from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_shardings
+from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_formats
 
 F32 = jnp.float32
 
@@ -29,9 +29,12 @@ F32 = jnp.float32
 Matrices = jax.Array | mxfp4.PackedMatrices
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stddev: float) -> nnx.Param:
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stddev: float, *, row_major: bool = False
+) -> nnx.Param:
+    """A random weight; `row_major` pins its layout on the device (`sharding.param_formats`)."""
     value = (jax.random.normal(rngs.params(), shape, F32) * stddev).astype(dtype)
-    return nnx.Param(value, logical_axes=axes)
+    return nnx.Param(value, logical_axes=axes, row_major=row_major)
 
 
 def _mxfp4_params(
@@ -124,24 +127,22 @@ CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """One layer's keys and values [slots, length, kv_heads, head_dim] (`CACHE_AXES`), position p at index
-    p % length: full-attention layers hold the whole context, sliding layers their window as a ring."""
+    """One layer's keys and values side by side, kv [slots, length, kv_heads, 2 * head_dim] (`CACHE_AXES`,
+    `attention.pair`), position p at index p % length: full-attention layers hold the whole context, sliding
+    layers their window as a ring."""
 
-    k: jax.Array
-    v: jax.Array
+    kv: jax.Array
 
-    def write(self, k: jax.Array, v: jax.Array, span: Span) -> LayerCache:
-        """The cache with the real tokens' keys and values [B, T, kv, D] stored (of a ring, the last ones)."""
-        length = self.k.shape[1]
-        t = jnp.arange(k.shape[1])
+    def write(self, kv: jax.Array, span: Span) -> LayerCache:
+        """The cache with the real tokens' keys and values kv [B, T, kv_heads, 2 * D] stored (of a ring, the last
+        ones)."""
+        length = self.kv.shape[1]
+        t = jnp.arange(kv.shape[1])
         kept = (t >= jnp.maximum(span.start, span.end - length)[:, None]) & (t < span.end[:, None])
-        index = jnp.where(kept, span.positions(k.shape[1]) % length, length)  # length: dropped
-        slot = jnp.arange(k.shape[0]) if span.slot is None else span.slot
+        index = jnp.where(kept, span.positions(kv.shape[1]) % length, length)  # length: dropped
+        slot = jnp.arange(kv.shape[0]) if span.slot is None else span.slot
         rows = slot[:, None]
-        return LayerCache(
-            self.k.at[rows, index].set(k.astype(self.k.dtype), mode="drop"),
-            self.v.at[rows, index].set(v.astype(self.v.dtype), mode="drop"),
-        )
+        return LayerCache(self.kv.at[rows, index].set(kv.astype(self.kv.dtype), mode="drop"))
 
 
 def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:
@@ -150,7 +151,7 @@ def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:
 
 
 def cache_shape(cfg: ModelConfig, layer: int, slots: int, max_len: int) -> tuple[int, int, int, int]:
-    return (slots, cache_length(cfg, layer, max_len), cfg.num_kv_heads, cfg.head_dim)
+    return (slots, cache_length(cfg, layer, max_len), cfg.num_kv_heads, 2 * cfg.head_dim)
 
 
 class Attention(nnx.Module):
@@ -190,15 +191,16 @@ class Attention(nnx.Module):
         """Attends the tokens x [B, T, hidden] at `span` to what they may see: each other and, with a cache,
         their sequences' earlier tokens. Returns the output and the cache holding the new keys too."""
         q, k, v = self.qkv(x, cos, sin)
-        own = KeySpan(k, v, first=span.first, start=span.start, end=span.end)
+        kv = pair(k, v)
+        own = KeySpan(kv, first=span.first, start=span.start, end=span.end)
         if cache is None:
             spans = [own]
         elif self.window is None:  # the cache holds the whole context: store, then read it
-            cache = cache.write(k, v, span)
-            spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, rows=span.slot)]
+            cache = cache.write(kv, span)
+            spans = [KeySpan(cache.kv, end=span.first + span.end, rows=span.slot)]
         else:  # a ring as long as the window: read what it held before the new keys replace it
-            spans = [KeySpan(cache.k, cache.v, end=span.first + span.start, rows=span.slot, ring=True), own]
-            cache = cache.write(k, v, span)
+            spans = [KeySpan(cache.kv, end=span.first + span.start, rows=span.slot, ring=True), own]
+            cache = cache.write(kv, span)
         out = attend(q, span.first, self.sinks[...], spans, self.window, block=block)
         return self.project_out(out), cache
 
@@ -378,8 +380,11 @@ class MoE(nnx.Module):
             self.down_blocks, self.down_scales = _mxfp4_params(rngs, (num, hidden, inter), down_axes, inter**-0.5)
         else:
             gate_up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
-            self.gate_up = _param(rngs, (num, hidden, 2 * inter), gate_up_axes, param_dtype, hidden**-0.5)
-            self.down = _param(rngs, (num, inter, hidden), down_axes, param_dtype, inter**-0.5)
+            # row-major, as the TPU's grouped matmul reads them (see `sharding.param_formats`)
+            self.gate_up = _param(
+                rngs, (num, hidden, 2 * inter), gate_up_axes, param_dtype, hidden**-0.5, row_major=True
+            )
+            self.down = _param(rngs, (num, inter, hidden), down_axes, param_dtype, inter**-0.5, row_major=True)
         self.gate_up_bias = _constant((num, 2 * inter), ("experts", "expert_mlp"), param_dtype, 0.0)
         self.down_bias = _constant((num, hidden), ("experts", "embed"), param_dtype, 0.0)
         self.packed = packed
@@ -506,7 +511,10 @@ class GptOss(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.compute_dtype = compute_dtype or param_dtype
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, 1.0)
+        # row-major, as the lookup reads it (see `sharding.param_formats`)
+        self.embed = _param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, 1.0, row_major=True
+        )
         self.layers = nnx.List(
             [
                 DecoderLayer(cfg, i, param_dtype=param_dtype, packed_experts=packed_experts, rngs=rngs)
@@ -594,5 +602,5 @@ def random_model(
 def _initializer(build: Callable[..., nnx.Module], mesh) -> Callable[[jax.Array], nnx.State]:
     """A compiled maker of the parameters of `build(rngs=...)` from a key, on the devices of their shardings."""
     abstract = nnx.state(nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0))))
-    shardings = param_shardings(abstract, mesh) if mesh is not None else None
-    return jax.jit(lambda key: nnx.state(build(rngs=nnx.Rngs(params=key))), out_shardings=shardings)
+    formats = param_formats(abstract, mesh) if mesh is not None else None
+    return jax.jit(lambda key: nnx.state(build(rngs=nnx.Rngs(params=key))), out_shardings=formats)

@@ -43,10 +43,11 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 from flax import nnx
+from jax.experimental.layout import Format
 
 from gptoss_dist.checkpoint import CheckpointError, abstract_model, filesystem, join, read_config, write_atomically
 from gptoss_dist.model import GptOss
-from gptoss_dist.sharding import REPLICATE_IF_INDIVISIBLE, RULES, param_shardings
+from gptoss_dist.sharding import REPLICATE_IF_INDIVISIBLE, RULES, param_formats
 
 FORMAT = "gptoss-dist/zarr3/1"
 MARKER_FILE = "gptoss_checkpoint.json"
@@ -329,12 +330,10 @@ def _index_key(index: tuple[slice, ...]) -> tuple:
     return tuple((s.start, s.stop) for s in index)
 
 
-def _restore(
-    array: ts.TensorStore, where: str, var: nnx.Variable, sharding: jax.sharding.Sharding, in_flight: InFlight
-) -> None:
+def _restore(array: ts.TensorStore, where: str, var: nnx.Variable, place: Format, in_flight: InFlight) -> None:
     """Starts reading the parts of `array` (stored at `where`) that this process's devices hold; they go into
-    `var` once read."""
-    shape, dtype = var.get_value().shape, var.get_value().dtype
+    `var`, in the sharding and layout `place`, once read."""
+    shape, dtype, sharding = var.get_value().shape, var.get_value().dtype, place.sharding
     indices = {_index_key(index): index for index in sharding.addressable_devices_indices_map(shape).values()}
     reads = {key: array[index].read() for key, index in indices.items()}
     nbytes = math.prod(sharding.shard_shape(shape)) * array.dtype.numpy_dtype.itemsize
@@ -344,7 +343,7 @@ def _restore(
 
     def place() -> None:
         var.set_value(
-            jax.make_array_from_callback(shape, sharding, lambda index: reads[_index_key(index)].result().astype(dtype))
+            jax.make_array_from_callback(shape, place, lambda index: reads[_index_key(index)].result().astype(dtype))
         )
 
     in_flight.add([], then=place)
@@ -370,12 +369,12 @@ def load(
     graphdef, state = nnx.split(model)
     _check_arrays(directory, stored, state)
     flat = dict(nnx.to_flat_state(state))
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = dict(nnx.to_flat_state(param_shardings(state, mesh))) if mesh is not None else {}
+    one_device = Format(None, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    formats = dict(nnx.to_flat_state(param_formats(state, mesh))) if mesh is not None else {}
     in_flight = InFlight(READ_AHEAD_BYTES)
     for param, var in flat.items():
         name = array_name(param)
         where = f"{join(directory, ARRAYS_DIR)}/{name}"
-        _restore(open_array(directory, name, stored[name]), where, var, shardings.get(param, one_device), in_flight)
+        _restore(open_array(directory, name, stored[name]), where, var, formats.get(param, one_device), in_flight)
     in_flight.drain()
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

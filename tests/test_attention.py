@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_dist.attention import KeySpan, attend
+from gptoss_dist.attention import KeySpan, attend, pair
 
 
 def dense_attention(q, k, v, sinks, q_pos, k_pos, k_real, window):
@@ -46,8 +46,9 @@ def test_prefill_equals_dense(window, block):
     q, k, v, sinks = random_qkv(rng, 4, 23, 23)
     start, end = np.array([0, 5, 0, 0]), np.array([23, 23, 11, 0])
     first = -start
-    got = blockwise(q, first, sinks, [KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray(end),
-                                              first=jnp.asarray(first), start=jnp.asarray(start))], window, block)
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray(end), first=jnp.asarray(first),
+                   start=jnp.asarray(start))  # fmt: skip
+    got = blockwise(q, first, sinks, [span], window, block)
     positions = first[:, None] + np.arange(23)
     real = (np.arange(23) >= start[:, None]) & (np.arange(23) < end[:, None])
     expected = dense_attention(q, k, v, sinks, positions, positions, real, window)
@@ -59,7 +60,7 @@ def test_prefill_equals_dense(window, block):
 def test_a_query_that_sees_no_key_returns_zeros():
     rng = np.random.default_rng(1)
     q, k, v, sinks = random_qkv(rng, 1, 3, 6)
-    span = KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray([6]), first=jnp.asarray([10]))
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray([6]), first=jnp.asarray([10]))
     got = blockwise(q, np.array([0]), sinks, [span], None, 4)  # every key is in the queries' future
     assert np.all(got == 0)
     assert np.all(dense_attention(q, k, v, sinks, np.arange(3)[None], 10 + np.arange(6)[None],
@@ -81,14 +82,14 @@ def test_a_chunk_against_a_cache_equals_dense(window):
     for p in range(start - 8, start):
         ring_k[rows, p % 8], ring_v[rows, p % 8] = history_k[:, p], history_v[:, p]
     first = np.full(2, start)
-    new = KeySpan(jnp.asarray(new_k), jnp.asarray(new_v), end=jnp.full(2, chunk), first=jnp.asarray(first))
+    new = KeySpan(pair(jnp.asarray(new_k), jnp.asarray(new_v)), end=jnp.full(2, chunk), first=jnp.asarray(first))
     whole = np.concatenate([history_k, new_k], 1), np.concatenate([history_v, new_v], 1)
     positions = np.broadcast_to(np.arange(start + chunk), (2, start + chunk))
     expected = dense_attention(q, *whole, sinks, first[:, None] + np.arange(chunk), positions,
                                np.ones_like(positions, bool), window)  # fmt: skip
     held = jnp.full(2, start)
-    contiguous = KeySpan(jnp.asarray(cache_k), jnp.asarray(cache_v), end=held, rows=jnp.asarray(rows))
-    ring = KeySpan(jnp.asarray(ring_k), jnp.asarray(ring_v), end=held, rows=jnp.asarray(rows), ring=True)
+    contiguous = KeySpan(pair(jnp.asarray(cache_k), jnp.asarray(cache_v)), end=held, rows=jnp.asarray(rows))
+    ring = KeySpan(pair(jnp.asarray(ring_k), jnp.asarray(ring_v)), end=held, rows=jnp.asarray(rows), ring=True)
     for cached in (contiguous, ring) if window else (contiguous,):
         for block in (4, 16):
             got = blockwise(q, first, sinks, [cached, new], window, block)
@@ -101,7 +102,7 @@ def test_decode_equals_dense(window):
     rng = np.random.default_rng(3)
     lengths = np.array([1, 7, 8, 9, 40])
     q, k, v, sinks = random_qkv(rng, 5, 1, 41)
-    span = KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray(lengths + 1))
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray(lengths + 1))
     got = blockwise(q, lengths, sinks, [span], window, 4)
     real = np.arange(41) <= lengths[:, None]
     expected = dense_attention(q, k, v, sinks, lengths[:, None], np.broadcast_to(np.arange(41), (5, 41)), real, window)
@@ -115,7 +116,7 @@ def test_sliding_window_sees_exactly_its_keys():
     v = np.zeros((1, length, 1, length), np.float32)
     v[0, :, 0] = np.eye(length)
     k = np.zeros((1, length, 1, length), np.float32)
-    span = KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray([length]))
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray([length]))
     out = blockwise(np.pad(q, ((0, 0), (0, 0), (0, 0), (0, length - 4))), np.array([0]), np.array([-1e30]),
                     [span], 8, 3)[0, :, 0]  # fmt: skip
     for t in range(length):
@@ -130,7 +131,7 @@ def test_blocks_outside_the_window_and_the_future_are_skipped():
     q, k, v, sinks = random_qkv(rng, 1, 4, 64)
     k[:, :40], v[:, :40] = np.nan, np.nan  # before the window of queries 48..51
     k[:, 52:], v[:, 52:] = np.nan, np.nan  # their future
-    span = KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray([64]))
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray([64]))
     got = blockwise(q, np.array([48]), sinks, [span], 8, 4)
     positions = np.arange(64)[None]
     k[:, :40], v[:, :40], k[:, 52:], v[:, 52:] = 0, 0, 0, 0
