@@ -330,10 +330,10 @@ def _index_key(index: tuple[slice, ...]) -> tuple:
     return tuple((s.start, s.stop) for s in index)
 
 
-def _restore(array: ts.TensorStore, where: str, var: nnx.Variable, place: Format, in_flight: InFlight) -> None:
+def _restore(array: ts.TensorStore, where: str, var: nnx.Variable, target: Format, in_flight: InFlight) -> None:
     """Starts reading the parts of `array` (stored at `where`) that this process's devices hold; they go into
-    `var`, in the sharding and layout `place`, once read."""
-    shape, dtype, sharding = var.get_value().shape, var.get_value().dtype, place.sharding
+    `var`, in the sharding and layout `target`, once read."""
+    shape, dtype, sharding = var.get_value().shape, var.get_value().dtype, target.sharding
     indices = {_index_key(index): index for index in sharding.addressable_devices_indices_map(shape).values()}
     reads = {key: array[index].read() for key, index in indices.items()}
     nbytes = math.prod(sharding.shard_shape(shape)) * array.dtype.numpy_dtype.itemsize
@@ -343,7 +343,7 @@ def _restore(array: ts.TensorStore, where: str, var: nnx.Variable, place: Format
 
     def place() -> None:
         var.set_value(
-            jax.make_array_from_callback(shape, place, lambda index: reads[_index_key(index)].result().astype(dtype))
+            jax.make_array_from_callback(shape, target, lambda index: reads[_index_key(index)].result().astype(dtype))
         )
 
     in_flight.add([], then=place)
