@@ -58,11 +58,10 @@ def run_case(model: str, packed: bool, topology: tpu_compile.Topology, slots: in
     name, lower = next((name, lower) for name, lower in programs.items() if name.startswith(program))
     compiled = tpu_compile.compile_program(name, lower, topology.hbm_bytes)
     plan = tpu_compile.plan_for(config, engine)
-    record = {"model": model, "packed": packed, "topology": topology.name, "chip": topology.chip,
-              "max_slots": slots, "max_len": length, "program": program, "mesh": tpu_compile.mesh_sizes(engine.mesh),
-              "libtpu": tpu_compile.libtpu_version(), "plan_weights_bytes": plan.weights,
-              "plan_kv_cache_bytes": plan.kv_cache, "plan_working_bytes": plan.working, **compiled.to_json()}  # fmt: skip
-    return record
+    return {"model": model, "packed": packed, "topology": topology.name, "chip": topology.chip,
+            "max_slots": slots, "max_len": length, "program": program, "mesh": tpu_compile.mesh_sizes(engine.mesh),
+            "libtpu": tpu_compile.libtpu_version(), "plan_weights_bytes": plan.weights,
+            "plan_kv_cache_bytes": plan.kv_cache, "plan_working_bytes": plan.working, **compiled.to_json()}  # fmt: skip
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Batched decoding: a KV cache in fixed slots, prefill in bucketed pieces of bounded size, many decode steps
 per host round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
 
-The cache keeps, per layer, keys and values side by side, [slots, length, kv_heads, 2 * head_dim] (`model.LayerCache`).
-Full-attention layers keep `max_len` positions; sliding layers keep only their window, as a ring buffer
-(position p at index p % window), which for GPT-OSS's 128-key window and long contexts halves the cache.
+The cache keeps, per layer, keys and values side by side, [slots, length, kv_heads, 2 * head_dim]
+(`model.LayerCache`). Full-attention layers keep `max_len` positions; sliding layers keep only their window,
+as a ring buffer (position p at index p % window), which for GPT-OSS's 128-key window and long contexts halves
+the cache.
 """
 
 from __future__ import annotations
