@@ -1,9 +1,18 @@
-"""Batched decoding: a KV cache in fixed slots, prefill in bucketed pieces of bounded size, many decode steps
-per host round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
+"""Batched decoding: a paged KV cache, prefill in bucketed pieces of bounded size, many decode steps per host
+round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
 
-The cache keeps, per layer, [slots, length, kv_heads, head_dim] keys and values (`model.LayerCache`).
-Full-attention layers keep `max_len` positions; sliding layers keep only their window, as a ring buffer
-(position p at index p % window), which for GPT-OSS's 128-key window and long contexts halves the cache.
+The cache keeps, per layer, keys and values in pages [pages, page, kv_heads, head_dim] (`model.LayerCache`).
+Full-attention layers share one pool of `kv_pages` pages of `page_size` positions: a sequence takes pages as it
+grows (its page table says which) and gives them back when it ends, so the pool's memory follows the live
+tokens, and decoding reads only the pages up to each sequence's length. By default a page holds `max_len`
+positions and the pool one page per slot: the contiguous cache of every slot at full length. Sliding layers
+keep only their window per slot, as a ring (position p at index p % window), which for GPT-OSS's 128-key
+window and long contexts halves the cache.
+
+A request is admitted when a slot and the pages for its prompt are free. Where the pool runs short while
+decoding, the most recently admitted sequence gives its pages back and waits to run again: its prompt and the
+tokens it generated are prefilled once more, and it goes on with the same sampling keys, so its output does
+not change.
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -76,10 +85,41 @@ class Update:
 # ------------------------------------------------------------------------------------------- KV cache
 
 
+def _bytes_per_position(cfg: ModelConfig, dtype) -> int:
+    return 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
 def cache_bytes_per_sequence(cfg: ModelConfig, max_len: int, dtype=jnp.bfloat16) -> int:
     """Bytes of keys and values that one sequence of up to `max_len` tokens holds in the cache."""
-    per_position = 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    return per_position * sum(cache_length(cfg, layer, max_len) for layer in range(cfg.num_layers))
+    return _bytes_per_position(cfg, dtype) * sum(cache_length(cfg, layer, max_len) for layer in range(cfg.num_layers))
+
+
+def cache_bytes(cfg: ModelConfig, max_slots: int, max_len: int, pool_tokens: int, dtype=jnp.bfloat16) -> int:
+    """Bytes of the whole cache: each slot's window in the sliding layers, and a pool of `pool_tokens` positions
+    in each full-attention layer."""
+    lengths = (max_slots * cache_length(cfg, layer, max_len) if cfg.window(layer) else pool_tokens
+               for layer in range(cfg.num_layers))  # fmt: skip
+    return _bytes_per_position(cfg, dtype) * sum(lengths)
+
+
+def page_pool(max_slots: int, max_len: int, page_size: int = 0, kv_pages: int = 0, data: int = 1) -> tuple[int, int]:
+    """(page_size, kv_pages) of the full-attention layers' pool, 0 meaning the default: a page of `max_len`
+    positions, and as many pages as every slot needs at full length. ValueError, naming the setting, where the
+    page size does not divide max_len, the pool cannot hold one sequence of max_len, or the mesh's `data`
+    shards do not divide the pages."""
+    if page_size < 0 or kv_pages < 0:
+        raise ValueError(f"page_size ({page_size}) and kv_pages ({kv_pages}) must be >= 0 (0: the default)")
+    page_size = page_size or max_len
+    if max_len % page_size:
+        raise ValueError(f"page_size={page_size} must divide max_len={max_len}")
+    per_sequence = max_len // page_size
+    kv_pages = kv_pages or max_slots * per_sequence
+    if kv_pages < per_sequence:
+        raise ValueError(f"kv_pages={kv_pages} cannot hold one sequence of max_len={max_len}, which takes "
+                         f"{per_sequence} pages of page_size={page_size}: raise kv_pages or lower max_len")  # fmt: skip
+    if kv_pages % data:
+        raise ValueError(f"kv_pages={kv_pages} must be a multiple of the mesh's data axis ({data})")
+    return page_size, kv_pages
 
 
 # -------------------------------------------------------------------------------------------- slots
@@ -90,7 +130,7 @@ def cache_bytes_per_sequence(cfg: ModelConfig, max_len: int, dtype=jnp.bfloat16)
 class Slots:
     """What the device keeps per slot between steps: the cache, the token to feed next, counts, settings."""
 
-    cache: list[LayerCache]
+    cache: list[LayerCache]  # sliding layers: a ring per slot; full-attention layers: the pool of pages
     token: jax.Array  # [B] int32: the last generated token, not yet in the cache
     length: jax.Array  # [B] int32: tokens in the cache (the position `token` goes to)
     generated: jax.Array  # [B] int32: tokens generated so far
@@ -134,24 +174,31 @@ def prefill(
     count: jax.Array,
     targets: jax.Array,
     last: jax.Array,
+    resumed: jax.Array,
+    next_token: jax.Array,
     settings: dict[str, jax.Array],
+    pages: jax.Array,
     *,
     max_len: int,
     attention_block: int,
 ) -> tuple[Slots, jax.Array, jax.Array]:
     """Runs a piece of each of n prompts into slots `targets` [n] (out of range: a padding row): `count` [n]
-    tokens [n, T] (right-padded) at positions `first` [n] onwards, which attend to their slot's cache and to
-    each other. Rows whose piece is the prompt's `last` [n] sample their first token and become active; the
-    others stay inactive until their next piece. Returns the slots, the first tokens [n] and which slots are
-    active [B], the last two replicated so that every process can read them."""
+    tokens [n, T] (right-padded) at positions `first` [n] onwards, which attend to their slot's cache (the
+    pool through the page table `pages` [B, W]) and to each other. Rows whose piece is the prompt's `last` [n]
+    become active: a new sequence samples its first token; one that had generated `resumed` [n] tokens before
+    it was preempted (its prompt then ends with all but the last of them) goes on from `next_token` [n], the
+    last. The others stay inactive until their next piece. Returns the slots, the first tokens [n] and which
+    slots are active [B], the last two replicated so that every process can read them."""
     model = nnx.merge(graphdef, params)
-    span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets)
+    span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets,
+                pages=jnp.take(pages, targets, axis=0, mode="clip"))  # fmt: skip
     hidden, cache = model.hidden_states(tokens, span, slots.cache, attention_block=attention_block)
     final = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
     zeros = jnp.zeros_like(count)
     new = Slots(cache=None, token=zeros, length=first + count, generated=zeros, active=last, **settings)
     sampled = _next_tokens(model, new, final)
-    new = dataclasses.replace(new, token=sampled, generated=last.astype(jnp.int32))
+    token = jnp.where(resumed > 0, next_token, sampled)
+    new = dataclasses.replace(new, token=token, generated=jnp.where(last, jnp.maximum(resumed, 1), 0))
     new = dataclasses.replace(new, active=last & ~_finished(new, max_len))
 
     def scatter(old, update):
@@ -162,16 +209,23 @@ def prefill(
 
 
 def decode(
-    graphdef: nnx.GraphDef, params: nnx.State, slots: Slots, *, steps: int, max_len: int, attention_block: int
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    slots: Slots,
+    pages: jax.Array,
+    *,
+    steps: int,
+    max_len: int,
+    attention_block: int,
 ) -> tuple[Slots, jax.Array, jax.Array, jax.Array]:
-    """`steps` decode steps for every slot in one call; inactive slots neither change nor write to the cache.
-    Returns the slots, the tokens [steps, B], which of them were generated by an active slot [steps, B] and
-    which slots are still active [B], the last three replicated."""
+    """`steps` decode steps for every slot in one call, slot b's pool pages being `pages[b]`; inactive slots
+    neither change nor write to the cache. Returns the slots, the tokens [steps, B], which of them were
+    generated by an active slot [steps, B] and which slots are still active [B], the last three replicated."""
     model = nnx.merge(graphdef, params)
 
     def step(slots: Slots, _):
         live = slots.active
-        span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32))
+        span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32), pages=pages)
         hidden, cache = model.hidden_states(slots.token[:, None], span, slots.cache, attention_block=attention_block)
         token = _next_tokens(model, slots, hidden)
         slots = dataclasses.replace(
@@ -186,6 +240,11 @@ def decode(
 
     slots, (tokens, emitted) = jax.lax.scan(step, slots, length=steps)
     return slots, replicated(tokens), replicated(emitted), replicated(slots.active)
+
+
+def deactivate(slots: Slots, slot: jax.Array) -> Slots:
+    """The slots with `slot` stopped: it neither changes nor writes to the cache until it is filled again."""
+    return dataclasses.replace(slots, active=slots.active.at[slot].set(False))
 
 
 def replicated(x: jax.Array) -> jax.Array:
@@ -216,6 +275,7 @@ _prefill_jit = jax.jit(
 _decode_jit = jax.jit(
     decode, static_argnames=("graphdef", "steps", "max_len", "attention_block"), donate_argnames=("slots",)
 )
+_deactivate_jit = jax.jit(deactivate, donate_argnames=("slots",))
 
 # ------------------------------------------------------------------------------------------- engine
 
@@ -232,20 +292,59 @@ def _fit(buckets: list[int], size: int) -> int:
 
 @dataclasses.dataclass
 class _Sequence:
-    """A request in a slot: the prompt tokens already in the cache and the tokens generated so far."""
+    """A request and its progress: the tokens to prefill (its prompt; after a preemption, its prompt and all
+    but the last token it generated), how many of them are in the cache, and the tokens generated so far."""
 
     request: Request
+    context: list[int]
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
-        return self.prefilled < len(self.request.prompt)
+        return self.prefilled < len(self.context)
+
+    @property
+    def cached(self) -> int:
+        """Tokens in the cache once prefilled: all but the last generated one, which goes in next."""
+        return len(self.request.prompt) + max(len(self.generated) - 1, 0)
+
+    def preempted(self) -> _Sequence:
+        """The sequence to run again from nothing in the cache."""
+        return _Sequence(self.request, [*self.request.prompt, *self.generated[:-1]], 0, self.generated)
+
+
+class _PagePool:
+    """The host's account of the full-attention layers' pool: free pages and each slot's pages, in its row
+    of the page table."""
+
+    def __init__(self, pages: int, page_size: int, slots: int, per_sequence: int):
+        self.page_size = page_size
+        self.free = list(range(pages - 1, -1, -1))  # taken from the end: page 0 first
+        self.held: dict[int, list[int]] = {}
+        self.table = np.zeros((slots, per_sequence), np.int32)
+
+    def take(self, slot: int, tokens: int) -> bool:
+        """Gives `slot` the pages that `tokens` tokens need, if the pool has them; says whether it did."""
+        held = self.held.setdefault(slot, [])
+        missing = -(-tokens // self.page_size) - len(held)
+        if missing > len(self.free):
+            return False
+        for _ in range(missing):
+            self.table[slot, len(held)] = self.free[-1]
+            held.append(self.free.pop())
+        return True
+
+    def release(self, slot: int) -> None:
+        self.free.extend(reversed(self.held.pop(slot, [])))
 
 
 class Engine:
     """Generates for a stream of requests with `max_slots` sequences in flight, each of at most `max_len`
-    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip.
+    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip. The full-attention
+    layers keep their keys in a pool of `kv_pages` pages of `page_size` positions (see `page_pool` for the
+    defaults): a request waits for a slot and the pages of its prompt, and where the pool runs short the most
+    recently admitted sequence is preempted and later recomputed, with the same output.
 
     Prompts are prefilled in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory: short
     prompts share a call, and a longer prompt is cut into pieces that each attend to what the cache holds of it.
@@ -264,6 +363,8 @@ class Engine:
         min_prefill_len: int = 16,
         prefill_tokens: int = 8192,
         attention_block: int = DEFAULT_BLOCK,
+        page_size: int = 0,
+        kv_pages: int = 0,
     ):
         self.config: ModelConfig = model.config
         self.config.check_max_len(max_len)
@@ -275,6 +376,7 @@ class Engine:
         data = mesh_sizes(mesh)["data"] if mesh is not None else 1
         if max_slots % data:
             raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
+        self.page_size, self.kv_pages = page_pool(max_slots, max_len, page_size, kv_pages, data)
         self.row_buckets = _buckets(data, max_slots)
         # the longest piece of a prompt that one call runs: calls have at least one row per data shard
         self.piece_len = min(max(1, prefill_tokens // self.row_buckets[0]), max_len)
@@ -285,6 +387,7 @@ class Engine:
         self._prefill = partial(_prefill_jit, **self._static)
         self._decode = partial(_decode_jit, steps=steps_per_call, **self._static)
         self.slot_steps = 0  # decode steps x slots spent, for measuring batching efficiency
+        self.preemptions = 0  # sequences that gave their pages back to be recomputed later
         self.prefill_shapes: Counter[tuple[int, int]] = Counter()  # (rows, width) of each prefill call run
 
     def cache_bytes_per_sequence(self) -> int:
@@ -298,7 +401,8 @@ class Engine:
     def _slot_layout(self) -> Slots:
         """Each Slots array as a `_Blank`: sliding layers' caches hold only their window."""
         cfg, count = self.config, self.max_slots
-        shapes = [cache_shape(cfg, layer, count, self.max_len) for layer in range(cfg.num_layers)]
+        pool = (self.kv_pages, self.page_size)
+        shapes = [cache_shape(cfg, layer, count, self.max_len, pool) for layer in range(cfg.num_layers)]
         cache = [LayerCache(*(_Blank(shape, self.dtype, CACHE_AXES) for _ in range(2))) for shape in shapes]
         per_slot = partial(_Blank, (count,), axes=SLOT_AXES)
         return Slots(
@@ -331,15 +435,18 @@ class Engine:
             return _prefill_jit.lower(
                 **self._static, params=self.params, slots=self.abstract_slots(),
                 tokens=self._abstract_input((rows, width), np.int32), first=per_row(np.int32),
-                count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool), settings=settings,
+                count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool), resumed=per_row(np.int32),
+                next_token=per_row(np.int32), settings=settings, pages=self._abstract_pages(),
             )  # fmt: skip
 
     def lower_decode(self) -> jax.stages.Lowered:
         """The decode call, lowered like `lower_prefill`."""
         with self._mesh_context():
-            return _decode_jit.lower(
-                **self._static, steps=self.steps_per_call, params=self.params, slots=self.abstract_slots()
-            )
+            return _decode_jit.lower(**self._static, steps=self.steps_per_call, params=self.params,
+                                     slots=self.abstract_slots(), pages=self._abstract_pages())  # fmt: skip
+
+    def _abstract_pages(self) -> jax.ShapeDtypeStruct:
+        return self._abstract_input((self.max_slots, self.max_len // self.page_size), np.int32)
 
     def _abstract_input(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding(shape, (None,) * len(shape)))
@@ -385,35 +492,61 @@ class Engine:
         its new tokens, and its result once it has ended, while the others keep running. Requests are drawn
         from `requests` only as slots free up, so the iterable may be long and lazily read. Closing the
         iterator early drops the requests in flight."""
-        pending, exhausted = iter(requests), False
+        pending = iter(requests)
         with self._mesh_context():
             slots = self.empty_slots()
+            pool = _PagePool(self.kv_pages, self.page_size, self.max_slots, self.max_len // self.page_size)
             running: dict[int, _Sequence] = {}  # by slot, in the order admitted
+            waiting: deque[_Sequence] = deque()  # preempted sequences, to run again first
             just_prefilled = False
             while True:
-                free = [s for s in range(self.max_slots) if s not in running]
-                if free and not exhausted:
-                    admitted = self._take(pending, len(free))
-                    exhausted = len(admitted) < len(free)
-                    running.update((slot, _Sequence(request)) for slot, request in zip(free, admitted))
-                waiting = [slot for slot, sequence in running.items() if sequence.prefilling]
-                decoding = len(running) > len(waiting)
-                if waiting and not (decoding and just_prefilled):
-                    slots, updates = self._prefill_call(slots, waiting, running)
+                self._admit(pending, waiting, running, pool)
+                prefilling = [slot for slot, sequence in running.items() if sequence.prefilling]
+                decoding = len(running) > len(prefilling)
+                if prefilling and not (decoding and just_prefilled):
+                    slots, updates = self._prefill_call(slots, prefilling, running, pool)
                     just_prefilled = True
                     yield from updates
                     continue
                 just_prefilled = False
                 if not decoding:
                     return
-                slots, updates = self._step(slots, running)
+                slots = self._make_room(slots, running, waiting, pool)
+                slots, updates = self._step(slots, running, pool)
                 yield from updates
 
-    def _take(self, pending: Iterator[Request], count: int) -> list[Request]:
-        taken = [request for _, request in zip(range(count), pending)]
-        for request in taken:
-            self.validate(request)
-        return taken
+    def _admit(self, pending: Iterator[Request], waiting: deque[_Sequence], running: dict[int, _Sequence],
+               pool: _PagePool) -> None:  # fmt: skip
+        """Fills free slots, first with preempted sequences, then with requests drawn from `pending`, while
+        the pool has the pages of their prompts."""
+        for slot in [s for s in range(self.max_slots) if s not in running]:
+            if not waiting:
+                request = next(pending, None)
+                if request is None:
+                    return
+                self.validate(request)
+                waiting.append(_Sequence(request, list(request.prompt)))
+            if not pool.take(slot, len(waiting[0].context)):
+                return
+            running[slot] = waiting.popleft()
+
+    def _make_room(self, slots: Slots, running: dict[int, _Sequence], waiting: deque[_Sequence],
+                   pool: _PagePool) -> Slots:  # fmt: skip
+        """Gives each decoding sequence, oldest first, the pages that the next decode call may fill. Where the
+        pool runs short, the most recently admitted sequence gives its pages back and waits to run again."""
+        for slot in list(running):
+            if slot not in running or running[slot].prefilling:
+                continue
+            need = min(running[slot].cached + self.steps_per_call, self.max_len)
+            while not pool.take(slot, need):
+                victim = next(reversed(running))
+                waiting.appendleft(running.pop(victim).preempted())
+                pool.release(victim)
+                slots = _deactivate_jit(slots, np.int32(victim))
+                self.preemptions += 1
+                if victim == slot:
+                    break
+        return slots
 
     def _pieces(self, waiting: list[int], running: dict[int, _Sequence]) -> dict[int, int]:
         """The slots (at least one) whose prompts go on in the next prefill call within `prefill_tokens`, and
@@ -421,28 +554,31 @@ class Engine:
         pieces = {}
         for slot in waiting:
             sequence = running[slot]
-            piece = min(len(sequence.request.prompt) - sequence.prefilled, self.piece_len)
+            piece = min(len(sequence.context) - sequence.prefilled, self.piece_len)
             width = _fit(self.length_buckets, max([piece, *pieces.values()]))
             if pieces and _fit(self.row_buckets, len(pieces) + 1) * width > self.prefill_tokens:
                 break
             pieces[slot] = piece
         return pieces
 
-    def _prefill_call(self, slots, waiting, running):
+    def _prefill_call(self, slots, waiting, running, pool):
         pieces = self._pieces(waiting, running)
         rows = _fit(self.row_buckets, len(pieces))
         tokens = np.zeros((rows, _fit(self.length_buckets, max(pieces.values()))), np.int32)
         first, count = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         targets = np.full(rows, self.max_slots, np.int32)  # out of range: padding rows write nowhere
         last = np.zeros(rows, bool)
+        resumed, next_token = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         stop = np.full((rows, self.stop_width), -1, np.int32)
         settings = {name: np.zeros(rows, dtype) for name, (_, dtype) in REQUEST_SETTINGS.items()}
         for row, (slot, piece) in enumerate(pieces.items()):
             sequence = running[slot]
             request, start = sequence.request, sequence.prefilled
-            tokens[row, :piece] = request.prompt[start : start + piece]
+            tokens[row, :piece] = sequence.context[start : start + piece]
             first[row], count[row], targets[row] = start, piece, slot
-            last[row] = start + piece == len(request.prompt)
+            last[row] = start + piece == len(sequence.context)
+            if sequence.generated:
+                resumed[row], next_token[row] = len(sequence.generated), sequence.generated[-1]
             stops = (*self.stop_tokens, *request.stop)
             stop[row, : len(stops)] = stops
             for name, (field, _) in REQUEST_SETTINGS.items():
@@ -451,13 +587,15 @@ class Engine:
         settings["stop"] = stop
         self.prefill_shapes[tokens.shape] += 1
         slots, sampled, active = self._prefill(params=self.params, slots=slots, tokens=tokens, first=first,
-                                               count=count, targets=targets, last=last, settings=settings)  # fmt: skip
+                                               count=count, targets=targets, last=last, resumed=resumed,
+                                               next_token=next_token, settings=settings,
+                                               pages=pool.table.copy())  # fmt: skip
         sampled = np.asarray(sampled)
-        new_tokens = {slot: [int(sampled[row])] for row, slot in enumerate(pieces) if last[row]}
-        return slots, self._updates(new_tokens, active, running)
+        new_tokens = {slot: [int(sampled[row])] for row, slot in enumerate(pieces) if last[row] and not resumed[row]}
+        return slots, self._updates(new_tokens, active, running, pool)
 
-    def _step(self, slots, running):
-        slots, tokens, emitted, active = self._decode(params=self.params, slots=slots)
+    def _step(self, slots, running, pool):
+        slots, tokens, emitted, active = self._decode(params=self.params, slots=slots, pages=pool.table.copy())
         self.slot_steps += self.steps_per_call * self.max_slots
         tokens, emitted = np.asarray(tokens), np.asarray(emitted)
         new_tokens = {
@@ -465,11 +603,11 @@ class Engine:
             for slot, sequence in running.items()
             if not sequence.prefilling
         }
-        return slots, self._updates(new_tokens, active, running)
+        return slots, self._updates(new_tokens, active, running, pool)
 
-    def _updates(self, new_tokens: dict[int, list[int]], active: jax.Array, running) -> list[Update]:
-        """Adds each slot's new tokens to its request's, and frees the slots that ended. Slots left out of
-        `new_tokens` were not in the call and are still running."""
+    def _updates(self, new_tokens: dict[int, list[int]], active: jax.Array, running, pool) -> list[Update]:
+        """Adds each slot's new tokens to its request's, and frees the slots (and their pages) that ended.
+        Slots left out of `new_tokens` were not in the call or resumed, and are still running."""
         active = np.asarray(active)
         updates = []
         for slot, tokens in new_tokens.items():
@@ -478,6 +616,7 @@ class Engine:
             result = None
             if not active[slot]:
                 del running[slot]
+                pool.release(slot)
                 request = sequence.request
                 result = Result(request.id, sequence.generated, self._reason(request, sequence.generated),
                                 len(request.prompt))  # fmt: skip

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from gptoss_dist import distributed, plan, records, settings, storage
 from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained, join, read_config
 from gptoss_dist.config import ConfigError
-from gptoss_dist.engine import Engine, Request, Result
+from gptoss_dist.engine import Engine, Request, Result, page_pool
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
 from gptoss_dist.harmony import parse_completion, render_for_completion
 from gptoss_dist.records import InputRecord, RecordError
@@ -211,6 +211,7 @@ def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling
     if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
         raise JobError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
     try:
+        page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages)
         return records.sampling_defaults(config.sampling)
     except ValueError as err:
         raise JobError(str(err)) from None
@@ -233,14 +234,15 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     model_config.check_max_len(config.max_len)
     mesh = make_mesh(config.mesh, model_config, devices, packed_experts=config.packed_experts)
     try:
+        pool = page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages, mesh_sizes(mesh)["data"])
         memory = plan.chip_memory(config.chip, jax.local_devices()[0])
         if memory is not None:
             need = plan.plan_memory(model_config, mesh_sizes(mesh), max_slots=config.max_slots,
                                     max_len=config.max_len, prefill_tokens=config.prefill_tokens,
-                                    dtype=np.dtype(settings.dtype(config)),
-                                    packed_experts=config.packed_experts)  # fmt: skip
+                                    dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
+                                    pool=pool)  # fmt: skip
             plan.check_fits(need, memory[1], memory[0])
-    except plan.PlanError as err:
+    except ValueError as err:  # a PlanError, or a pool that the mesh's data shards do not divide
         raise JobError(str(err)) from None
     return mesh
 
@@ -252,7 +254,8 @@ def make_engine(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: j
     try:
         return Engine(model, mesh, max_slots=config.max_slots, max_len=config.max_len,
                       steps_per_call=config.steps_per_call, stop_tokens=tokenizer.stop_token_ids,
-                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens)  # fmt: skip
+                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
+                      page_size=config.page_size, kv_pages=config.kv_pages)  # fmt: skip
     except ValueError as err:
         raise JobError(str(err)) from None
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import small_config
 from gptoss_dist import from_pretrained
-from gptoss_dist.engine import Engine, Request, cache_bytes_per_sequence
+from gptoss_dist.engine import Engine, Request, cache_bytes_per_sequence, page_pool
 from gptoss_dist.model import cache_length
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import MESH_AXES, make_mesh
@@ -131,14 +131,22 @@ def test_continuous_batching_keeps_slots_busy(model):
     assert engine.slot_steps < 0.75 * static
 
 
-def test_streamed_tokens_join_to_the_results(model):
-    """Every prefill and decode call gives each request in it its new tokens; joined they are its result, for
-    greedy and seeded requests refilling four slots."""
+@pytest.fixture(scope="module")
+def mixed(model):
+    """Greedy and seeded requests of several lengths, more than four slots hold, and their results from an
+    engine with four slots and a page of max_len per slot."""
     budgets = (30, 3, 17, 1, 25, 9)
     requests = [Request(p, max_new_tokens=n, temperature=0.8 * (i % 2), top_k=20 * (i % 3), seed=i, id=i)
                 for i, (p, n) in enumerate(zip(prompts(), budgets))]  # fmt: skip
-    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=4)
-    expected = {result.id: result for result in engine.generate(requests)}
+    return requests, {result.id: result for result in mixed_engine(model).generate(requests)}
+
+
+def mixed_engine(model, **pool):
+    return Engine(model, max_slots=4, max_len=96, steps_per_call=4, min_prefill_len=64, **pool)  # few shapes
+
+
+def streamed(engine, requests):
+    """Each request's result and the tokens of its updates, checking that no update follows a result."""
     pieces = {request.id: [] for request in requests}
     results = {}
     for update in engine.stream(requests):
@@ -146,6 +154,15 @@ def test_streamed_tokens_join_to_the_results(model):
         pieces[update.request.id].append(update.tokens)
         if update.result is not None:
             results[update.request.id] = update.result
+    return results, pieces
+
+
+def test_streamed_tokens_join_to_the_results(model, mixed):
+    """Every prefill and decode call gives each request in it its new tokens; joined they are its result, for
+    greedy and seeded requests refilling four slots."""
+    requests, expected = mixed
+    engine = mixed_engine(model)
+    results, pieces = streamed(engine, requests)
     assert results == expected
     for request in requests:
         assert [token for piece in pieces[request.id] for token in piece] == expected[request.id].tokens
@@ -153,6 +170,44 @@ def test_streamed_tokens_join_to_the_results(model):
         rest = request.max_new_tokens - 1
         sizes = [len(piece) for piece in pieces[request.id]]
         assert sizes == [1] + [4] * (rest // 4) + ([rest % 4] if rest % 4 else []), request.id
+
+
+def test_paged_engine_gives_the_unpaged_tokens(model, mixed):
+    """The full-attention layers' keys in a pool of pages of 8 positions, taken as the sequences grow, give
+    each greedy and seeded request the tokens of a page of max_len per slot."""
+    requests, expected = mixed
+    engine = mixed_engine(model, page_size=8)
+    assert engine.empty_slots().cache[1].k.shape == (4 * 96 // 8, 8, CONFIG.num_kv_heads, CONFIG.head_dim)
+    assert {result.id: result for result in engine.generate(requests)} == expected
+    assert engine.preemptions == 0
+
+
+def test_a_pool_too_small_preempts_and_every_request_completes_once(model, mixed):
+    """6 pages of 16 hold one sequence of max_len and no more: the engine preempts the newest sequences and
+    recomputes them later, and each request ends once, with its unpaged tokens."""
+    requests, expected = mixed
+    engine = mixed_engine(model, page_size=16, kv_pages=6)
+    results, pieces = streamed(engine, requests)
+    assert engine.preemptions > 0
+    assert results == expected
+    for request in requests:
+        assert [token for piece in pieces[request.id] for token in piece] == expected[request.id].tokens
+
+
+@pytest.mark.parametrize(
+    "pool, message",
+    [
+        ({"page_size": 7}, "page_size=7 must divide max_len=96"),
+        ({"page_size": 8, "kv_pages": 11}, "kv_pages=11 cannot hold one sequence of max_len=96, which takes 12 pages"),
+        ({"page_size": -8}, "must be >= 0"),
+    ],
+)
+def test_bad_page_settings_are_refused_by_name(model, pool, message):
+    with pytest.raises(ValueError, match=message):
+        mixed_engine(model, **pool)
+    with pytest.raises(ValueError, match="kv_pages=13 must be a multiple of the mesh's data axis"):
+        page_pool(4, 96, 8, 13, data=2)
+    assert page_pool(4, 96) == (96, 4) and page_pool(4, 96, 8) == (8, 48)
 
 
 def test_stop_tokens_and_context_limit(model):

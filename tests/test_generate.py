@@ -23,7 +23,7 @@ import pytest
 from gptoss_dist import from_pretrained, records, storage
 from gptoss_dist.checkpoint import filesystem
 from gptoss_dist.engine import Engine, Request
-from gptoss_dist.generate import cut_at_stop_strings, make_request, stop_ids
+from gptoss_dist.generate import JobError, cut_at_stop_strings, make_request, stop_ids
 from gptoss_dist.harmony import render_for_completion
 from gptoss_dist.random_checkpoint import (
     BYTE_TOKENIZER_SIZE,
@@ -314,6 +314,19 @@ def test_nan_and_bad_defaults_are_refused():
         records.parse_record(1, '{"id": "a", "prompt": "x", "temperature": NaN}', defaults)
     with pytest.raises(ValueError, match=r"sampling.top_p must be a number in \(0, 1\], not 1.5"):
         records.sampling_defaults({"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.5, "top_k": 0, "seed": 0})
+
+
+@pytest.mark.parametrize(
+    "pool, message",
+    [({"page_size": 100}, "page_size=100 must divide max_len=384"),
+     ({"page_size": 64, "kv_pages": 5}, "kv_pages=5 cannot hold one sequence of max_len=384, which takes 6 pages")],
+)  # fmt: skip
+def test_bad_page_settings_are_refused_before_the_checkpoint_is_read(tmp_path, pool, message):
+    """The checkpoint does not exist: the job names the page setting first."""
+    config = job_config(tmp_path / "no-checkpoint", write_jsonl(tmp_path / "in.jsonl", []), tmp_path / "out", **pool)
+    with pytest.raises(JobError, match=message):
+        run(config)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_input_fails_at_start_and_writes_nothing(hf_checkpoint, tmp_path):
