@@ -2,6 +2,8 @@
 
     python bench/decode.py --config=configs/tiny.py --batch=1,8,32
     python bench/decode.py --config=configs/mid.py --batch=1,8 --transformers_batch=1,8
+    python bench/decode.py --config=configs/tiny.py --batch=1,8 --steps_per_call=1,4,16 --overlap=both \
+        --transformers_batch=0
 
 Random weights of the config's shape. Each batch runs B prompts of --prompt tokens for --new greedy tokens;
 prefill time is a run with one new token, decode time the rest. transformers runs on the same weights'
@@ -91,7 +93,9 @@ def main() -> None:
     parser.add_argument("--transformers_batch", default=None, help="batch sizes for transformers (default: --batch)")
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=32)
-    parser.add_argument("--steps_per_call", type=int, default=8)
+    parser.add_argument("--steps_per_call", default="8", help="comma-separated decode steps per call")
+    parser.add_argument("--overlap", choices=("on", "off", "both"), default="on",
+                        help="the engine reads a call's tokens while the next runs (on), or after (off)")
     parser.add_argument("--dtype", default=None, help="bfloat16 or float32 (default: the config's)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -100,11 +104,15 @@ def main() -> None:
     cfg, dtype = run_settings.model_config(settings), run_settings.dtype(settings)
     rows = []
     model = random_model(cfg, dtype=dtype)
+    overlaps = {"on": [True], "off": [False], "both": [False, True]}[args.overlap]
     for batch in map(int, args.batch.split(",")):
-        engine = Engine(model, max_slots=batch, max_len=args.prompt + args.new, steps_per_call=args.steps_per_call,
-                        stop_tokens=())  # fmt: skip
         prompts = random_prompts(cfg.vocab_size, batch, args.prompt)
-        rows.append({"impl": "ours", "batch": batch, **engine_generate(engine, prompts, args.new)})
+        for steps in map(int, args.steps_per_call.split(",")):
+            for overlap in overlaps:
+                engine = Engine(model, max_slots=batch, max_len=args.prompt + args.new, steps_per_call=steps,
+                                stop_tokens=(), overlap=overlap)  # fmt: skip
+                rows.append({"impl": "ours", "batch": batch, "steps_per_call": steps, "overlap": overlap,
+                             **engine_generate(engine, prompts, args.new)})  # fmt: skip
     del model, engine
     transformers_batches = [b for b in map(int, (args.transformers_batch or args.batch).split(",")) if b]
     if transformers_batches:
@@ -115,11 +123,11 @@ def main() -> None:
     header = (f"{args.config} ({jnp.dtype(dtype)}), prompt {args.prompt}, {args.new} new tokens, greedy; "
               f"{machine()}")  # fmt: skip
     print(header)
-    print("| impl | batch | decode tok/s | step | prefill tok/s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| impl | batch | steps a call | overlap | decode tok/s | step | prefill tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['impl']} | {row['batch']} | {row['decode_tok_s']:,.0f} | {row['step_ms']:.1f} ms "
-              f"| {row['prefill_tok_s']:,.0f} |")  # fmt: skip
+        print(f"| {row['impl']} | {row['batch']} | {row.get('steps_per_call', '')} | {row.get('overlap', '')} "
+              f"| {row['decode_tok_s']:,.0f} | {row['step_ms']:.1f} ms | {row['prefill_tok_s']:,.0f} |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"setup": header, "rows": rows, "devices": str(jax.devices())}, f, indent=2)

@@ -174,10 +174,12 @@ class CompileTimer:
         return self.step(**kwargs)
 
 
-def timed_engine(model: GptOss, batch: int, args: argparse.Namespace) -> tuple[Engine, dict[str, CompileTimer]]:
+def timed_engine(
+    model: GptOss, batch: int, args: argparse.Namespace, overlap: bool = True
+) -> tuple[Engine, dict[str, CompileTimer]]:
     """An engine for `batch` sequences whose prefill and decode steps time their compiles."""
     engine = Engine(model, max_slots=batch, max_len=args.prompt + args.new, steps_per_call=args.steps_per_call,
-                    stop_tokens=(), prefill_tokens=args.prefill_tokens)  # fmt: skip
+                    stop_tokens=(), prefill_tokens=args.prefill_tokens, overlap=overlap)  # fmt: skip
     timers = {"prefill": CompileTimer(engine._prefill), "decode": CompileTimer(engine._decode)}
     engine._prefill, engine._decode = timers["prefill"], timers["decode"]
     return engine, timers
@@ -187,9 +189,9 @@ def compile_figures(timers: dict[str, CompileTimer]) -> dict:
     return {f"{name}_compile": timer.seconds for name, timer in timers.items()}
 
 
-def ours_decode(weights: Lazy, mode: str, batch: int, args: argparse.Namespace) -> dict:
+def ours_decode(weights: Lazy, mode: str, batch: int, args: argparse.Namespace, overlap: bool = True) -> dict:
     model = weights.get(mode)
-    engine, timers = timed_engine(model, batch, args)
+    engine, timers = timed_engine(model, batch, args, overlap)
     prompts = random_prompts(model.config.vocab_size, batch, args.prompt)
     return engine_generate(engine, prompts, args.new, args.repeats) | compile_figures(timers)
 
@@ -238,18 +240,27 @@ def plan(args: argparse.Namespace, weights: Lazy, reference: Lazy) -> list[Measu
         return [ours_measurement(weights, mode, b, args) for b in batches(batch_flag)] if mode in modes else []
 
     bf16, packed = ours("bf16", args.batch), ours("packed", args.packed_batch)
+    in_turn = [in_turn_measurement(weights, b, args) for b in batches(args.in_turn_batch)] if bf16 else []
     prefill = [prefill_measurement(weights, args)] if bf16 and args.prefill_batch else []
     transformers = [transformers_measurement(reference, b, args) for b in batches(args.transformers_batch)]
     free = [Measurement("free JAX memory", "free", free_jax)] if transformers else []
     copy = partial(copy_bandwidth, args.bandwidth_gb, args.bandwidth_repeats)
     bandwidth = Measurement("copy bandwidth", "bandwidth", copy)
-    return [bandwidth, *bf16[:2], *packed, *prefill, *bf16[2:], *free, *transformers]
+    return [bandwidth, *bf16[:2], *packed, *in_turn, *prefill, *bf16[2:], *free, *transformers]
 
 
 def ours_measurement(weights: Lazy, mode: str, batch: int, args: argparse.Namespace) -> Measurement:
     labels = {"impl": "ours", "mode": mode, "batch": batch}
     run = partial(ours_decode, weights, mode, batch, args)
     return Measurement(f"ours {mode} B={batch}", "decode", run, labels, mode)
+
+
+def in_turn_measurement(weights: Lazy, batch: int, args: argparse.Namespace) -> Measurement:
+    """bf16 decoding with the host reading each call's tokens before it dispatches the next: the peer of
+    the engine's overlap."""
+    labels = {"impl": "ours", "mode": "bf16 (no overlap)", "batch": batch}
+    run = partial(ours_decode, weights, "bf16", batch, args, overlap=False)
+    return Measurement(f"ours bf16 no-overlap B={batch}", "decode", run, labels, "bf16")
 
 
 def prefill_measurement(weights: Lazy, args: argparse.Namespace) -> Measurement:
@@ -401,6 +412,7 @@ def main() -> None:
         help="bf16 batch sizes, most important first: the first two run before the packed ones",
     )
     parser.add_argument("--packed_batch", default="1,64", help="batch sizes with packed experts")
+    parser.add_argument("--in_turn_batch", default="1", help="bf16 batch sizes also run without overlap")
     parser.add_argument("--prefill_batch", type=int, default=64, help="prompts in the prefill measurement (0: none)")
     parser.add_argument("--transformers_batch", default="1,8,64", help="batch sizes for transformers ('': none)")
     parser.add_argument("--prompt", type=int, default=128)

@@ -299,18 +299,25 @@ class _Sequence:
     context: list[int]
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
+    unread: int = 0  # tokens that calls not read yet may have generated
 
     @property
     def prefilling(self) -> bool:
         return self.prefilled < len(self.context)
 
-    @property
+    def may_go_on(self, max_len: int) -> bool:
+        """Whether the sequence may be active after the calls not read yet: a stop token may end it sooner,
+        but its token budget and the context end it for sure."""
+        generated = len(self.generated) + self.unread
+        return generated < self.request.max_new_tokens and len(self.request.prompt) + generated < max_len
+
     def cached(self) -> int:
-        """Tokens in the cache once prefilled: all but the last generated one, which goes in next."""
-        return len(self.request.prompt) + max(len(self.generated) - 1, 0)
+        """The most tokens the cache may hold of it once the calls not read yet are done: all but the last
+        generated one, which goes in next."""
+        return len(self.request.prompt) + max(len(self.generated) + self.unread - 1, 0)
 
     def preempted(self) -> _Sequence:
-        """The sequence to run again from nothing in the cache."""
+        """The sequence to run again from nothing in the cache (once every call it was in has been read)."""
         return _Sequence(self.request, [*self.request.prompt, *self.generated[:-1]], 0, self.generated)
 
 
@@ -324,10 +331,18 @@ class _PagePool:
         self.held: dict[int, list[int]] = {}
         self.table = np.zeros((slots, per_sequence), np.int32)
 
+    def missing(self, slot: int, tokens: int) -> int:
+        """Pages that `slot` lacks for `tokens` tokens."""
+        return max(-(-tokens // self.page_size) - len(self.held.get(slot, [])), 0)
+
+    def has_room(self, needs: dict[int, int]) -> bool:
+        """Whether the free pages cover `needs` (tokens by slot)."""
+        return sum(self.missing(slot, tokens) for slot, tokens in needs.items()) <= len(self.free)
+
     def take(self, slot: int, tokens: int) -> bool:
         """Gives `slot` the pages that `tokens` tokens need, if the pool has them; says whether it did."""
         held = self.held.setdefault(slot, [])
-        missing = -(-tokens // self.page_size) - len(held)
+        missing = self.missing(slot, tokens)
         if missing > len(self.free):
             return False
         for _ in range(missing):
@@ -349,7 +364,8 @@ class Engine:
     Prompts are prefilled in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory: short
     prompts share a call, and a longer prompt is cut into pieces that each attend to what the cache holds of it.
     While some slots are decoding, prefill calls alternate with decode calls, so a long prompt does not stall
-    the batch. Attention runs in blocks of `attention_block` queries and keys."""
+    the batch. Attention runs in blocks of `attention_block` queries and keys. With `overlap`, the host reads a
+    call's tokens while the next call runs."""
 
     def __init__(
         self,
@@ -365,12 +381,13 @@ class Engine:
         attention_block: int = DEFAULT_BLOCK,
         page_size: int = 0,
         kv_pages: int = 0,
+        overlap: bool = True,
     ):
         self.config: ModelConfig = model.config
         self.config.check_max_len(max_len)
         self.mesh = mesh
         self.max_slots, self.max_len, self.steps_per_call = max_slots, max_len, steps_per_call
-        self.prefill_tokens = prefill_tokens
+        self.prefill_tokens, self.overlap = prefill_tokens, overlap
         self.stop_tokens = tuple(stop_tokens)
         self.stop_width = len(self.stop_tokens) + MAX_REQUEST_STOP_TOKENS
         data = mesh_sizes(mesh)["data"] if mesh is not None else 1
@@ -491,29 +508,40 @@ class Engine:
         """Yields, after every prefill and every decode call, an update for each request in it that generated:
         its new tokens, and its result once it has ended, while the others keep running. Requests are drawn
         from `requests` only as slots free up, so the iterable may be long and lazily read. Closing the
-        iterator early drops the requests in flight."""
+        iterator early drops the requests in flight.
+
+        With `overlap`, each call is dispatched before the host reads the previous call's tokens, so the device
+        never waits for the host's bookkeeping. A slot that ends in one call is then freed a call later; it
+        stays inactive meanwhile, so the tokens are the same. No call is dispatched for sequences whose token
+        budget or context the calls in flight use up. Where the pool is short of pages for the next decode call,
+        the call in flight is read first, so that a preempted sequence has all its tokens."""
         pending = iter(requests)
         with self._mesh_context():
             slots = self.empty_slots()
             pool = _PagePool(self.kv_pages, self.page_size, self.max_slots, self.max_len // self.page_size)
             running: dict[int, _Sequence] = {}  # by slot, in the order admitted
             waiting: deque[_Sequence] = deque()  # preempted sequences, to run again first
+            unread: Callable[[], list[Update]] | None = None  # the call in flight whose tokens are not read
             just_prefilled = False
             while True:
                 self._admit(pending, waiting, running, pool)
                 prefilling = [slot for slot, sequence in running.items() if sequence.prefilling]
-                decoding = len(running) > len(prefilling)
-                if prefilling and not (decoding and just_prefilled):
-                    slots, updates = self._prefill_call(slots, prefilling, running, pool)
+                needs = self._page_needs(running)
+                if prefilling and not (needs and just_prefilled):
+                    slots, read = self._prefill_call(slots, prefilling, running, pool)
                     just_prefilled = True
-                    yield from updates
-                    continue
-                just_prefilled = False
-                if not decoding:
+                elif needs and (unread is None or pool.has_room(needs)):
+                    slots = self._make_room(slots, needs, running, waiting, pool)
+                    slots, read = self._step(slots, running, pool)
+                    just_prefilled = False
+                elif unread is not None:
+                    read = None  # nothing to dispatch before the call in flight is read
+                else:
                     return
-                slots = self._make_room(slots, running, waiting, pool)
-                slots, updates = self._step(slots, running, pool)
-                yield from updates
+                if self.overlap:
+                    read, unread = unread, read
+                if read is not None:
+                    yield from read()
 
     def _admit(self, pending: Iterator[Request], waiting: deque[_Sequence], running: dict[int, _Sequence],
                pool: _PagePool) -> None:  # fmt: skip
@@ -530,14 +558,19 @@ class Engine:
                 return
             running[slot] = waiting.popleft()
 
-    def _make_room(self, slots: Slots, running: dict[int, _Sequence], waiting: deque[_Sequence],
-                   pool: _PagePool) -> Slots:  # fmt: skip
-        """Gives each decoding sequence, oldest first, the pages that the next decode call may fill. Where the
-        pool runs short, the most recently admitted sequence gives its pages back and waits to run again."""
-        for slot in list(running):
-            if slot not in running or running[slot].prefilling:
+    def _page_needs(self, running: dict[int, _Sequence]) -> dict[int, int]:
+        """The tokens that each sequence that may decode in the next call may have in the cache after it, by
+        slot, oldest first."""
+        return {slot: min(sequence.cached() + self.steps_per_call, self.max_len) for slot, sequence in running.items()
+                if not sequence.prefilling and sequence.may_go_on(self.max_len)}  # fmt: skip
+
+    def _make_room(self, slots: Slots, needs: dict[int, int], running: dict[int, _Sequence],
+                   waiting: deque[_Sequence], pool: _PagePool) -> Slots:  # fmt: skip
+        """Gives each decoding sequence, oldest first, the pages for its `needs`. Where the pool runs short, the
+        most recently admitted sequence gives its pages back and waits to run again."""
+        for slot, need in needs.items():
+            if slot not in running:
                 continue
-            need = min(running[slot].cached + self.steps_per_call, self.max_len)
             while not pool.take(slot, need):
                 victim = next(reversed(running))
                 waiting.appendleft(running.pop(victim).preempted())
@@ -562,6 +595,7 @@ class Engine:
         return pieces
 
     def _prefill_call(self, slots, waiting, running, pool):
+        """Dispatches the next prefill call; returns the slots and a reader of its updates."""
         pieces = self._pieces(waiting, running)
         rows = _fit(self.row_buckets, len(pieces))
         tokens = np.zeros((rows, _fit(self.length_buckets, max(pieces.values()))), np.int32)
@@ -590,28 +624,51 @@ class Engine:
                                                count=count, targets=targets, last=last, resumed=resumed,
                                                next_token=next_token, settings=settings,
                                                pages=pool.table.copy())  # fmt: skip
-        sampled = np.asarray(sampled)
-        new_tokens = {slot: [int(sampled[row])] for row, slot in enumerate(pieces) if last[row] and not resumed[row]}
-        return slots, self._updates(new_tokens, active, running, pool)
+        # a sequence that goes on after a preemption already has its first token
+        finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row] and not resumed[row]}
+        for sequence in finishing.values():
+            sequence.unread += 1
+
+        def read() -> list[Update]:
+            first_tokens = np.asarray(sampled)
+            for sequence in finishing.values():
+                sequence.unread -= 1
+            new_tokens = {slot: [int(first_tokens[row])] for row, slot in enumerate(pieces) if slot in finishing}
+            return self._updates(new_tokens, active, running, finishing, pool)
+
+        return slots, read
 
     def _step(self, slots, running, pool):
+        """Dispatches a decode call; returns the slots and a reader of its updates."""
         slots, tokens, emitted, active = self._decode(params=self.params, slots=slots, pages=pool.table.copy())
         self.slot_steps += self.steps_per_call * self.max_slots
-        tokens, emitted = np.asarray(tokens), np.asarray(emitted)
-        new_tokens = {
-            slot: [int(t) for t in tokens[emitted[:, slot], slot]]
-            for slot, sequence in running.items()
-            if not sequence.prefilling
-        }
-        return slots, self._updates(new_tokens, active, running, pool)
+        decoding = {slot: sequence for slot, sequence in running.items() if not sequence.prefilling}
+        for sequence in decoding.values():
+            sequence.unread += self.steps_per_call
 
-    def _updates(self, new_tokens: dict[int, list[int]], active: jax.Array, running, pool) -> list[Update]:
+        def read() -> list[Update]:
+            step_tokens, step_emitted = np.asarray(tokens), np.asarray(emitted)
+            for sequence in decoding.values():
+                sequence.unread -= self.steps_per_call
+            new_tokens = {slot: [int(t) for t in step_tokens[step_emitted[:, slot], slot]] for slot in decoding}
+            return self._updates(new_tokens, active, running, decoding, pool)
+
+        return slots, read
+
+    def _updates(
+        self, new_tokens: dict[int, list[int]], active: jax.Array, running: dict[int, _Sequence],
+        in_call: dict[int, _Sequence], pool: _PagePool,
+    ) -> list[Update]:  # fmt: skip
         """Adds each slot's new tokens to its request's, and frees the slots (and their pages) that ended.
-        Slots left out of `new_tokens` were not in the call or resumed, and are still running."""
+        `in_call` holds the sequences the call ran, by slot: a slot whose sequence has ended since (overlap) is
+        left alone, even when a new request has taken it. Slots left out of `new_tokens` were not in the call,
+        or went on after a preemption."""
         active = np.asarray(active)
         updates = []
         for slot, tokens in new_tokens.items():
-            sequence = running[slot]
+            sequence = in_call[slot]
+            if running.get(slot) is not sequence:
+                continue
             sequence.generated.extend(tokens)
             result = None
             if not active[slot]:

@@ -118,15 +118,18 @@ def ideal_slot_steps(budgets: list[int], slots: int) -> int:
     return steps * slots
 
 
-def test_continuous_batching_keeps_slots_busy(model):
+@pytest.mark.parametrize("overlap", [False, True], ids=["in-turn", "overlap"])
+def test_continuous_batching_keeps_slots_busy(model, overlap):
     budgets = [60, 2, 5, 45, 1, 30, 8, 3, 50, 12]
     requests = [Request(p, max_new_tokens=n, id=i) for i, (p, n) in enumerate(zip(prompts([4] * 10, seed=3), budgets))]
-    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=4)
+    engine = Engine(model, max_slots=4, max_len=96, steps_per_call=4, overlap=overlap)
     results = engine.generate(requests)
     assert [len(r.tokens) for r in results] == budgets
     # A slot that ends mid-call idles until the call's end: at most steps_per_call - 1 steps per request.
     slack = len(budgets) * (engine.steps_per_call - 1) + engine.max_slots * engine.steps_per_call
-    assert engine.slot_steps <= ideal_slot_steps(budgets, 4) + slack
+    # Overlapped, the host learns that a slot ended one call late, so the slot is held for one more call.
+    held = [budget + engine.steps_per_call * overlap for budget in budgets]
+    assert engine.slot_steps <= ideal_slot_steps(held, 4) + slack
     static = sum(4 * (max(budgets[i : i + 4]) - 1) for i in range(0, 10, 4))  # batches of 4, run to the longest
     assert engine.slot_steps < 0.75 * static
 
@@ -270,3 +273,30 @@ def test_decoding_goes_on_while_a_long_prompt_is_prefilled(model):
     assert short_tokens_meanwhile >= 3 + 3 * 2 * 2  # first tokens, then 2 steps a decode call between pieces
     whole = Engine(model, max_slots=4, max_len=96, steps_per_call=2)  # each prompt in one piece
     assert [results[i] for i in range(4)] == [r.tokens for r in whole.generate(requests)]
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_overlapped_calls_change_no_token(model, steps_per_call):
+    """Dispatching each call before reading the last one's tokens gives the same updates and results: greedy
+    and seeded requests refilling 2 slots, stop tokens that end slots mid-call, a prompt in pieces, and a
+    request that ends at its first token."""
+    probe = prompts([6], seed=5)[0]
+    stop_at = Engine(model, max_slots=1, max_len=64).generate([Request(probe, max_new_tokens=8)])[0].tokens[4]
+    lengths, budgets = (6, 40, 3, 9, 20, 1), (8, 11, 1, 14, 5, 9)
+    requests = [Request(p, max_new_tokens=n, temperature=0.9 * (i % 2), top_k=20, seed=i, stop=[stop_at], id=i)
+                for i, (p, n) in enumerate(zip([probe, *prompts(lengths[1:], seed=2)], budgets))]  # fmt: skip
+
+    def updates(overlap: bool) -> dict:
+        engine = Engine(model, max_slots=2, max_len=64, steps_per_call=steps_per_call, prefill_tokens=16,
+                        min_prefill_len=4, overlap=overlap)  # fmt: skip
+        streamed = {request.id: [] for request in requests}
+        for update in engine.stream(requests):
+            streamed[update.request.id].append((update.tokens, update.result))
+        return streamed
+
+    overlapped, in_turn = updates(True), updates(False)
+    assert overlapped == in_turn
+    results = {id_: pieces[-1][1] for id_, pieces in in_turn.items()}
+    assert all(result is not None for result in results.values())
+    assert results[0].finish_reason == "stop" and results[0].tokens[-1] == stop_at
+    assert {result.finish_reason for result in results.values()} >= {"stop", "length"}

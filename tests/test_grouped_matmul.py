@@ -9,16 +9,27 @@ from flax import nnx
 
 from gptoss_dist import model as model_module
 from gptoss_dist import mxfp4
-from gptoss_dist.grouped_matmul import fp4_values, grouped_matmul
+from gptoss_dist.grouped_matmul import Tiles, default_tiles, fp4_to_float, grouped_matmul
 from gptoss_dist.model import row_blocks
 from conftest import small_config
 
 EXPERTS, FAN_IN, FAN_OUT = 4, 96, 128
 
 
-def test_fp4_values_are_the_table():
-    np.testing.assert_array_equal(np.asarray(fp4_values(jnp.arange(16))), mxfp4.FP4_VALUES)
-    assert np.signbit(np.asarray(fp4_values(jnp.arange(16)))).tolist() == np.signbit(mxfp4.FP4_VALUES).tolist()
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_fp4_codes_built_bit_by_bit_equal_the_decoder(dtype):
+    """Every code under every scale (0..255) gives `mxfp4.decode`'s value, bit for bit, signed zeros, values
+    flushed below the normal range and infinities above it included."""
+    codes = np.arange(16, dtype=np.uint8)
+    blocks = np.broadcast_to(codes | (codes[::-1] << 4), (256, 1, 16))  # every code in each nibble
+    scales = np.arange(256, dtype=np.uint8)[:, None]
+    expected = np.asarray(mxfp4.decode(jnp.asarray(blocks), jnp.asarray(scales), dtype))
+    scale_of_code = jnp.broadcast_to(jnp.asarray(scales, jnp.int32), (256, 16))
+    for nibble, column in ((codes, slice(0, None, 2)), (codes[::-1], slice(1, None, 2))):
+        built = np.asarray(fp4_to_float(jnp.broadcast_to(jnp.asarray(nibble, jnp.int32), (256, 16)), scale_of_code,
+                                        dtype))  # fmt: skip
+        bits = np.uint16 if dtype == jnp.bfloat16 else np.uint32
+        np.testing.assert_array_equal(built.view(bits), expected[:, column].view(bits))
 
 
 def _routing(rng, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -37,10 +48,15 @@ def _weights(rng, packed: bool):
     return jnp.asarray(dense), dense
 
 
+# A 3-way split of the contraction: dense, 6 steps of 16 inputs; packed, 3 steps of one scale group.
+SPLIT_K = {False: Tiles(out=64, inner=16, split=3), True: Tiles(out=64, inner=1, split=3)}
+
+
 @pytest.mark.parametrize("rows", [3, 40])
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_each_row_meets_its_experts_matrix(rows, packed, dtype):
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split-k"])
+def test_each_row_meets_its_experts_matrix(rows, packed, dtype, split):
     rng = np.random.default_rng(rows)
     group, sizes = _routing(rng, rows)
     weights, dense = _weights(rng, packed)
@@ -50,7 +66,7 @@ def test_each_row_meets_its_experts_matrix(rows, packed, dtype):
 
     out = grouped_matmul(
         blocks.pad(jnp.asarray(x, dtype)), weights, jnp.asarray(bias, dtype), blocks.expert, blocks.size,
-        interpret=True,
+        tiles=SPLIT_K[packed] if split else None, interpret=True,
     )
     out = np.asarray(blocks.unpad(out), np.float32)
 
@@ -61,6 +77,19 @@ def test_each_row_meets_its_experts_matrix(rows, packed, dtype):
     scale = np.abs(expected).max()
     np.testing.assert_allclose(out[held] / scale, expected / scale, atol=tolerance)
     assert not np.any(out[~held]), "rows held elsewhere must read back as zero"
+
+
+def test_tiles_split_the_contraction_evenly_at_few_blocks():
+    """At one token (4 blocks) the 20B's 45 steps of 64 inputs are split among programs; at many blocks they
+    are not; a split that does not divide the contraction is refused."""
+    one_token = default_tiles(4, 16, 2880, 5760, packed=False)
+    assert one_token.split > 1 and 45 % one_token.split == 0
+    assert 4 * (5760 // one_token.out) * one_token.split <= 2048
+    assert default_tiles(4, 16, 2880, 5760, packed=True).split > 1
+    assert default_tiles(64, 64, 2880, 5760, packed=False).split == 1
+    with pytest.raises(ValueError, match="does not divide"):
+        grouped_matmul(jnp.zeros((16, FAN_IN)), jnp.zeros((EXPERTS, FAN_IN, FAN_OUT)), jnp.zeros((EXPERTS, FAN_OUT)),
+                       jnp.zeros(1, jnp.int32), 16, tiles=Tiles(out=64, inner=16, split=4), interpret=True)  # fmt: skip
 
 
 def test_unused_blocks_are_skipped():
