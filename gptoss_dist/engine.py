@@ -40,12 +40,15 @@ from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
 # GPT-OSS's stop tokens: <|return|>, <|endoftext|>, <|call|>.
 DEFAULT_STOP_TOKENS = (200002, 199999, 200012)
 MAX_REQUEST_STOP_TOKENS = 16  # stop token ids a request may add to the engine's
+MAX_SAMPLES = 64  # completions one request may ask for (`Request.n`)
 SLOT_AXES = ("batch",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's."""
+    """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's.
+    `n` asks for n completions (samples) of the prompt: sample i is seeded `seed + i`, so sample 0 is the
+    completion of the same request with n=1."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 256
@@ -55,17 +58,20 @@ class Request:
     seed: int = 0
     stop: Sequence[int] = ()
     id: Any = None
+    n: int = 1
 
 
 @dataclasses.dataclass
 class Result:
-    """A finished request: its generated tokens (a final stop token included) and why it ended:
-    "stop" (a stop token), "length" (max_new_tokens) or "context" (the engine's max_len)."""
+    """A finished sample of a request (`index`, from 0; a request of n=1 has one): its generated tokens (a final
+    stop token included) and why it ended: "stop" (a stop token), "length" (max_new_tokens) or "context" (the
+    engine's max_len)."""
 
     id: Any
     tokens: list[int]
     finish_reason: str
     prompt_tokens: int
+    index: int = 0
 
     @property
     def completion_tokens(self) -> int:
@@ -74,12 +80,13 @@ class Result:
 
 @dataclasses.dataclass
 class Update:
-    """A request's progress in one engine call: the tokens it generated since its last update and, once it
-    has ended, its result (whose tokens are all of its updates' tokens)."""
+    """A sample's progress in one engine call: the tokens that sample `index` of the request generated since
+    its last update and, once it has ended, its result (whose tokens are all of its updates' tokens)."""
 
     request: Request
     tokens: list[int]
     result: Result | None = None
+    index: int = 0
 
 
 # ------------------------------------------------------------------------------------------- KV cache
@@ -297,6 +304,7 @@ class _Sequence:
 
     request: Request
     context: list[int]
+    index: int = 0  # the sample's, seeded request.seed + index
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     unread: int = 0  # tokens that calls not read yet may have generated
@@ -318,7 +326,8 @@ class _Sequence:
 
     def preempted(self) -> _Sequence:
         """The sequence to run again from nothing in the cache (once every call it was in has been read)."""
-        return _Sequence(self.request, [*self.request.prompt, *self.generated[:-1]], 0, self.generated)
+        return _Sequence(self.request, [*self.request.prompt, *self.generated[:-1]], self.index,
+                         generated=self.generated)  # fmt: skip
 
 
 class _PagePool:
@@ -486,18 +495,21 @@ class Engine:
             raise ValueError(f"{name}: max_new_tokens must be at least 1, not {request.max_new_tokens}")
         if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
             raise ValueError(f"{name}: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        if not 0 <= request.seed < 2**32:
-            raise ValueError(f"{name}: seed must be in [0, 2**32)")
+        if not 1 <= request.n <= MAX_SAMPLES:
+            raise ValueError(f"{name}: n must be in [1, {MAX_SAMPLES}], not {request.n}")
+        if not 0 <= request.seed <= 2**32 - request.n:
+            raise ValueError(f"{name}: seed must be in [0, 2**32 - n] (sample i is seeded seed + i)")
         if len(request.stop) > MAX_REQUEST_STOP_TOKENS:
             raise ValueError(f"{name}: at most {MAX_REQUEST_STOP_TOKENS} stop tokens, not {len(request.stop)}")
 
     def generate(self, requests: Iterable[Request]) -> list[Result]:
-        """Results in the order of `requests`."""
+        """Results in the order of `requests`, a request's n samples in the order of their index."""
         requests = list(requests)
-        order = {id(r): i for i, r in enumerate(requests)}
-        results = [None] * len(requests)
+        first = np.cumsum([0] + [r.n for r in requests])
+        order = {id(r): first[i] for i, r in enumerate(requests)}
+        results = [None] * first[-1]
         for request, result in self.run(requests):
-            results[order[id(request)]] = result
+            results[order[id(request)] + result.index] = result
         return results
 
     def run(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Result]]:
@@ -553,7 +565,7 @@ class Engine:
                 if request is None:
                     return
                 self.validate(request)
-                waiting.append(_Sequence(request, list(request.prompt)))
+                waiting.extend(_Sequence(request, list(request.prompt), index) for index in range(request.n))
             if not pool.take(slot, len(waiting[0].context)):
                 return
             running[slot] = waiting.popleft()
@@ -617,6 +629,7 @@ class Engine:
             stop[row, : len(stops)] = stops
             for name, (field, _) in REQUEST_SETTINGS.items():
                 settings[name][row] = getattr(request, field)
+            settings["seed"][row] += sequence.index
             sequence.prefilled += piece
         settings["stop"] = stop
         self.prefill_shapes[tokens.shape] += 1
@@ -676,8 +689,8 @@ class Engine:
                 pool.release(slot)
                 request = sequence.request
                 result = Result(request.id, sequence.generated, self._reason(request, sequence.generated),
-                                len(request.prompt))  # fmt: skip
-            updates.append(Update(sequence.request, tokens, result))
+                                len(request.prompt), sequence.index)  # fmt: skip
+            updates.append(Update(sequence.request, tokens, result, sequence.index))
         return updates
 
     def _reason(self, request: Request, tokens: list[int]) -> str:

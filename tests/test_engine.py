@@ -1,6 +1,7 @@
 """The decoding engine: greedy tokens equal transformers' generate, seeded sampling is reproducible
 anywhere, the cache keeps only what each layer needs, and continuous batching keeps slots busy."""
 
+import dataclasses
 import math
 
 import jax
@@ -195,6 +196,22 @@ def test_a_pool_too_small_preempts_and_every_request_completes_once(model, mixed
     assert results == expected
     for request in requests:
         assert [token for piece in pieces[request.id] for token in piece] == expected[request.id].tokens
+
+
+def test_n_samples_are_the_requests_seeded_seed_plus_index(model, mixed):
+    """A seeded request with n=3 among others: sample 0 is its completion with n=1, and sample i that of the
+    request seeded seed + i; the samples differ."""
+    requests, expected = mixed
+    probe = requests[1]  # temperature 0.8, top-k 20, seed 1
+    reseeded = [dataclasses.replace(probe, seed=probe.seed + i, id=f"seed+{i}") for i in (1, 2)]
+    results = mixed_engine(model).generate([dataclasses.replace(probe, n=3), requests[0], *reseeded])
+    samples, alone = results[:3], {result.id: result.tokens for result in results[3:]}
+    assert [sample.index for sample in samples] == [0, 1, 2] and {sample.id for sample in samples} == {probe.id}
+    assert samples[0] == expected[probe.id]
+    assert [sample.tokens for sample in samples[1:]] == [alone["seed+1"], alone["seed+2"]]
+    assert len({tuple(sample.tokens) for sample in samples}) == 3
+    with pytest.raises(ValueError, match=r"n must be in \[1, 64\], not 65"):
+        mixed_engine(model).generate([dataclasses.replace(probe, n=65)])
 
 
 @pytest.mark.parametrize(
