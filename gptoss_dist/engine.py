@@ -48,7 +48,7 @@ SLOT_AXES = ("batch",)
 class Request:
     """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's.
     `n` asks for n completions (samples) of the prompt: sample i is seeded `seed + i`, so sample 0 is the
-    completion of the same request with n=1."""
+    completion of the same request with n=1. Each sample prefills the prompt on its own."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 256

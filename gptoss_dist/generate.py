@@ -118,7 +118,7 @@ def make_request(
     request = Request(
         prompt_tokens(record, tokenizer, harmony), max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
-        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id,
+        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id, n=record.n,
     )  # fmt: skip
     engine.validate(request)
     return request
@@ -160,7 +160,8 @@ def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> 
     stop_strings = [entry for entry in record.stop if isinstance(entry, str)]
     tokens, text, finish_reason = cut_at_stop_strings(result.tokens, result.finish_reason, stop_strings, tokenizer)
     line = {
-        "line": record.line, "id": record.id, "text": text, "tokens": tokens, "finish_reason": finish_reason,
+        "line": record.line, "id": record.id, "index": result.index, "text": text, "tokens": tokens,
+        "finish_reason": finish_reason,
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(tokens)},
     }  # fmt: skip
     return line | (harmony_channels(tokens, tokenizer) if record.messages is not None else {})
@@ -268,16 +269,20 @@ class Job:
         self.config, self.engine, self.tokenizer, self.output = config, engine, tokenizer, output
         self.bar, self.summary = bar, summary
         self.in_flight: dict[str, InputRecord] = {}
-        self.done_lines = output.done_lines
+        self.samples_left: dict[str, int] = {}  # of each record in flight, the samples not finished yet
         self.start = time.monotonic()
 
     def run(self, items: Iterable[InputRecord | RecordError]) -> None:
         for request, result in self.engine.run(self.requests(items)):
-            record = self.in_flight.pop(request.id)
-            self.output.write_result(result_record(record, result, self.tokenizer))
-            self.summary.ok += 1
-            self.summary.tokens += result.completion_tokens
-            self.advance()
+            record = self.in_flight[request.id]
+            if result.index not in self.output.result_samples.get(record.line, {}):  # else an earlier run wrote it
+                self.output.write_result(result_record(record, result, self.tokenizer))
+                self.summary.tokens += result.completion_tokens
+            self.samples_left[request.id] -= 1
+            if not self.samples_left[request.id]:
+                del self.in_flight[request.id], self.samples_left[request.id]
+                self.summary.ok += 1
+                self.advance()
 
     def requests(self, items: Iterable[InputRecord | RecordError]) -> Iterator[Request]:
         """The engine's requests for the items not done yet; the errors are written as they come."""
@@ -286,13 +291,13 @@ class Job:
             if isinstance(prepared, RecordError):
                 self.fail(prepared)
             else:
-                self.in_flight[item.id] = item
+                self.in_flight[item.id], self.samples_left[item.id] = item, item.n
                 yield prepared
 
     def pending(self, items: Iterable[InputRecord | RecordError]) -> Iterator[InputRecord | RecordError]:
-        """`items` less those of lines an earlier run already wrote."""
+        """`items` less those of lines an earlier run already wrote (a line of n samples: all of them)."""
         for item in items:
-            if item.line in self.done_lines:
+            if self.output.is_done(item.line, item.n if isinstance(item, InputRecord) else 1):
                 self.summary.done_before += 1
             else:
                 yield item

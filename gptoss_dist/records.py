@@ -12,16 +12,18 @@ Input, one request a line (blank lines are skipped):
     reasoning_effort  low, medium or high; `messages` only (default: the run's harmony.reasoning_effort)
     max_new_tokens, temperature, top_p, top_k, seed
                       sampling (defaults: the run's `sampling` settings)
+    n                 completions (samples) of the prompt, 1 to MAX_SAMPLES (default 1); sample i is
+                      seeded seed + i, so sample 0 is the completion of the same line with n=1
     stop              a string or a list of strings and token ids, at most MAX_STOP (how stop strings end a
                       completion: gptoss_dist.generate)
 
 Strings are text: a JSON escape of a lone surrogate (`"\\ud800"`), which no tokenizer takes, makes the
 record an error, except in `id`, which is only copied to the output (escaped there as it came).
 
-Output, one line per request, in `results`:
+Output, one line per request and sample, in `results`:
 
-    line (from 1), id, text (the completion's, without a final stop token or a stop string), tokens,
-    finish_reason ("stop", "length" or "context"), usage {prompt_tokens, completion_tokens};
+    line (from 1), id, index (the sample's, from 0), text (the completion's, without a final stop token or a
+    stop string), tokens, finish_reason ("stop", "length" or "context"), usage {prompt_tokens, completion_tokens};
     for `messages` requests also `analysis` and `final`, the text of those channels of the parsed completion
     (null where it has none), and `parse_error` where the completion is not valid harmony.
 
@@ -38,7 +40,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, get_args
 
-from gptoss_dist.engine import MAX_REQUEST_STOP_TOKENS
+from gptoss_dist.engine import MAX_REQUEST_STOP_TOKENS, MAX_SAMPLES
 from gptoss_dist.harmony import ReasoningEffort
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_tokens")
@@ -53,7 +55,7 @@ SAMPLING_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "seed": (int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
 }
 REASONING_EFFORTS = get_args(ReasoningEffort)
-FIELDS = {"id", *PROMPT_FIELDS, "reasoning_effort", "stop", *SAMPLING_RULES}
+FIELDS = {"id", *PROMPT_FIELDS, "reasoning_effort", "stop", "n", *SAMPLING_RULES}
 
 
 class RecordError(Exception):
@@ -94,6 +96,7 @@ class InputRecord:
     messages: tuple[dict[str, str], ...] | None = None
     prompt_tokens: tuple[int, ...] | None = None
     reasoning_effort: ReasoningEffort | None = None
+    n: int = 1
 
 
 def _show(value: Any) -> str:
@@ -200,7 +203,12 @@ def _record(line: int, record_id: str, data: dict[str, Any], defaults: Sampling)
         prompt["reasoning_effort"] = data["reasoning_effort"]
     overrides = {field: sampling_value(field, data[field]) for field in SAMPLING_RULES if field in data}
     sampling = dataclasses.replace(defaults, **overrides)
-    return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), **prompt)
+    samples = data.get("n", 1)
+    if not (type(samples) is int and 1 <= samples <= MAX_SAMPLES):
+        raise ValueError(f"n must be an integer in [1, {MAX_SAMPLES}], not {_show(samples)}")
+    if sampling.seed + samples > 2**32:
+        raise ValueError(f"seed + n must be at most 2**32 (sample i is seeded seed + i): {sampling.seed} + {samples}")
+    return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), n=samples, **prompt)
 
 
 def _json_object(text: bytes | str) -> dict[str, Any]:
