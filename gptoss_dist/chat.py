@@ -9,6 +9,11 @@ channel is shown dimmed (`chat.show_analysis`: "dim", "plain" or "hide"), its fi
 its final message stays in the conversation, as harmony asks. `chat.raw=True` shows the completion as
 generated instead, control tokens by name: for a model that does not write harmony, such as a random one.
 
+`chat.tools` names a JSON file with a list of function tools, as a batch request's `tools`
+(`gptoss_dist.records`). A reply that ends in a call of one is shown with the call, and the user is asked for the
+tool's result, which goes back to the model as the tool's message for it to go on; Ctrl-C or Ctrl-D there drops
+the call.
+
 Ctrl-C during a reply stops it at the end of the current engine call and keeps the conversation, with the
 final text so far; at the prompt, Ctrl-C or Ctrl-D ends the session. `/reset` starts a new conversation,
 `/exit` ends the session. What the user types is data: a control-token string in it stays plain text. A
@@ -20,27 +25,41 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 import jax
 import ml_collections
 
 from gptoss_dist import records
-from gptoss_dist.checkpoint import CheckpointError
+from gptoss_dist.checkpoint import CheckpointError, filesystem
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine, Request
 from gptoss_dist.exit_codes import EXIT_CANNOT_START
 from gptoss_dist.generate import JobError, check_engine_settings, checkpoint_tokenizer, make_engine, planned_mesh
-from gptoss_dist.harmony import MESSAGE, MESSAGE_ENDS, START, parse_messages, render_for_completion
+from gptoss_dist.harmony import (
+    MESSAGE,
+    MESSAGE_ENDS,
+    START,
+    Tool,
+    ToolCall,
+    parse_messages,
+    parse_reply,
+    render_for_completion,
+    tool_calls,
+)
+from gptoss_dist.settings import SettingsError
 from gptoss_dist.sharding import MeshError, mesh_shape
 from gptoss_dist.tokenizer import Tokenizer
 
 PROMPT = "you> "
 STOPPED = "[stopped]"
+TOOL_CALL = "[tool call]"
+TOOL_RESULT_PROMPT = "{name} result> "  # asks for the result of a call of tool `name`
 SHOW_ANALYSIS = ("dim", "plain", "hide")
 DIM, UNDIM = "\x1b[2m", "\x1b[0m"
 REPLACEMENT = "\ufffd"
@@ -163,6 +182,7 @@ class ReplyView:
         self.out, self.show_analysis = out, show_analysis
         self.dim = show_analysis == "dim" and out.isatty()
         self.message: int | None = None  # the message last shown
+        self.tokens: list[int] = []  # the reply's tokens so far
 
     @property
     def final(self) -> str:
@@ -170,6 +190,7 @@ class ReplyView:
 
     def add(self, tokens: Sequence[int]) -> None:
         """Shows what `tokens` add."""
+        self.tokens += tokens
         pieces = self.harmony.add(tokens)
         if self.raw is not None:
             self.out.write(self.raw.add(tokens).translate(TERMINAL_CONTROLS))
@@ -216,8 +237,8 @@ class Chat:
     def __init__(self, engine: Engine, tokenizer: Tokenizer, config: ml_collections.ConfigDict,
                  out: TextIO = sys.stdout):  # fmt: skip
         self.engine, self.tokenizer, self.config, self.out = engine, tokenizer, config, out
-        self.sampling = check_settings(config)
-        self.messages: list[dict[str, str]] = []
+        self.sampling, self.tools = check_settings(config)
+        self.messages: list[dict[str, Any]] = []
         self.reset()
 
     def reset(self) -> None:
@@ -244,29 +265,71 @@ class Chat:
                 self.reset()
                 self.out.write("(a new conversation)\n")
             elif command:
-                self.reply(line)
+                self.reply(line, read_line)
 
-    def reply(self, text: str) -> None:
-        """Streams the model's reply to the user's `text` and keeps its final message."""
-        self.messages.append({"role": "user", "content": text})
+    def reply(self, text: str, read_line: Callable[[str], str] = input) -> None:
+        """Streams the model's reply to the user's `text` and keeps its final message; while the reply calls
+        a tool, asks `read_line` for the tool's result and streams the reply to that."""
+        message: dict[str, Any] | None = {"role": "user", "content": text}
+        while message is not None:
+            message = self.answer(message, read_line)
+
+    def answer(self, message: dict[str, Any], read_line: Callable[[str], str]) -> dict[str, Any] | None:
+        """Streams the reply to `message` (the user's or a tool's); returns the tool's message if the reply
+        calls a tool and the user gives its result, else keeps the reply's final message."""
+        self.messages.append(message)
         try:
-            records.check_text(text, "the line")
+            records.check_text(message["content"], "the line")
             request = self.request()
         except Exception as err:  # noqa: BLE001  a line that does not fit the context, or cannot be tokenized
             self.messages.pop()
             self.out.write(f"(cannot reply: {records.error_message(err)}; /reset starts a new conversation)\n")
-            return
+            return None
         view = ReplyView(self.tokenizer, self.out, show_analysis=self.config.chat.show_analysis,
                          raw=self.config.chat.raw)  # fmt: skip
         completed = self.show_reply(request, view)
         view.end("" if completed else STOPPED)
+        call, analysis = self.ended_call(view.tokens) if completed else (None, None)
+        if call is not None:
+            return self.call_tool(call, analysis, read_line)
         if view.final:
             self.messages.append({"role": "assistant", "content": view.final, "channel": "final"})
+        return None
+
+    def ended_call(self, tokens: list[int]) -> tuple[ToolCall | None, str | None]:
+        """The function call that a reply ends with, if any, and the reply's analysis before it."""
+        try:
+            messages, call = parse_reply(tokens, self.tokenizer)
+        except ValueError:  # not valid harmony: no call
+            return None, None
+        calls = tool_calls([call] if call is not None else [])
+        analysis = [m.content for m in messages if m.channel == "analysis"]
+        return (calls[0] if calls else None), ("\n\n".join(analysis) or None)
+
+    def call_tool(self, call: ToolCall, analysis: str | None, read_line: Callable[[str], str]) -> dict[str, Any] | None:
+        """Shows the reply's call and asks the user for the tool's result: the tool's message, with the call
+        kept in the conversation; None, the call dropped, for a tool not declared or a result not given."""
+        self.out.write(f"{TOOL_CALL} {call.name} {call.arguments}\n".translate(TERMINAL_CONTROLS))
+        if call.name not in [tool.name for tool in self.tools]:
+            self.out.write(f"(no tool {call.name!r} is declared: the call is dropped)\n")
+            return None
+        try:
+            result = records.check_text(read_line(TOOL_RESULT_PROMPT.format(name=call.name)), "the result")
+        except (EOFError, KeyboardInterrupt):
+            note = "no result"
+        except ValueError as err:  # bytes that are not UTF-8 (a UnicodeDecodeError), a lone surrogate
+            note = f"cannot read that result: {err}"
+        else:
+            self.messages.append({"role": "assistant", "content": analysis, "tool_calls": [dataclasses.asdict(call)]})
+            return {"role": "tool", "name": call.name, "content": result}
+        self.out.write(f"\n({note}; the call is dropped)\n")
+        return None
 
     def request(self) -> Request:
         """The engine's request for the conversation so far; ValueError if it cannot run."""
         harmony, sampling = self.config.harmony, self.sampling
-        prompt = render_for_completion(self.messages, self.tokenizer, reasoning_effort=harmony.reasoning_effort,
+        prompt = render_for_completion(self.messages, self.tokenizer, tools=self.tools,
+                                       reasoning_effort=harmony.reasoning_effort,
                                        current_date=harmony.current_date or None)  # fmt: skip
         request = Request(prompt, max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                           top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)  # fmt: skip
@@ -283,12 +346,24 @@ class Chat:
         return True
 
 
-def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
-    """The sampling defaults, once the chat's settings are checked; ChatError or JobError naming one it cannot
-    start with."""
+def check_settings(config: ml_collections.ConfigDict) -> tuple[records.Sampling, tuple[Tool, ...]]:
+    """The sampling defaults and the tools, once the chat's settings are checked; ChatError or JobError naming
+    one it cannot start with."""
     if config.chat.show_analysis not in SHOW_ANALYSIS:
         raise ChatError(f"chat.show_analysis must be one of {SHOW_ANALYSIS}, not {config.chat.show_analysis!r}")
-    return check_engine_settings(config)
+    tools = read_tools(config.chat.tools)
+    return check_engine_settings(config), tools
+
+
+def read_tools(path: str) -> tuple[Tool, ...]:
+    """The function tools in the JSON file at `path` ("": none); ChatError naming the file if it cannot be read
+    or a tool in it is not valid."""
+    if not path:
+        return ()
+    try:
+        return records.parse_tools(json.loads(filesystem(path).cat_file(path)))
+    except (OSError, ValueError) as err:  # a missing or unreadable file, JSON or a tool that is not valid
+        raise ChatError(f"chat.tools: {path}: {err}") from None
 
 
 def open_chat(config: ml_collections.ConfigDict) -> Chat:
@@ -309,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run(_):
         try:
             chat = open_chat(config.value)
-        except (ChatError, JobError, CheckpointError, ConfigError, MeshError) as err:
+        except (ChatError, JobError, SettingsError, CheckpointError, ConfigError, MeshError) as err:
             print(f"gptoss-chat: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)
         chat.session()

@@ -12,7 +12,7 @@ window and long contexts halves the cache.
 A request is admitted when a slot and the pages for its prompt are free. Where the pool runs short while
 decoding, the most recently admitted sequence gives its pages back and waits to run again: its prompt and the
 tokens it generated are prefilled once more, and it goes on with the same sampling keys, so its output does
-not change.
+not change; it keeps the scores it has (neither its prompt nor its generated tokens are scored again).
 """
 
 from __future__ import annotations
@@ -34,7 +34,14 @@ from flax import nnx
 from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.model import CACHE_AXES, GptOss, LayerCache, Span, cache_length, cache_shape
-from gptoss_dist.sampling import sample, token_keys
+from gptoss_dist.sampling import (
+    MAX_TOP_LOGPROBS,
+    TokenScores,
+    logprobs_of,
+    sample,
+    token_keys,
+    token_scores,
+)
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
 
 # GPT-OSS's stop tokens: <|return|>, <|endoftext|>, <|call|>.
@@ -48,7 +55,9 @@ SLOT_AXES = ("batch",)
 class Request:
     """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's.
     `n` asks for n completions (samples) of the prompt: sample i is seeded `seed + i`, so sample 0 is the
-    completion of the same request with n=1. Each sample prefills the prompt on its own."""
+    completion of the same request with n=1. Each sample prefills the prompt on its own. `logprobs` scores each
+    generated token (with its `top_logprobs` most likely alternatives), `prompt_logprobs` each prompt token
+    after the first (see `sampling`: the model's log-probabilities, before sampling); each sample has its own."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 256
@@ -59,19 +68,35 @@ class Request:
     stop: Sequence[int] = ()
     id: Any = None
     n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, its rank among all tokens (1: the most likely), and the request's
+    `top_logprobs` most likely tokens as (token id, log-probability), most likely first."""
+
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 @dataclasses.dataclass
 class Result:
     """A finished sample of a request (`index`, from 0; a request of n=1 has one): its generated tokens (a final
     stop token included) and why it ended: "stop" (a stop token), "length" (max_new_tokens) or "context" (the
-    engine's max_len)."""
+    engine's max_len). If the request asked for them, the scores of its tokens (one each) and its prompt's
+    tokens after the first with their log-probabilities, as (token id, log-probability)."""
 
     id: Any
     tokens: list[int]
     finish_reason: str
     prompt_tokens: int
     index: int = 0
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[tuple[int, float]] | None = None
 
     @property
     def completion_tokens(self) -> int:
@@ -166,10 +191,14 @@ def _finished(slots: Slots, max_len: int) -> jax.Array:
     return stopped | (slots.generated >= slots.max_new) | (slots.length + 1 >= max_len)
 
 
-def _next_tokens(model: GptOss, slots: Slots, hidden: jax.Array) -> jax.Array:
+def _next_tokens(
+    model: GptOss, slots: Slots, hidden: jax.Array, logprobs: bool
+) -> tuple[jax.Array, TokenScores | None]:
+    """The next token of each slot, and with `logprobs` their scores."""
     logits = model.logits(hidden)[:, -1]
     keys = token_keys(slots.seed, slots.generated)
-    return sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    tokens = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
+    return tokens, token_scores(logits, tokens) if logprobs else None
 
 
 def prefill(
@@ -183,19 +212,25 @@ def prefill(
     last: jax.Array,
     resumed: jax.Array,
     next_token: jax.Array,
+    following: jax.Array,
     settings: dict[str, jax.Array],
     pages: jax.Array,
     *,
     max_len: int,
     attention_block: int,
-) -> tuple[Slots, jax.Array, jax.Array]:
+    logprobs: bool = False,
+    prompt_logprobs: bool = False,
+) -> tuple[Slots, jax.Array, jax.Array, TokenScores | None, jax.Array | None]:
     """Runs a piece of each of n prompts into slots `targets` [n] (out of range: a padding row): `count` [n]
     tokens [n, T] (right-padded) at positions `first` [n] onwards, which attend to their slot's cache (the
     pool through the page table `pages` [B, W]) and to each other. Rows whose piece is the prompt's `last` [n]
     become active: a new sequence samples its first token; one that had generated `resumed` [n] tokens before
     it was preempted (its prompt then ends with all but the last of them) goes on from `next_token` [n], the
-    last. The others stay inactive until their next piece. Returns the slots, the first tokens [n] and which
-    slots are active [B], the last two replicated so that every process can read them."""
+    last. The others stay inactive until their next piece. Returns the slots, the first tokens [n] (sampled
+    even where `resumed`), which slots are active [B], with `logprobs` the first tokens' scores, and with
+    `prompt_logprobs` the log-probabilities [n, T] of `following` [n, T], the prompt token after each position
+    (-1: none), from the piece's logits (never more than a piece's); all but the slots replicated so that every
+    process can read them."""
     model = nnx.merge(graphdef, params)
     span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets,
                 pages=jnp.take(pages, targets, axis=0, mode="clip"))  # fmt: skip
@@ -203,7 +238,7 @@ def prefill(
     final = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
     zeros = jnp.zeros_like(count)
     new = Slots(cache=None, token=zeros, length=first + count, generated=zeros, active=last, **settings)
-    sampled = _next_tokens(model, new, final)
+    sampled, scores = _next_tokens(model, new, final, logprobs)
     token = jnp.where(resumed > 0, next_token, sampled)
     new = dataclasses.replace(new, token=token, generated=jnp.where(last, jnp.maximum(resumed, 1), 0))
     new = dataclasses.replace(new, active=last & ~_finished(new, max_len))
@@ -212,7 +247,9 @@ def prefill(
         return old.at[targets].set(update, mode="drop")
 
     merged = jax.tree.map(scatter, dataclasses.replace(slots, cache=None), new)
-    return dataclasses.replace(merged, cache=cache), replicated(sampled), replicated(merged.active)
+    prompt_scores = logprobs_of(model.logits(hidden), jnp.maximum(following, 0)) if prompt_logprobs else None
+    outputs = jax.tree.map(replicated, (sampled, merged.active, scores, prompt_scores))
+    return dataclasses.replace(merged, cache=cache), *outputs
 
 
 def decode(
@@ -224,17 +261,19 @@ def decode(
     steps: int,
     max_len: int,
     attention_block: int,
-) -> tuple[Slots, jax.Array, jax.Array, jax.Array]:
+    logprobs: bool = False,
+) -> tuple[Slots, jax.Array, jax.Array, jax.Array, TokenScores | None]:
     """`steps` decode steps for every slot in one call, slot b's pool pages being `pages[b]`; inactive slots
     neither change nor write to the cache. Returns the slots, the tokens [steps, B], which of them were
-    generated by an active slot [steps, B] and which slots are still active [B], the last three replicated."""
+    generated by an active slot [steps, B], which slots are still active [B] and with `logprobs` the tokens'
+    scores [steps, B, ...], all but the slots replicated."""
     model = nnx.merge(graphdef, params)
 
     def step(slots: Slots, _):
         live = slots.active
         span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32), pages=pages)
         hidden, cache = model.hidden_states(slots.token[:, None], span, slots.cache, attention_block=attention_block)
-        token = _next_tokens(model, slots, hidden)
+        token, scores = _next_tokens(model, slots, hidden, logprobs)
         slots = dataclasses.replace(
             slots,
             cache=cache,
@@ -243,10 +282,10 @@ def decode(
             generated=slots.generated + live,
         )
         slots = dataclasses.replace(slots, active=live & ~_finished(slots, max_len))
-        return slots, (token, live)
+        return slots, (token, live, scores)
 
-    slots, (tokens, emitted) = jax.lax.scan(step, slots, length=steps)
-    return slots, replicated(tokens), replicated(emitted), replicated(slots.active)
+    slots, (tokens, emitted, scores) = jax.lax.scan(step, slots, length=steps)
+    return slots, *jax.tree.map(replicated, (tokens, emitted, slots.active, scores))
 
 
 def deactivate(slots: Slots, slot: jax.Array) -> Slots:
@@ -275,16 +314,30 @@ def _full(shape: tuple[int, ...], dtype, fill, sharding) -> Callable[[], jax.Arr
     return jax.jit(lambda: jnp.full(shape, fill, dtype), out_shardings=sharding)
 
 
-# Compiled once per model structure and shape, shared by every engine; the slots are donated.
+# Compiled once per model structure, shape and the scores it gives, shared by every engine (a call that scores
+# nothing compiles and runs no scoring); the slots are donated.
 _prefill_jit = jax.jit(
-    prefill, static_argnames=("graphdef", "max_len", "attention_block"), donate_argnames=("slots",)
+    prefill,
+    static_argnames=("graphdef", "max_len", "attention_block", "logprobs", "prompt_logprobs"),
+    donate_argnames=("slots",),
 )
 _decode_jit = jax.jit(
-    decode, static_argnames=("graphdef", "steps", "max_len", "attention_block"), donate_argnames=("slots",)
+    decode, static_argnames=("graphdef", "steps", "max_len", "attention_block", "logprobs"), donate_argnames=("slots",)
 )
 _deactivate_jit = jax.jit(deactivate, donate_argnames=("slots",))
 
 # ------------------------------------------------------------------------------------------- engine
+
+
+def _any_asks_logprobs(sequences: dict[int, _Sequence]) -> bool:
+    """Whether any of `sequences` asks for its tokens' scores: then a call scores the tokens it samples."""
+    return any(sequence.request.logprobs for sequence in sequences.values())
+
+
+def _token_logprob(scores: TokenScores, index: tuple[int, ...], top: int) -> TokenLogprob:
+    """The scores of the token at `index` in host `scores`, with its `top` most likely alternatives."""
+    alternatives = zip(scores.top_tokens[index][:top].tolist(), scores.top_logprobs[index][:top].tolist())
+    return TokenLogprob(float(scores.logprob[index]), int(scores.rank[index]), list(alternatives))
 
 
 def _buckets(smallest: int, largest: int) -> list[int]:
@@ -299,8 +352,9 @@ def _fit(buckets: list[int], size: int) -> int:
 
 @dataclasses.dataclass
 class _Sequence:
-    """A request and its progress: the tokens to prefill (its prompt; after a preemption, its prompt and all
-    but the last token it generated), how many of them are in the cache, and the tokens generated so far."""
+    """A request's sample and its progress: the tokens to prefill (its prompt; after a preemption, its prompt and
+    all but the last token it generated), how many of them are in the cache, the tokens generated so far and
+    the scores it asked for."""
 
     request: Request
     context: list[int]
@@ -308,6 +362,8 @@ class _Sequence:
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     unread: int = 0  # tokens that calls not read yet may have generated
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[tuple[int, float]] = dataclasses.field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -325,9 +381,11 @@ class _Sequence:
         return len(self.request.prompt) + max(len(self.generated) + self.unread - 1, 0)
 
     def preempted(self) -> _Sequence:
-        """The sequence to run again from nothing in the cache (once every call it was in has been read)."""
+        """The sequence to run again from nothing in the cache (once every call it was in has been read), with
+        the tokens and scores it has: its prompt is not scored again, nor are the tokens it generated."""
         return _Sequence(self.request, [*self.request.prompt, *self.generated[:-1]], self.index,
-                         generated=self.generated)  # fmt: skip
+                         generated=self.generated, logprobs=self.logprobs,
+                         prompt_logprobs=self.prompt_logprobs)  # fmt: skip
 
 
 class _PagePool:
@@ -462,8 +520,16 @@ class Engine:
                 **self._static, params=self.params, slots=self.abstract_slots(),
                 tokens=self._abstract_input((rows, width), np.int32), first=per_row(np.int32),
                 count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool), resumed=per_row(np.int32),
-                next_token=per_row(np.int32), settings=settings, pages=self._abstract_pages(),
+                next_token=per_row(np.int32), following=self._abstract_input((rows, width), np.int32),
+                settings=settings, pages=self._abstract_pages(),
             )  # fmt: skip
+
+    def prefill_call_shapes(self) -> list[tuple[int, int]]:
+        """Every (rows, width) a prefill call may take: the fewest rows at any width (one prompt's piece), or
+        more rows whose padded tokens stay within `prefill_tokens` (`_pieces`)."""
+        fewest = self.row_buckets[0]
+        return [(rows, width) for rows in self.row_buckets for width in self.length_buckets
+                if rows == fewest or rows * width <= self.prefill_tokens]  # fmt: skip
 
     def lower_decode(self) -> jax.stages.Lowered:
         """The decode call, lowered like `lower_prefill`."""
@@ -501,6 +567,8 @@ class Engine:
             raise ValueError(f"{name}: seed must be in [0, 2**32 - n] (sample i is seeded seed + i)")
         if len(request.stop) > MAX_REQUEST_STOP_TOKENS:
             raise ValueError(f"{name}: at most {MAX_REQUEST_STOP_TOKENS} stop tokens, not {len(request.stop)}")
+        if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS or (request.top_logprobs and not request.logprobs):
+            raise ValueError(f"{name}: top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], and 0 without logprobs")
 
     def generate(self, requests: Iterable[Request]) -> list[Result]:
         """Results in the order of `requests`, a request's n samples in the order of their index."""
@@ -616,11 +684,19 @@ class Engine:
         last = np.zeros(rows, bool)
         resumed, next_token = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         stop = np.full((rows, self.stop_width), -1, np.int32)
+        following = np.full(tokens.shape, -1, np.int32)  # the prompt tokens to score
         settings = {name: np.zeros(rows, dtype) for name, (_, dtype) in REQUEST_SETTINGS.items()}
         for row, (slot, piece) in enumerate(pieces.items()):
             sequence = running[slot]
             request, start = sequence.request, sequence.prefilled
             tokens[row, :piece] = sequence.context[start : start + piece]
+            if request.prompt_logprobs:
+                # the prompt tokens after this piece's positions, but for those scored before a preemption (the
+                # sequence keeps their scores; calls in flight score only positions before `start`); the
+                # generated tokens a preempted sequence prefills again are no prompt tokens
+                scored_from = max(start, len(sequence.prompt_logprobs))
+                scored = request.prompt[scored_from + 1 : start + piece + 1]
+                following[row, scored_from - start : scored_from - start + len(scored)] = scored
             first[row], count[row], targets[row] = start, piece, slot
             last[row] = start + piece == len(sequence.context)
             if sequence.generated:
@@ -633,65 +709,89 @@ class Engine:
             sequence.prefilled += piece
         settings["stop"] = stop
         self.prefill_shapes[tokens.shape] += 1
-        slots, sampled, active = self._prefill(params=self.params, slots=slots, tokens=tokens, first=first,
-                                               count=count, targets=targets, last=last, resumed=resumed,
-                                               next_token=next_token, settings=settings,
-                                               pages=pool.table.copy())  # fmt: skip
+        in_call = {slot: running[slot] for slot in pieces}
         # a sequence that goes on after a preemption already has its first token
         finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row] and not resumed[row]}
+        slots, sampled, active, scores, prompt_scores = self._prefill(
+            params=self.params, slots=slots, tokens=tokens, first=first, count=count, targets=targets, last=last,
+            resumed=resumed, next_token=next_token, following=following, settings=settings,
+            pages=pool.table.copy(), logprobs=_any_asks_logprobs(finishing),
+            prompt_logprobs=bool((following >= 0).any()),
+        )  # fmt: skip
         for sequence in finishing.values():
             sequence.unread += 1
 
         def read() -> list[Update]:
-            first_tokens = np.asarray(sampled)
+            first_tokens, first_scores, piece_scores = jax.tree.map(np.asarray, (sampled, scores, prompt_scores))
             for sequence in finishing.values():
                 sequence.unread -= 1
-            new_tokens = {slot: [int(first_tokens[row])] for row, slot in enumerate(pieces) if slot in finishing}
-            return self._updates(new_tokens, active, running, finishing, pool)
+            for row, sequence in enumerate(in_call.values()):
+                scored = following[row] >= 0
+                if scored.any():
+                    sequence.prompt_logprobs += zip(following[row, scored].tolist(), piece_scores[row, scored].tolist())
+            new_tokens = {
+                slot: [(int(first_tokens[row]), (row,))] for row, slot in enumerate(pieces) if slot in finishing
+            }
+            return self._updates(new_tokens, first_scores, active, running, finishing, pool)
 
         return slots, read
 
     def _step(self, slots, running, pool):
         """Dispatches a decode call; returns the slots and a reader of its updates."""
-        slots, tokens, emitted, active = self._decode(params=self.params, slots=slots, pages=pool.table.copy())
-        self.slot_steps += self.steps_per_call * self.max_slots
         decoding = {slot: sequence for slot, sequence in running.items() if not sequence.prefilling}
+        logprobs = _any_asks_logprobs(decoding)
+        slots, tokens, emitted, active, scores = self._decode(params=self.params, slots=slots, pages=pool.table.copy(),
+                                                               logprobs=logprobs)  # fmt: skip
+        self.slot_steps += self.steps_per_call * self.max_slots
         for sequence in decoding.values():
             sequence.unread += self.steps_per_call
 
         def read() -> list[Update]:
-            step_tokens, step_emitted = np.asarray(tokens), np.asarray(emitted)
+            step_tokens, step_emitted, step_scores = jax.tree.map(np.asarray, (tokens, emitted, scores))
             for sequence in decoding.values():
                 sequence.unread -= self.steps_per_call
-            new_tokens = {slot: [int(t) for t in step_tokens[step_emitted[:, slot], slot]] for slot in decoding}
-            return self._updates(new_tokens, active, running, decoding, pool)
+            new_tokens = {
+                slot: [(int(step_tokens[step, slot]), (step, slot)) for step in np.flatnonzero(step_emitted[:, slot])]
+                for slot in decoding
+            }
+            return self._updates(new_tokens, step_scores, active, running, decoding, pool)
 
         return slots, read
 
     def _updates(
-        self, new_tokens: dict[int, list[int]], active: jax.Array, running: dict[int, _Sequence],
-        in_call: dict[int, _Sequence], pool: _PagePool,
+        self, new_tokens: dict[int, list[tuple[int, tuple[int, ...]]]], scores: TokenScores | None, active: jax.Array,
+        running: dict[int, _Sequence], in_call: dict[int, _Sequence], pool: _PagePool,
     ) -> list[Update]:  # fmt: skip
-        """Adds each slot's new tokens to its request's, and frees the slots (and their pages) that ended.
+        """Adds each slot's new tokens, given with their index in `scores` (None: the call scored nothing), to its
+        request's (and their scores, if it asked for them), and frees the slots (and their pages) that ended.
         `in_call` holds the sequences the call ran, by slot: a slot whose sequence has ended since (overlap) is
         left alone, even when a new request has taken it. Slots left out of `new_tokens` were not in the call,
         or went on after a preemption."""
         active = np.asarray(active)
         updates = []
-        for slot, tokens in new_tokens.items():
+        for slot, indexed in new_tokens.items():
             sequence = in_call[slot]
             if running.get(slot) is not sequence:
                 continue
+            request, tokens = sequence.request, [token for token, _ in indexed]
             sequence.generated.extend(tokens)
+            if request.logprobs:
+                sequence.logprobs.extend(_token_logprob(scores, index, request.top_logprobs) for _, index in indexed)
             result = None
             if not active[slot]:
                 del running[slot]
                 pool.release(slot)
-                request = sequence.request
-                result = Result(request.id, sequence.generated, self._reason(request, sequence.generated),
-                                len(request.prompt), sequence.index)  # fmt: skip
-            updates.append(Update(sequence.request, tokens, result, sequence.index))
+                result = self._result(sequence)
+            updates.append(Update(request, tokens, result, sequence.index))
         return updates
+
+    def _result(self, sequence: _Sequence) -> Result:
+        request = sequence.request
+        return Result(
+            request.id, sequence.generated, self._reason(request, sequence.generated), len(request.prompt),
+            sequence.index, logprobs=sequence.logprobs if request.logprobs else None,
+            prompt_logprobs=sequence.prompt_logprobs if request.prompt_logprobs else None,
+        )  # fmt: skip
 
     def _reason(self, request: Request, tokens: list[int]) -> str:
         if tokens[-1] in self.stop_tokens or tokens[-1] in request.stop:

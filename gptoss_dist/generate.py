@@ -17,8 +17,8 @@ number and id, and the job goes on with the others. Each result is written as it
 exits 1 if any request failed (in this run or an earlier run of it into the same output), 2 if it cannot
 start (a bad setting, an unreadable input or checkpoint, an output it cannot write or that another job
 holds, an input or settings that differ from those that made the output; no record is written then)
-or loses its output's lock to another job, 3 if a process of a multi-process job stops because a step
-across the processes failed (another process died).
+or loses its output's lock to another job, 3 if a process of a multi-process job stops because another
+process is lost (`distributed.PeerWatch`: it died or hangs).
 
 Stop strings end a completion where one first appears in its text (where control tokens appear by name):
 `text` ends before it, `tokens` with the token that completes it, and finish_reason is "stop". The engine stops
@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -48,9 +49,9 @@ from tqdm import tqdm
 from gptoss_dist import distributed, plan, records, settings, storage
 from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained, join, read_config
 from gptoss_dist.config import ConfigError
-from gptoss_dist.engine import Engine, Request, Result, page_pool
+from gptoss_dist.engine import Engine, Request, Result, TokenLogprob, page_pool
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
-from gptoss_dist.harmony import parse_completion, render_for_completion
+from gptoss_dist.harmony import Message, channel_texts, parse_reply, render_for_completion, tool_calls
 from gptoss_dist.records import InputRecord, RecordError
 from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes
 from gptoss_dist.tokenizer import Tokenizer
@@ -96,7 +97,7 @@ def prompt_tokens(record: InputRecord, tokenizer: Tokenizer, harmony: ml_collect
         return tokenizer.encode(record.prompt)
     if record.messages is not None:
         effort = record.reasoning_effort or harmony.reasoning_effort
-        return render_for_completion(record.messages, tokenizer, reasoning_effort=effort,
+        return render_for_completion(record.messages, tokenizer, tools=record.tools, reasoning_effort=effort,
                                      current_date=harmony.current_date or None)  # fmt: skip
     return list(record.prompt_tokens)
 
@@ -119,6 +120,7 @@ def make_request(
         prompt_tokens(record, tokenizer, harmony), max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
         stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id, n=record.n,
+        logprobs=record.logprobs, top_logprobs=record.top_logprobs, prompt_logprobs=record.prompt_logprobs,
     )  # fmt: skip
     engine.validate(request)
     return request
@@ -146,13 +148,49 @@ def cut_at_stop_strings(
     return tokens[:kept], text[:cut], "stop"
 
 
-def harmony_channels(tokens: list[int], tokenizer: Tokenizer) -> dict[str, Any]:
-    """The analysis and final channels of a harmony completion, or why it does not parse."""
+def harmony_fields(tokens: list[int], tool_names: Sequence[str], tokenizer: Tokenizer) -> dict[str, Any]:
+    """The analysis and final channels of a harmony completion and, if it ends in a call, the call; or why it
+    does not parse."""
     try:
-        channels = parse_completion(tokens, tokenizer)
+        messages, call = parse_reply(tokens, tokenizer)
     except ValueError as err:
         return {"analysis": None, "final": None, "parse_error": str(err)}
-    return {"analysis": channels.get("analysis"), "final": channels.get("final")}
+    channels = channel_texts(messages)
+    fields = {"analysis": channels.get("analysis"), "final": channels.get("final")}
+    return fields | (tool_call_fields(call, tool_names) if call is not None else {})
+
+
+def tool_call_fields(message: Message, tool_names: Sequence[str]) -> dict[str, Any]:
+    """The fields of a completion that ends in the call `message`: finish_reason, the function call and what
+    is wrong with it, if anything."""
+    calls = tool_calls([message])
+    fields = {"finish_reason": "tool_calls", "tool_calls": [dataclasses.asdict(call) for call in calls]}
+    if not calls:
+        return fields | {"tool_call_error": f"a call to {message.recipient!r}, which is not a function tool"}
+    if calls[0].name not in tool_names:
+        return fields | {"tool_call_error": f"a call to {calls[0].name!r}, which is not a declared tool"}
+    try:
+        json.loads(calls[0].arguments)
+    except ValueError as err:
+        return fields | {"tool_call_error": f"arguments are not valid JSON: {err}"}
+    return fields
+
+
+def logprob_fields(result: Result, kept: int, tokenizer: Tokenizer) -> dict[str, Any]:
+    """The scores that the request asked for, of its first `kept` tokens and of its prompt."""
+
+    def scored(token: int, logprob: float) -> dict[str, Any]:
+        return {"token": token, "text": tokenizer.decode([token]), "logprob": logprob}
+
+    def ranked(token: int, scores: TokenLogprob) -> dict[str, Any]:
+        return scored(token, scores.logprob) | {"rank": scores.rank, "top_logprobs": [scored(*t) for t in scores.top]}
+
+    fields = {}
+    if result.logprobs is not None:
+        fields["logprobs"] = [ranked(*entry) for entry in zip(result.tokens[:kept], result.logprobs, strict=False)]
+    if result.prompt_logprobs is not None:
+        fields["prompt_logprobs"] = [scored(*entry) for entry in result.prompt_logprobs]
+    return fields
 
 
 def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -164,7 +202,10 @@ def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> 
         "finish_reason": finish_reason,
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(tokens)},
     }  # fmt: skip
-    return line | (harmony_channels(tokens, tokenizer) if record.messages is not None else {})
+    line |= logprob_fields(result, len(tokens), tokenizer)
+    if record.messages is None:
+        return line
+    return line | harmony_fields(tokens, [tool.name for tool in record.tools], tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------------- job
@@ -183,11 +224,11 @@ def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
 
 
 def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
-    """The sampling defaults, once every setting the job reads is checked; JobError naming the one that is not."""
+    """The sampling defaults, once every setting the job reads is checked; JobError or SettingsError naming the
+    one that is not."""
     for name in ("input", "output"):
         _check_given(config, name)
-    for name in ("max_slots", "part_records"):
-        _check_positive(config, name)
+    settings.check_positive(config, "max_slots", "part_records")
     if config.part_seconds < 0:
         raise JobError(f"part_seconds must be >= 0, not {config.part_seconds}")
     if not config.lock_timeout_s > 0:
@@ -205,10 +246,9 @@ def result_settings(config: ml_collections.ConfigDict, defaults: records.Samplin
 
 def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling:
     """The sampling defaults, once the settings that loading the model and generating read are checked (the
-    job's and the chat's); JobError naming the one that is not."""
+    job's and the chat's); JobError or SettingsError naming the one that is not."""
     _check_given(config, "checkpoint")
-    for name in ("max_len", "steps_per_call", "min_prefill_len"):
-        _check_positive(config, name)
+    settings.check_positive(config, "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens")
     if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
         raise JobError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
     try:
@@ -221,11 +261,6 @@ def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling
 def _check_given(config: ml_collections.ConfigDict, name: str) -> None:
     if not config[name]:
         raise JobError(f"no {name}: set --config.{name}")
-
-
-def _check_positive(config: ml_collections.ConfigDict, name: str) -> None:
-    if config[name] < 1:
-        raise JobError(f"{name} must be at least 1, not {config[name]}")
 
 
 def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
@@ -381,15 +416,22 @@ def run_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | N
     return summary
 
 
-def stop_after_lost_peer(err: jax.errors.JaxRuntimeError) -> None:
-    """Ends this process of a multi-process job after a step across the processes failed (as when another
-    process died) with one line, skipping JAX's shutdown, whose barrier waits for the dead process."""
-    first_line = str(err).strip().splitlines()[0]
-    print(f"gptoss-generate: error: process {jax.process_index()} of {jax.process_count()} stopped, a step across "
-          f"the processes failed ({first_line}); if another process died, its output says why", file=sys.stderr)  # fmt: skip
+def stop_for_lost_peer(why: str) -> None:
+    """Ends this process of a multi-process job because another is lost (`why`), with one line, skipping JAX's
+    shutdown, whose barrier waits for the lost process."""
+    print(f"gptoss-generate: error: process {jax.process_index()} of {jax.process_count()} stopped: {why}",
+          file=sys.stderr)  # fmt: skip
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(EXIT_PEER_LOST)
+
+
+def stop_after_failed_step(err: jax.errors.JaxRuntimeError, watch: distributed.PeerWatch) -> None:
+    """Ends this process after a step across the processes failed, as when another process died: once the
+    watch has named the lost process (it ends the process then), or after its timeout without it."""
+    time.sleep(watch.timeout_s + 2 * watch.interval_s)
+    first_line = str(err).strip().splitlines()[0]
+    stop_for_lost_peer(f"a step across the processes failed ({first_line}), and no process was found lost")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -400,15 +442,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def run(_):
         distributed.initialize(config.value.distributed)
+        watch = None
         try:
+            watch = distributed.watch_peers(config.value.distributed.peer_timeout_s, stop_for_lost_peer)
             summary = run_job(config.value)
-        except (JobError, storage.InputError, storage.OutputError, CheckpointError, ConfigError, MeshError) as err:
+        except (JobError, settings.SettingsError, storage.InputError, storage.OutputError, CheckpointError,
+                ConfigError, MeshError) as err:
             print(f"gptoss-generate: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)
         except jax.errors.JaxRuntimeError as err:
-            if jax.process_count() == 1:
+            if watch is None:
                 raise
-            stop_after_lost_peer(err)
+            stop_after_failed_step(err, watch)
         if distributed.is_writer():
             print(f"gptoss-generate: {summary.line()}")
         sys.exit(summary.exit_code)

@@ -276,12 +276,20 @@ def routed_experts(
     return tokens.at[order // experts.shape[1]].add(out.astype(F32) * row_weight[:, None])
 
 
+def target_platform() -> str:
+    """The platform the program is built for: that of the mesh's devices (`jax.set_mesh`), which may be a TPU
+    topology's while compiling on another machine (`gptoss_dist.compile`), else JAX's default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def experts_implementation(gate_up: Matrices) -> Callable:
-    """How this backend runs the experts on rows sorted by expert: a Pallas kernel on GPUs, XLA's grouped
-    matmul on TPUs (dense weights), else a loop over row blocks."""
-    if jax.default_backend() == "gpu":
+    """How the target platform runs the experts on rows sorted by expert: a Pallas kernel on GPUs, XLA's
+    grouped matmul on TPUs (dense weights), else a loop over row blocks."""
+    platform = target_platform()
+    if platform == "gpu":
         return _experts_kernel
-    if jax.default_backend() == "tpu" and not isinstance(gate_up, mxfp4.PackedMatrices):
+    if platform == "tpu" and not isinstance(gate_up, mxfp4.PackedMatrices):
         return _experts_ragged
     return _experts_blocked
 

@@ -9,7 +9,7 @@ full-attention layers, split over `data` and, where they divide, the KV heads ov
 many tokens the pool holds per chip. Working memory is an estimate of the largest call's live activations: a prefill
 call of `prefill_tokens` prompt tokens (attention a block of queries and keys at a time, the experts' token
 copies, the residual stream, the last positions' logits), and with packed experts one expert's weights
-dequantized at a time. `bench/tpu_compile.py` gives XLA's own figures for a TPU topology.
+dequantized at a time. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from gptoss_dist.engine import cache_bytes, page_pool
 from gptoss_dist.sharding import MESH_AXES, weight_placements
 
 GiB = 1 << 30
-# Device memory per chip.
-CHIPS = {"v5e": 16 * GiB, "v6e": 32 * GiB, "v5p": 95 * GiB, "h100": 80 * GiB, "h200": 141 * GiB}
+# Memory per device: a chip's, except tpu7x's 192 GiB chip, which JAX sees as two devices.
+CHIPS = {"v5e": 16 * GiB, "v6e": 32 * GiB, "v5p": 95 * GiB, "tpu7x": 96 * GiB, "h100": 80 * GiB, "h200": 141 * GiB}
 F32 = 4
 
 
@@ -137,8 +137,13 @@ def render(plan: MemoryPlan, sizes: Mapping[str, int], chips: Sequence[str]) -> 
 
 
 
-DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v6 lite": "v6e", "TPU v5p": "v5p", "TPU v5": "v5p", "H100": "h100",
-                "H200": "h200"}  # fmt: skip
+DEVICE_KINDS = {"TPU v5 lite": "v5e", "TPU v6 lite": "v6e", "TPU v5p": "v5p", "TPU v5": "v5p", "TPU7x": "tpu7x",
+                "H100": "h100", "H200": "h200"}  # fmt: skip
+
+
+def chip_name(device_kind: str) -> str | None:
+    """The CHIPS name of a JAX device kind ("TPU v6 lite": "v6e"), or None for one not listed."""
+    return next((name for prefix, name in DEVICE_KINDS.items() if prefix in device_kind), None)
 
 
 def chip_memory(chip: str, device) -> tuple[str, int] | None:
@@ -151,7 +156,7 @@ def chip_memory(chip: str, device) -> tuple[str, int] | None:
     stats = device.memory_stats() or {}
     if "bytes_limit" in stats:
         return device.device_kind, int(stats["bytes_limit"])
-    kind = next((name for prefix, name in DEVICE_KINDS.items() if prefix in device.device_kind), None)
+    kind = chip_name(device.device_kind)
     return (kind, CHIPS[kind]) if kind else None
 
 

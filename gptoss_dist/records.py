@@ -6,16 +6,27 @@ Input, one request a line (blank lines are skipped):
     exactly one of
       prompt          text, encoded as plain data (no chat format)
       messages        a harmony conversation: [{"role", "content"}, ...] with roles system or developer (first
-                      message only: the instructions), user and assistant; an assistant message may name its
-                      "channel" (analysis, commentary, final; default final)
+                      message only: the instructions), user, assistant and tool; an assistant message may name
+                      its "channel" (analysis, commentary, final; default final) and may carry "tool_calls",
+                      [{"name", "arguments"}, ...] (arguments: JSON text; its content, then optional, goes first,
+                      on its channel, default analysis); a tool message {"role": "tool", "name", "content"} is
+                      the result of a call of the declared tool `name`
       prompt_tokens   token ids
     reasoning_effort  low, medium or high; `messages` only (default: the run's harmony.reasoning_effort)
+    tools             function tools the model may call; `messages` only: a list of {"type": "function", "name",
+                      "description", "parameters": JSON Schema} (OpenAI's Responses API), or of {"type":
+                      "function", "function": {"name", "description", "parameters"}} (its Chat Completions API);
+                      names ([A-Za-z0-9_-], at most 64) unique; rendered as gptoss_dist.harmony says
     max_new_tokens, temperature, top_p, top_k, seed
                       sampling (defaults: the run's `sampling` settings)
     n                 completions (samples) of the prompt, 1 to MAX_SAMPLES (default 1); sample i is
                       seeded seed + i, so sample 0 is the completion of the same line with n=1
     stop              a string or a list of strings and token ids, at most MAX_STOP (how stop strings end a
                       completion: gptoss_dist.generate)
+    logprobs          true: score each generated token (default false), with its `top_logprobs` (0 to 20,
+                      default 0) most likely alternatives; the model's float32 log-probabilities, before
+                      temperature, top-k and top-p
+    prompt_logprobs   true: score each prompt token after the first (default false)
 
 Strings are text: a JSON escape of a lone surrogate (`"\\ud800"`), which no tokenizer takes, makes the
 record an error, except in `id`, which is only copied to the output (escaped there as it came).
@@ -24,8 +35,14 @@ Output, one line per request and sample, in `results`:
 
     line (from 1), id, index (the sample's, from 0), text (the completion's, without a final stop token or a
     stop string), tokens, finish_reason ("stop", "length" or "context"), usage {prompt_tokens, completion_tokens};
+    if asked, `logprobs`, one per token of `tokens`: {token, text, logprob, rank (1: the most likely token),
+    top_logprobs: [{token, text, logprob}, ...] (most likely first)}, and `prompt_logprobs`, one per prompt
+    token after the first: {token, text, logprob};
     for `messages` requests also `analysis` and `final`, the text of those channels of the parsed completion
-    (null where it has none), and `parse_error` where the completion is not valid harmony.
+    (null where it has none), and `parse_error` where the completion is not valid harmony. A completion that
+    ends in a tool call (`<|call|>`) has finish_reason "tool_calls" and `tool_calls`, [{"name", "arguments"}]
+    (arguments: the JSON text as generated) for a call to `functions.NAME`, and `tool_call_error` where the
+    call is not to a declared tool or its arguments are not valid JSON.
 
 and one line per input line that cannot run, in `errors`: `line` (from 1), `id` (null where the line has
 none), `error`. Whatever a line holds, it gets one or the other: any exception that reading, checking,
@@ -37,14 +54,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, get_args
 
 from gptoss_dist.engine import MAX_REQUEST_STOP_TOKENS, MAX_SAMPLES
-from gptoss_dist.harmony import ReasoningEffort
+from gptoss_dist.harmony import ReasoningEffort, Tool
+from gptoss_dist.sampling import MAX_TOP_LOGPROBS
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_tokens")
-MESSAGE_FIELDS = {"role", "content", "channel"}
+MESSAGE_FIELDS = {"role", "content", "channel", "name", "tool_calls"}
+TOOL_CALL_FIELDS = {"name", "arguments"}
+TOOL_FIELDS = {"name", "description", "parameters"}
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_STOP = MAX_REQUEST_STOP_TOKENS  # entries of `stop`, each of which may become a stop token id
 # Sampling field: (type, check, what the check wants). The engine holds the integers in int32 and uint32.
 SAMPLING_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
@@ -55,7 +77,9 @@ SAMPLING_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
     "seed": (int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
 }
 REASONING_EFFORTS = get_args(ReasoningEffort)
-FIELDS = {"id", *PROMPT_FIELDS, "reasoning_effort", "stop", "n", *SAMPLING_RULES}
+MESSAGES_ONLY = ("reasoning_effort", "tools")
+SCORING_FLAGS = ("logprobs", "prompt_logprobs")
+FIELDS = {"id", *PROMPT_FIELDS, *MESSAGES_ONLY, "stop", "n", *SAMPLING_RULES, *SCORING_FLAGS, "top_logprobs"}
 
 
 class RecordError(Exception):
@@ -93,10 +117,14 @@ class InputRecord:
     sampling: Sampling
     stop: tuple[str | int, ...] = ()
     prompt: str | None = None
-    messages: tuple[dict[str, str], ...] | None = None
+    messages: tuple[dict[str, Any], ...] | None = None
     prompt_tokens: tuple[int, ...] | None = None
     reasoning_effort: ReasoningEffort | None = None
+    tools: tuple[Tool, ...] = ()
     n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: bool = False
 
 
 def _show(value: Any) -> str:
@@ -136,22 +164,72 @@ def check_text(value: str, field: str) -> str:
     return value
 
 
-def _messages(value: Any) -> tuple[dict[str, str], ...]:
+def _messages(value: Any) -> tuple[dict[str, Any], ...]:
     if not isinstance(value, list) or not value:
         raise ValueError("messages must be a non-empty list of {role, content} objects")
     for i, message in enumerate(value):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be an object with role and content, not {_show(message)}")
-        if unknown := sorted(set(message) - MESSAGE_FIELDS):
-            raise ValueError(f"messages[{i}]: unknown field(s) {', '.join(unknown)}")
-        for key in ("role", "content"):
-            if not isinstance(message.get(key), str):
-                raise ValueError(f"messages[{i}].{key} must be a string, not {_show(message.get(key))}")
-        if not isinstance(message.get("channel", ""), str):
-            raise ValueError(f"messages[{i}].channel must be a string, not {_show(message['channel'])}")
-        for key, text in message.items():
-            check_text(text, f"messages[{i}].{key}")
+        _message(message, f"messages[{i}]")
     return tuple(value)
+
+
+def _message(message: Any, where: str) -> None:
+    if not isinstance(message, dict):
+        raise ValueError(f"{where} must be an object with role and content, not {_show(message)}")
+    if unknown := sorted(set(message) - MESSAGE_FIELDS):
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    if "tool_calls" in message:
+        _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+    texts = {"role": message.get("role"), "content": message.get("content")}
+    texts |= {key: message[key] for key in ("channel", "name") if key in message}
+    if message.get("role") == "assistant" and "tool_calls" in message and texts["content"] is None:
+        del texts["content"]  # optional in a message with tool calls
+    for key, text in texts.items():
+        if not isinstance(text, str):
+            raise ValueError(f"{where}.{key} must be a string, not {_show(text)}")
+        check_text(text, f"{where}.{key}")
+
+
+def _tool_calls(value: Any, where: str) -> None:
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{where} must be a non-empty list of {{name, arguments}} objects")
+    for i, call in enumerate(value):
+        if not isinstance(call, dict) or set(call) != TOOL_CALL_FIELDS:
+            raise ValueError(f"{where}[{i}] must be an object with name and arguments only, not {_show(call)}")
+        for key in sorted(TOOL_CALL_FIELDS):
+            if not isinstance(call[key], str):
+                raise ValueError(f"{where}[{i}].{key} must be a string, not {_show(call[key])}")
+            check_text(call[key], f"{where}[{i}].{key}")
+
+
+def parse_tools(value: Any) -> tuple[Tool, ...]:
+    """The function tools of a `tools` list (see above), checked; ValueError, naming the tool, if one is not
+    valid or two share a name."""
+    if not isinstance(value, list):
+        raise ValueError(f"tools must be a list of function tools, not {_show(value)}")
+    checked = tuple(_tool(entry, f"tools[{i}]") for i, entry in enumerate(value))
+    names = [tool.name for tool in checked]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise ValueError(f"tools: duplicate tool name(s) {', '.join(map(repr, twice))}")
+    return checked
+
+
+def _tool(entry: Any, where: str) -> Tool:
+    if not isinstance(entry, dict) or entry.get("type") != "function":
+        raise ValueError(f'{where} must be an object with "type": "function", not {_show(entry)}')
+    spec = entry["function"] if set(entry) == {"type", "function"} else {k: v for k, v in entry.items() if k != "type"}
+    if not isinstance(spec, dict) or set(spec) - TOOL_FIELDS:
+        raise ValueError(f"{where}: want name, description and parameters, not {_show(spec)}")
+    name = spec.get("name")
+    if not (isinstance(name, str) and TOOL_NAME.fullmatch(name)):
+        raise ValueError(f"{where} needs a name of 1 to 64 letters, digits, _ and -, not {_show(name)}")
+    where = f"tool {name!r}"
+    description = spec.get("description", "")
+    if not isinstance(description, str):
+        raise ValueError(f"{where}: description must be a string, not {_show(description)}")
+    parameters = spec.get("parameters")
+    if not isinstance(parameters, dict | None):
+        raise ValueError(f"{where}: parameters must be a JSON Schema object, not {_show(parameters)}")
+    return Tool(name, check_text(description, f"{where}: description"), parameters)
 
 
 def _is_token_id(value: Any) -> bool:
@@ -194,9 +272,11 @@ def _record(line: int, record_id: str, data: dict[str, Any], defaults: Sampling)
         prompt["messages"] = _messages(data["messages"])
     else:
         prompt["prompt_tokens"] = _token_ids(data["prompt_tokens"])
+    if applied := [field for field in MESSAGES_ONLY if field in data and "messages" not in data]:
+        raise ValueError(f"{applied[0]} applies to messages only")
+    if "tools" in data:
+        prompt["tools"] = parse_tools(data["tools"])
     if "reasoning_effort" in data:
-        if "messages" not in data:
-            raise ValueError("reasoning_effort applies to messages only")
         if data["reasoning_effort"] not in REASONING_EFFORTS:
             raise ValueError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, "
                              f"not {_show(data['reasoning_effort'])}")  # fmt: skip
@@ -208,7 +288,20 @@ def _record(line: int, record_id: str, data: dict[str, Any], defaults: Sampling)
         raise ValueError(f"n must be an integer in [1, {MAX_SAMPLES}], not {_show(samples)}")
     if sampling.seed + samples > 2**32:
         raise ValueError(f"seed + n must be at most 2**32 (sample i is seeded seed + i): {sampling.seed} + {samples}")
-    return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), n=samples, **prompt)
+    return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), n=samples, **prompt, **_scoring(data))
+
+
+def _scoring(data: dict[str, Any]) -> dict[str, bool | int]:
+    """The record's scoring fields, checked."""
+    scoring = {flag: data[flag] for flag in SCORING_FLAGS if flag in data}
+    if bad := [flag for flag, value in scoring.items() if not isinstance(value, bool)]:
+        raise ValueError(f"{bad[0]} must be true or false, not {_show(scoring[bad[0]])}")
+    top = data.get("top_logprobs", 0)
+    if not (isinstance(top, int) and not isinstance(top, bool) and 0 <= top <= MAX_TOP_LOGPROBS):
+        raise ValueError(f"top_logprobs must be an integer in [0, {MAX_TOP_LOGPROBS}], not {_show(top)}")
+    if top and not scoring.get("logprobs"):
+        raise ValueError("top_logprobs needs logprobs: true")
+    return scoring | {"top_logprobs": top}
 
 
 def _json_object(text: bytes | str) -> dict[str, Any]:

@@ -3,12 +3,51 @@
 Each row's choice depends only on its own logits, its settings and a key derived from (seed, index of the
 token being generated), so a request samples the same tokens whatever else shares its batch, whichever slot
 it sits in and however the mesh is laid out.
+
+Log-probabilities are the model's own: the float32 log-softmax of the raw logits, before temperature, top-k and
+top-p (vLLM's default "raw logprobs").
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+MAX_TOP_LOGPROBS = 20  # the most likely tokens that `token_scores` lists per token
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TokenScores:
+    """Per chosen token: its log-probability, its rank among all tokens (1: the most likely) and the
+    MAX_TOP_LOGPROBS most likely tokens with their log-probabilities, most likely first."""
+
+    logprob: jax.Array  # [...] float32
+    rank: jax.Array  # [...] int32
+    top_tokens: jax.Array  # [..., MAX_TOP_LOGPROBS] int32
+    top_logprobs: jax.Array  # [..., MAX_TOP_LOGPROBS] float32
+
+
+def logprobs_of(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """The log-probabilities [...] of `tokens` [...] under float32 logits [..., V], without the whole
+    log-softmax."""
+    chosen = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+def token_scores(logits: jax.Array, tokens: jax.Array) -> TokenScores:
+    """The scores of `tokens` [B] chosen from float32 logits [B, V]."""
+    top_logits, top_tokens = jax.lax.top_k(logits, MAX_TOP_LOGPROBS)
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)
+    normalizer = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    return TokenScores(
+        logprob=(chosen - normalizer)[:, 0],
+        rank=1 + jnp.sum(logits > chosen, axis=-1, dtype=jnp.int32),
+        top_tokens=top_tokens.astype(jnp.int32),
+        top_logprobs=top_logits - normalizer,
+    )
 
 
 def token_keys(seeds: jax.Array, steps: jax.Array) -> jax.Array:

@@ -17,6 +17,10 @@ from gptoss_dist.config import FULL, SLIDING, ModelConfig
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
 
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names it."""
+
+
 def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.ConfigDict:
     """Defaults for every setting, with `model` (ModelConfig fields over GPT-OSS-20B's) and overrides."""
     fields = dataclasses.asdict(ModelConfig()) | model
@@ -51,9 +55,9 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "prefill_tokens": 8192,
             "chip": "",  # the accelerator to plan memory for (gptoss_dist.plan.CHIPS); "" reads the device's
             # several processes: from these or GPTOSS_* variables (gptoss_dist.distributed); on a TPU pod,
-            # tpu_pod=True lets JAX find the hosts
+            # tpu_pod=True lets JAX find the hosts; a process silent for peer_timeout_s is lost, and the others stop
             "distributed": {"tpu_pod": False, "coordinator": "", "num_processes": 1, "process_id": 0,
-                            "cpu_devices": 0, "timeout_s": 300},
+                            "cpu_devices": 0, "timeout_s": 300, "peer_timeout_s": 30.0},
             "part_records": 1000,  # remote output: records per uploaded part file...
             "part_seconds": 60.0,  # ...or fewer, once the oldest waiting record is this old
             "retry_errors": False,  # run the input lines that ended in errors again (edited since, or not)
@@ -61,8 +65,9 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "sampling": {"max_new_tokens": 1024, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0},
             "harmony": {"reasoning_effort": "medium", "current_date": ""},  # "": no date line
             # the terminal chat (gptoss_dist.chat): its developer instructions ("": none), how the reply's
-            # analysis channel is shown ("dim", "plain" or "hide"), and raw=True for the completion as generated
-            "chat": {"system": "", "show_analysis": "dim", "raw": False},
+            # analysis channel is shown ("dim", "plain" or "hide"), raw=True for the completion as generated, and
+            # a JSON file with a list of function tools ("": none)
+            "chat": {"system": "", "show_analysis": "dim", "raw": False, "tools": ""},
         }
     )
     settings.update(overrides)
@@ -75,5 +80,12 @@ def model_config(settings: ml_collections.ConfigDict) -> ModelConfig:
 
 def dtype(settings: ml_collections.ConfigDict) -> jnp.dtype:
     if settings.dtype not in DTYPES:
-        raise ValueError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
+        raise SettingsError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")
     return DTYPES[settings.dtype]
+
+
+def check_positive(settings: ml_collections.ConfigDict, *names: str) -> None:
+    """Raises SettingsError naming the first of the settings `names` below 1."""
+    for name in names:
+        if settings[name] < 1:
+            raise SettingsError(f"{name} must be at least 1, not {settings[name]}")

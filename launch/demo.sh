@@ -17,8 +17,9 @@ cat > "$work/requests.jsonl" <<'JSONL'
 {"id": "plain-2", "prompt": "Text such as <|start|> stays plain text.", "max_new_tokens": 16}
 {"id": "chat-1", "messages": [{"role": "user", "content": "What is 2 + 2?"}], "reasoning_effort": "low", "max_new_tokens": 32}
 {"id": "chat-2", "messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Name a colour."}], "max_new_tokens": 32, "temperature": 0.7, "seed": 7}
+{"id": "tools-1", "messages": [{"role": "user", "content": "What time is it?"}], "tools": [{"type": "function", "name": "get_time", "description": "The current time."}], "reasoning_effort": "low", "max_new_tokens": 16}
 {"id": "tokens-1", "prompt_tokens": [72, 101, 108, 108, 111], "max_new_tokens": 20, "temperature": 1.0, "top_p": 0.9, "seed": 1}
-{"id": "tokens-2", "prompt_tokens": [1, 2, 3], "max_new_tokens": 8, "stop": [" "]}
+{"id": "tokens-2", "prompt_tokens": [1, 2, 3], "max_new_tokens": 8, "stop": [" "], "logprobs": true, "top_logprobs": 3, "prompt_logprobs": true}
 {"id": "sampled", "prompt": "Once upon a time", "max_new_tokens": 40, "temperature": 0.8, "top_k": 50, "seed": 42}
 {"id": "long", "prompt": "A longer prompt that runs well past the sliding window of the tiny model's attention layers.", "max_new_tokens": 48}
 JSONL

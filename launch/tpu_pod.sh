@@ -5,7 +5,7 @@
 #       --config.checkpoint=gs://BUCKET/gpt-oss-20b-converted --config.input=gs://BUCKET/prompts.jsonl \
 #       --config.output=gs://BUCKET/run-1 --config.mesh.tensor=4
 #
-# It copies this checkout to every worker, installs it with jax[tpu] (--install replaces that command),
+# It copies this checkout to every worker, installs it with its tpu extra (jax[tpu]; --install replaces that command),
 # and runs `python3 -m gptoss_dist.generate` there with the config file and every --config.* override;
 # JAX finds the pod's hosts itself (config.distributed.tpu_pod). Needs gcloud, authenticated.
 set -euo pipefail
@@ -13,7 +13,7 @@ set -euo pipefail
 usage() { sed -n '2,11p' "$0" >&2; exit 2; }
 
 tpu= zone= project= config=
-install="python3 -m pip install -q -e . 'jax[tpu]'"
+install="python3 -m pip install -q -e '.[tpu]'"
 overrides=()
 for arg in "$@"; do
   case "$arg" in

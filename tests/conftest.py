@@ -6,7 +6,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import pytest  # noqa: E402
 
-pytest.register_assert_rewrite("job_fixtures")  # imported by test modules before pytest loads it
+# imported by test modules before pytest loads them
+pytest.register_assert_rewrite("job_fixtures", "tokenizer_fixtures")
 
 from gptoss_dist.config import FULL, SLIDING, ModelConfig  # noqa: E402
 

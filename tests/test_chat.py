@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import runpy
 import signal
 import sys
@@ -17,8 +18,19 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from gptoss_dist import settings
-from gptoss_dist.chat import DIM, PROMPT, STOPPED, UNDIM, Chat, ReplyView
+from gptoss_dist import records, settings
+from gptoss_dist.chat import (
+    DIM,
+    PROMPT,
+    STOPPED,
+    TOOL_CALL,
+    TOOL_RESULT_PROMPT,
+    UNDIM,
+    Chat,
+    ChatError,
+    ReplyView,
+    check_settings,
+)
 from gptoss_dist.engine import Request, Update
 from gptoss_dist.harmony import render_for_completion
 from gptoss_dist.random_checkpoint import TOKENIZER_FILE, byte_level_tokenizer, write_random_checkpoint
@@ -81,11 +93,13 @@ def test_reply_cut_off_keeps_its_whole_characters():
 
 
 class ScriptedEngine:
-    """Stands in for the engine: answers every request with COMPLETION, three tokens an update."""
+    """Stands in for the engine: answers the requests with `completions` in turn, the last one from then on,
+    three tokens an update."""
 
-    def __init__(self, interrupt_after: int | None = None):
+    def __init__(self, interrupt_after: int | None = None, completions: tuple[list[int], ...] = (COMPLETION,)):
         self.requests: list[Request] = []
         self.interrupt_after = interrupt_after  # updates after which Ctrl-C is pressed
+        self.completions = completions
 
     def validate(self, request: Request) -> None:
         pass
@@ -93,15 +107,22 @@ class ScriptedEngine:
     def stream(self, requests: list[Request]) -> Iterator[Update]:
         (request,) = requests
         self.requests.append(request)
-        for n, start in enumerate(range(0, len(COMPLETION), 3)):
+        tokens = self.completions[min(len(self.requests), len(self.completions)) - 1]
+        for n, start in enumerate(range(0, len(tokens), 3)):
             if n == self.interrupt_after:  # to this thread: os.kill may wake another, late under load
                 signal.raise_signal(signal.SIGINT)
-            yield Update(request, COMPLETION[start : start + 3])
+            yield Update(request, tokens[start : start + 3])
 
 
-def chat_with(engine: ScriptedEngine) -> tuple[Chat, io.StringIO]:
+def chat_config(**chat):
     config = runpy.run_path(str(TINY_CONFIG))["get_config"]()
     config.checkpoint, config.chat.system, config.harmony.reasoning_effort = "unused", "Be brief.", "low"
+    config.chat.update(chat)
+    return config
+
+
+def chat_with(engine: ScriptedEngine, **chat) -> tuple[Chat, io.StringIO]:
+    config = chat_config(**chat)
     out = io.StringIO()
     return Chat(engine, TOKENIZER, config, out), out
 
@@ -150,6 +171,84 @@ def test_a_line_that_cannot_be_read_or_replied_to_is_said_and_the_session_goes_o
     assert "(cannot read that line: 'utf-8' codec can't decode byte 0xe9 in position 3" in shown
     assert '(cannot reply: the line is not valid text: a lone surrogate "\\udc80" at 1; /reset' in shown
     assert [m["content"] for m in chat.messages if m["role"] == "user"] == ["Hi"] and len(engine.requests) == 1
+
+
+TOOLS = [
+    {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}},
+]  # fmt: skip
+ARGUMENTS = '{"city": "Paris"}'
+CALL = completion(
+    "<|channel|>", "analysis", "<|message|>", "Need the weather.", "<|end|>", "<|start|>", "assistant",
+    "<|channel|>", "commentary to=functions.get_weather ", "<|constrain|>", "json", "<|message|>", ARGUMENTS,
+    "<|call|>",
+)  # fmt: skip
+
+
+@pytest.fixture
+def tools_file(tmp_path) -> str:
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps(TOOLS))
+    return str(path)
+
+
+def scripted_session(chat: Chat, lines: list[str]) -> list[str]:
+    """Runs a session on `lines`; returns the prompts it showed."""
+    prompts, answers = [], iter([*lines, "/exit"])
+
+    def read_line(prompt: str) -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    chat.session(read_line)
+    return prompts
+
+
+def test_a_tool_call_is_shown_and_its_result_asked_for_and_given_back(tools_file):
+    engine = ScriptedEngine(completions=(CALL, COMPLETION))
+    chat, out = chat_with(engine, tools=tools_file)
+    assert scripted_session(chat, ["Weather in Paris?", "Sunny <|end|>"]) == [
+        PROMPT, TOOL_RESULT_PROMPT.format(name="get_weather"), PROMPT,
+    ]  # fmt: skip
+    assert f"{TOOL_CALL} get_weather {ARGUMENTS}\n" in out.getvalue()
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Need the weather.",
+         "tool_calls": [{"name": "get_weather", "arguments": ARGUMENTS}]},
+        {"role": "tool", "name": "get_weather", "content": "Sunny <|end|>"},
+    ]  # fmt: skip
+    tools = records.parse_tools(TOOLS)
+    assert engine.requests[1].prompt == render_for_completion(conversation, TOKENIZER, tools=tools,
+                                                              reasoning_effort="low")  # fmt: skip
+    assert chat.messages == [*conversation, {"role": "assistant", "content": FINAL, "channel": "final"}]
+
+
+def test_a_call_without_a_result_is_dropped(tools_file):
+    engine = ScriptedEngine(completions=(CALL,))
+    chat, out = chat_with(engine, tools=tools_file)
+
+    def read_line(prompt: str) -> str:
+        if prompt != PROMPT:
+            raise EOFError
+        return "Weather?" if not engine.requests else "/exit"
+
+    chat.session(read_line)
+    assert "(no result; the call is dropped)" in out.getvalue()
+    assert chat.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"}]
+    assert len(engine.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "content, error",
+    [(None, "chat.tools: {path}: "), ("[1]", 'tools[0] must be an object with "type": "function"'), ("{", "Expecting")],
+)
+def test_a_tools_file_that_cannot_be_read_is_refused_naming_it(tmp_path, content, error):
+    path = tmp_path / "tools.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ChatError, match=re.escape(error.format(path=path))):
+        check_settings(chat_config(tools=str(path)))
 
 
 # ------------------------------------------------------------------------------------------ the command

@@ -198,6 +198,33 @@ def test_a_pool_too_small_preempts_and_every_request_completes_once(model, mixed
         assert [token for piece in pieces[request.id] for token in piece] == expected[request.id].tokens
 
 
+def test_a_preempted_sequence_keeps_its_scores(model, mixed):
+    """Requests that score their tokens (3 alternatives each) and prompts, one with n=2, in a pool too small for
+    them: every sample ends with the tokens, scores and prompt scores it has without preemption, the prompt
+    scored once (the generated tokens a preempted sequence prefills again are not prompt tokens)."""
+    requests, _ = mixed
+    scored = [dataclasses.replace(request, logprobs=True, top_logprobs=3, prompt_logprobs=True, n=1 + (i == 1))
+              for i, request in enumerate(requests)]  # fmt: skip
+    expected = mixed_engine(model).generate(scored)
+    engine = mixed_engine(model, page_size=16, kv_pages=6)
+    results = engine.generate(scored)
+    assert engine.preemptions > 0
+    assert [(result.id, result.index) for result in results] == [(result.id, result.index) for result in expected]
+    for result, unpreempted in zip(results, expected, strict=True):
+        assert result.tokens == unpreempted.tokens
+        assert len(result.logprobs) == len(result.tokens)
+        assert [(s.rank, [t for t, _ in s.top]) for s in result.logprobs] == [
+            (s.rank, [t for t, _ in s.top]) for s in unpreempted.logprobs
+        ]
+        np.testing.assert_allclose([[s.logprob, *(lp for _, lp in s.top)] for s in result.logprobs],
+                                   [[s.logprob, *(lp for _, lp in s.top)] for s in unpreempted.logprobs],
+                                   rtol=0, atol=1e-5)  # fmt: skip
+        prompt = next(request.prompt for request in scored if request.id == result.id)
+        assert [token for token, _ in result.prompt_logprobs] == prompt[1:]
+        np.testing.assert_allclose([lp for _, lp in result.prompt_logprobs],
+                                   [lp for _, lp in unpreempted.prompt_logprobs], rtol=0, atol=1e-5)  # fmt: skip
+
+
 def test_n_samples_are_the_requests_seeded_seed_plus_index(model, mixed):
     """A seeded request with n=3 among others: sample 0 is its completion with n=1, and sample i that of the
     request seeded seed + i; the samples differ."""

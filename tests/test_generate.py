@@ -19,12 +19,15 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from job_fixtures import ROOT, by_id, by_sample, cli, job_config, read_output, run, run_cli, write_jsonl
+from reference import load_reference
+from tokenizer_fixtures import encode_with_control_tokens
 
 from gptoss_dist import from_pretrained, records, storage
 from gptoss_dist.checkpoint import filesystem
-from gptoss_dist.engine import Engine, Request
-from gptoss_dist.generate import JobError, cut_at_stop_strings, make_request, stop_ids
-from gptoss_dist.harmony import render_for_completion
+from gptoss_dist.engine import Engine, Request, Result, TokenLogprob
+from gptoss_dist.generate import JobError, cut_at_stop_strings, make_request, result_record, stop_ids
+from gptoss_dist.harmony import Tool, render_for_completion
 from gptoss_dist.random_checkpoint import (
     BYTE_TOKENIZER_SIZE,
     CONTROL_TOKENS,
@@ -32,9 +35,6 @@ from gptoss_dist.random_checkpoint import (
     write_byte_tokenizer,
 )
 from gptoss_dist.tokenizer import Tokenizer, load_tokenizer
-from reference import load_reference
-
-from job_fixtures import ROOT, by_id, by_sample, cli, job_config, read_output, run, run_cli, write_jsonl
 
 pytest_plugins = ["gcs_emulator", "tokenizer_fixtures", "job_fixtures"]
 
@@ -188,7 +188,7 @@ def test_stop_strings_and_stop_ids_end_completions(fifty, converted, tokenizer, 
 
 
 def test_requests_carry_their_settings_and_stop_ids(hf_checkpoint, tokenizer, tmp_path):
-    engine = Engine(from_pretrained(hf_checkpoint, dtype=jnp.float32), max_slots=4, max_len=384)
+    engine = Engine(from_pretrained(hf_checkpoint, dtype=jnp.float32), max_slots=4, max_len=640)  # runs nothing
     config = job_config(
         hf_checkpoint, tmp_path / "in.jsonl", tmp_path / "out", **{"harmony.current_date": "2025-06-28"}
     )
@@ -198,12 +198,18 @@ def test_requests_carry_their_settings_and_stop_ids(hf_checkpoint, tokenizer, tm
         return make_request(records.parse_record(1, json.dumps(line), defaults), tokenizer, engine, config.harmony)
 
     line = {"id": "a", "prompt": "Hi", "max_new_tokens": 5, "temperature": 0.5, "top_p": 0.8, "top_k": 7, "seed": 9,
-            "stop": ["x", "xy", 3]}  # fmt: skip
-    assert request_of(line) == Request(tokenizer.encode("Hi"), 5, 0.5, 7, 0.8, 9, stop=[3, ord("x")], id="a")
+            "stop": ["x", "xy", 3], "logprobs": True, "top_logprobs": 2, "prompt_logprobs": True}  # fmt: skip
+    assert request_of(line) == Request(tokenizer.encode("Hi"), 5, 0.5, 7, 0.8, 9, stop=[3, ord("x")], id="a",
+                                       logprobs=True, top_logprobs=2, prompt_logprobs=True)  # fmt: skip
     messages = CONVERSATIONS[1]
     rendered = render_for_completion(messages, tokenizer, reasoning_effort="low", current_date="2025-06-28")
     request = request_of({"id": "b", "messages": messages, "reasoning_effort": "low"})
     assert request == Request(rendered, max_new_tokens=12, stop=[], id="b")
+    call = {"role": "assistant", "tool_calls": [{"name": "f", "arguments": "{}"}]}
+    messages = [USER, call, {"role": "tool", "name": "f", "content": "done"}]
+    rendered = render_for_completion(messages, tokenizer, tools=[Tool("f", "Does f.", TOOL_SPEC["parameters"])],
+                                     current_date="2025-06-28")  # fmt: skip
+    assert request_of({"id": "c", "messages": messages, "tools": [TOOL]}).prompt == rendered
 
 
 def test_real_tokenizer_stop_strings_of_one_token_become_ids_and_others_cut_the_text(real_tokenizer):
@@ -235,11 +241,21 @@ BAD_LINES = {  # line -> (id, part of the error)
     10: ("top-p", "top_p must be a number in (0, 1], not 0"),
     11: ("two-prompts", "need exactly one of prompt, messages, prompt_tokens, got prompt, prompt_tokens"),
     12: ("big-stop", "stop token id 9999 is not in the vocabulary [0, 512)"),
-    13: ("tool-role", "message role 'tool'"),
+    13: ("tool-role", "a tool message names tool None, which is not declared (tools: none)"),
     14: (None, "not a JSON object but list"),
     15: (None, "id must be a non-empty string, not 15"),
     16: ("ids", "prompt token ids must be in [0, 512)"),
+    18: ("tools-object", "tools must be a list of function tools"),
+    19: ("nameless-tool", "tools[1] needs a name"),
+    20: ("twin-tools", "tools: duplicate tool name(s) 'f'"),
+    21: ("undeclared-tool", "a tool message names tool 'g', which is not declared (tools: f)"),
+    22: ("bad-schema", "tool 'f': parameters property 'x': oneOf is not supported"),
+    23: ("top-21", "top_logprobs must be an integer in [0, 20], not 21"),
 }
+TOOL_SPEC = {"name": "f", "description": "Does f.", "parameters": {"type": "object", "properties": {}}}
+TOOL = {"type": "function"} | TOOL_SPEC
+DEFAULTS = records.Sampling(max_new_tokens=8, temperature=0.0, top_p=1.0, top_k=0, seed=0)
+USER = {"role": "user", "content": "Hi"}
 
 
 def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path):
@@ -261,6 +277,16 @@ def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path)
         {"id": 15, "prompt": "Hello"},
         {"id": "ids", "prompt_tokens": [1, 600]},
         "",
+        {"id": "tools-object", "messages": [USER], "tools": TOOL},
+        {"id": "nameless-tool", "messages": [USER], "tools": [TOOL, {"type": "function", "description": "x"}]},
+        {"id": "twin-tools", "messages": [USER], "tools": [TOOL, {"type": "function", "function": TOOL_SPEC}]},
+        {"id": "undeclared-tool", "messages": [USER, {"role": "tool", "name": "g", "content": "1"}], "tools": [TOOL]},
+        {
+            "id": "bad-schema",
+            "messages": [USER],
+            "tools": [TOOL | {"parameters": {"type": "object", "properties": {"x": {"oneOf": []}}}}],
+        },
+        {"id": "top-21", "prompt": "Hello", "logprobs": True, "top_logprobs": 21},
     ]
     config = job_config(converted, write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out")
     summary = run(config)
@@ -287,6 +313,10 @@ def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path)
         ({"id": "a", "prompt": "x", "seed": 2**32}, "seed must be an integer in [0, 2**32)"),
         ({"id": "a", "prompt": ""}, "prompt must be a non-empty string"),
         ({"id": "a", "prompt": "x", "reasoning_effort": "low"}, "reasoning_effort applies to messages only"),
+        ({"id": "a", "prompt": "x", "tools": []}, "tools applies to messages only"),
+        ({"id": "a", "prompt": "x", "logprobs": 1}, "logprobs must be true or false, not 1"),
+        ({"id": "a", "prompt": "x", "logprobs": True, "top_logprobs": -1}, "top_logprobs must be an integer in [0, 20"),
+        ({"id": "a", "prompt": "x", "top_logprobs": 3}, "top_logprobs needs logprobs: true"),
         (
             {"id": "a", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "max"},
             "reasoning_effort must be",
@@ -308,6 +338,99 @@ def test_records_name_the_bad_field(record, message):
         records.parse_record(7, json.dumps(record), defaults)
     assert message in caught.value.message and (caught.value.line, caught.value.id) == (7, "a")
     assert str(caught.value).startswith("line 7 (id 'a'): ")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"tools": [{"name": "f"}]}, 'tools[0] must be an object with "type": "function"'),
+        ({"tools": [TOOL | {"name": "a b"}]}, "tools[0] needs a name of 1 to 64 letters, digits, _ and -, not"),
+        ({"tools": [TOOL | {"strict": True}]}, "tools[0]: want name, description and parameters"),
+        ({"tools": [TOOL | {"parameters": []}]}, "tool 'f': parameters must be a JSON Schema object"),
+        ({"tools": [TOOL | {"description": 1}]}, "tool 'f': description must be a string"),
+        (
+            {"messages": [USER, {"role": "assistant", "tool_calls": [{"name": "f"}]}]},
+            "messages[1].tool_calls[0] must be an object with name and arguments only",
+        ),
+        (
+            {"messages": [USER, {"role": "assistant", "tool_calls": [{"name": "f", "arguments": {}}]}]},
+            "messages[1].tool_calls[0].arguments must be a string",
+        ),
+        ({"messages": [USER, {"role": "assistant", "content": None}]}, "messages[1].content must be a string"),
+        ({"messages": [{"role": "tool", "name": 3, "content": "x"}]}, "messages[0].name must be a string"),
+    ],
+)
+def test_tool_fields_name_the_bad_part(fields, message):
+    with pytest.raises(records.RecordError) as caught:
+        records.parse_record(7, json.dumps({"id": "a", "messages": [USER]} | fields), DEFAULTS)
+    assert message in caught.value.message
+
+
+def tools_of(line: dict[str, Any]) -> tuple[Tool, ...]:
+    return records.parse_record(1, json.dumps({"id": "a"} | line), DEFAULTS).tools
+
+
+def test_tools_in_either_api_form_are_one_tool():
+    call = {"role": "assistant", "content": None, "tool_calls": [{"name": "f", "arguments": "{}"}]}
+    responses_form = tools_of({"messages": [USER, call], "tools": [TOOL]})
+    chat_completions_form = tools_of({"messages": [USER], "tools": [{"type": "function", "function": TOOL_SPEC}]})
+    assert responses_form == chat_completions_form == (Tool("f", "Does f.", TOOL_SPEC["parameters"]),)
+    assert tools_of({"messages": [USER], "tools": [{"type": "function", "name": "g"}]}) == (Tool("g"),)
+
+
+CALL_COMPLETION = (
+    "<|channel|>analysis<|message|>Call f.<|end|>"
+    "<|start|>assistant<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>{arguments}<|call|>"
+)
+
+
+@pytest.mark.parametrize(
+    "name, arguments, error",
+    [
+        ("f", '{"x": [1, 2]}', None),
+        ("f", '{"x": [1, 2', "arguments are not valid JSON"),
+        ("g", "{}", "a call to 'g', which is not a declared tool"),
+    ],
+)
+def test_a_completion_that_calls_a_tool_ends_with_its_call(tokenizer, name, arguments, error):
+    record = records.parse_record(3, json.dumps({"id": "a", "messages": [USER], "tools": [TOOL]}), DEFAULTS)
+    tokens = encode_with_control_tokens(tokenizer, CALL_COMPLETION.format(name=name, arguments=arguments))
+    line = result_record(record, Result("a", tokens, "stop", 5), tokenizer)
+    assert (line["finish_reason"], line["tool_calls"]) == ("tool_calls", [{"name": name, "arguments": arguments}])
+    assert line["analysis"] == "Call f." and line["final"] is None
+    if error is None:
+        assert "tool_call_error" not in line
+    else:
+        assert error in line["tool_call_error"]
+    cut = result_record(record, Result("a", tokens[:-1], "length", 5), tokenizer)
+    assert cut["finish_reason"] == "length" and "tool_calls" not in cut
+
+
+def test_a_call_token_that_closes_no_call_is_no_tool_call(tokenizer):
+    record = records.parse_record(3, json.dumps({"id": "a", "messages": [USER], "tools": [TOOL]}), DEFAULTS)
+    in_header = encode_with_control_tokens(tokenizer, "<|channel|>commentary<|call|>")
+    assert result_record(record, Result("a", in_header, "stop", 5), tokenizer)["finish_reason"] == "stop"
+    to_a_builtin = encode_with_control_tokens(tokenizer, "<|channel|>analysis to=python<|message|>1+1<|call|>")
+    line = result_record(record, Result("a", to_a_builtin, "stop", 5), tokenizer)
+    assert (line["finish_reason"], line["tool_calls"]) == ("tool_calls", [])
+    assert line["tool_call_error"] == "a call to 'python', which is not a function tool"
+
+
+def test_result_records_hold_the_scores_of_the_tokens_they_keep(tokenizer):
+    record = records.parse_record(
+        2, json.dumps({"id": "a", "prompt": "x", "stop": ["c"], "logprobs": True, "prompt_logprobs": True}), DEFAULTS
+    )
+    scores = [TokenLogprob(-0.5 * i, i + 1, [(97 + i, -0.1), (120, -0.2)]) for i in range(4)]
+    result = Result("a", tokenizer.encode("abcd"), "length", 2, logprobs=scores, prompt_logprobs=[(98, -1.5)])
+    line = result_record(record, result, tokenizer)
+    assert (line["text"], line["tokens"], line["finish_reason"]) == ("ab", [97, 98, 99], "stop")  # "c" cut the rest
+    x = {"token": 120, "text": "x", "logprob": -0.2}
+    assert line["logprobs"] == [
+        {"token": 97 + i, "text": "abc"[i], "logprob": -0.5 * i, "rank": i + 1,
+         "top_logprobs": [{"token": 97 + i, "text": "abc"[i], "logprob": -0.1}, x]}
+        for i in range(3)
+    ]  # fmt: skip
+    assert line["prompt_logprobs"] == [{"token": 98, "text": "b", "logprob": -1.5}]
 
 
 def test_nan_and_bad_defaults_are_refused():

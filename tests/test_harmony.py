@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
+from tokenizer_fixtures import encode_with_control_tokens
 
-from gptoss_dist.harmony import Message, parse_completion, parse_messages, render_for_completion
+from gptoss_dist.harmony import (
+    Message,
+    Tool,
+    ToolCall,
+    parse_completion,
+    parse_messages,
+    render_for_completion,
+    tool_calls,
+)
 from gptoss_dist.tokenizer import Tokenizer
 
 pytest_plugins = ["tokenizer_fixtures"]
@@ -25,8 +33,47 @@ MULTI_TURN = [
     {"role": "user", "content": "Thanks!"},
 ]
 
+WEATHER = Tool(
+    "get_weather",
+    "Gets the weather.\nIn one city, <|call|> as text.\r\n",
+    {
+        "type": "object",
+        "description": "Where and how.",
+        "properties": {
+            "city": {"type": "string", "description": "The city", "title": "City", "examples": ["Paris", 3]},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "default": "celsius"},
+            "days": {"type": "integer", "description": "How many days", "default": 1},
+            "label": {"type": "string", "default": "today"},
+            "hourly": {"type": "boolean", "nullable": True, "default": False},
+            "fields": {"type": "array", "items": {"type": "string", "enum": ["wind", "rain"]}, "default": ["wind"]},
+            "raw": {"type": "array"},
+            "where": {
+                "type": "object",
+                "description": "Coordinates",
+                "properties": {
+                    "lat": {"type": "number"},
+                    "lon": {"type": "number", "description": "East"},
+                    "near": {"type": "object", "properties": {"name": {"type": ["string", "null"]}}},
+                },
+                "required": ["lat"],
+            },
+            "extra": {},
+        },
+        "required": ["city", "where"],
+    },
+)
+CLOCK = Tool("now", "")
+SEARCH = Tool("search", "Searches the web.", {"type": "object", "properties": {"q": {"type": "string"}}})
+TOOLS = (WEATHER, CLOCK, SEARCH)
+CALL = {"name": "get_weather", "arguments": '{"city": "Paris", "where": {"lat": 48.9}}'}
+WEATHER_CALL = [
+    {"role": "user", "content": "Weather in Paris and the time?"},
+    {"role": "assistant", "content": "Need the weather and the time.", "tool_calls": [CALL]},
+    {"role": "tool", "name": "get_weather", "content": '{"sky": "clear"}'},
+]
+
 # (messages, settings) pairs rendered by both implementations.
-CONVERSATIONS: dict[str, tuple[list[dict[str, str]], dict[str, Any]]] = {
+CONVERSATIONS: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {
     "user-only": ([{"role": "user", "content": "What is 2+2?"}], {}),
     "effort-low": ([{"role": "user", "content": "Hi"}], {"reasoning_effort": "low"}),
     "effort-medium-dated": (
@@ -58,6 +105,38 @@ CONVERSATIONS: dict[str, tuple[list[dict[str, str]], dict[str, Any]]] = {
         {},
     ),
     "unicode": ([{"role": "user", "content": "Ünïcödé 你好，世界 🙂🦜 𝔘\n\n\ttabs  "}], {"current_date": "2025-12-31"}),
+    "tools-every-schema-feature": ([{"role": "user", "content": "Weather?"}], {"tools": TOOLS}),
+    "one-call": (
+        [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [CALL]}],
+        {"tools": TOOLS},
+    ),
+    "several-calls": (
+        [
+            WEATHER_CALL[0],
+            {"role": "assistant", "content": None, "tool_calls": [CALL, {"name": "now", "arguments": "{}"}]},
+            WEATHER_CALL[2],
+            {"role": "tool", "name": "now", "content": "12:00 <|end|>"},
+        ],
+        {"tools": TOOLS},
+    ),
+    "call-after-analysis": (WEATHER_CALL, {"tools": TOOLS}),
+    "call-after-analysis-then-final": (
+        [*WEATHER_CALL, {"role": "assistant", "content": "Clear."}, {"role": "user", "content": "Thanks"}],
+        {"tools": TOOLS},
+    ),
+    "call-after-commentary-preamble": (
+        [WEATHER_CALL[0], {"role": "assistant", "content": "Looking.", "channel": "commentary", "tool_calls": [CALL]}],
+        {"tools": TOOLS},
+    ),
+    "efforts-with-tools": (
+        WEATHER_CALL,
+        {"tools": (WEATHER,), "reasoning_effort": "low", "current_date": "2025-06-28"},
+    ),
+    "effort-high-with-tools": ([{"role": "user", "content": "Hi"}], {"tools": (CLOCK,), "reasoning_effort": "high"}),
+    "developer-with-tools": (
+        [{"role": "developer", "content": "Use tools. <|start|>"}, *WEATHER_CALL],
+        {"tools": TOOLS},
+    ),
 }
 
 # Completions as a model writes them after the <|start|>assistant prompt.
@@ -72,7 +151,7 @@ COMPLETIONS = {
 }
 
 
-def harmony_prompt(oh: Any, encoding: Any, messages: list[dict[str, str]], settings: dict[str, Any]) -> list[int]:
+def harmony_prompt(oh: Any, encoding: Any, messages: list[dict[str, Any]], settings: dict[str, Any]) -> list[int]:
     """openai-harmony's rendering of what ``render_for_completion(messages, **settings)`` renders."""
     system = oh.SystemContent.new()
     if "reasoning_effort" in settings:
@@ -80,16 +159,40 @@ def harmony_prompt(oh: Any, encoding: Any, messages: list[dict[str, str]], setti
     if "current_date" in settings:
         system = system.with_conversation_start_date(settings["current_date"])
     conversation = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+    developer = oh.DeveloperContent.new()
     if messages[0]["role"] in ("system", "developer"):
-        developer = oh.DeveloperContent.new().with_instructions(messages[0]["content"])
-        conversation.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
+        developer = developer.with_instructions(messages[0]["content"])
         messages = messages[1:]
+    if tools := settings.get("tools"):
+        developer = developer.with_function_tools(
+            [oh.ToolDescription.new(t.name, t.description, parameters=t.parameters) for t in tools]
+        )
+    if developer.instructions is not None or tools:
+        conversation.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER, developer))
     for message in messages:
-        turn = oh.Message.from_role_and_content(oh.Role(message["role"]), message["content"])
-        if message["role"] == "assistant":
-            turn = turn.with_channel(message.get("channel", "final"))
-        conversation.append(turn)
+        conversation += harmony_turns(oh, message)
     return encoding.render_conversation_for_completion(oh.Conversation.from_messages(conversation), oh.Role.ASSISTANT)
+
+
+def harmony_turns(oh: Any, message: dict[str, Any]) -> list[Any]:
+    """openai-harmony's messages for one message of a request."""
+    if message["role"] == "tool":
+        author = oh.Author.new(oh.Role.TOOL, f"functions.{message['name']}")
+        return [oh.Message.from_author_and_content(author, message["content"]).with_channel("commentary")
+                .with_recipient("assistant")]  # fmt: skip
+    if message["role"] == "user":
+        return [oh.Message.from_role_and_content(oh.Role.USER, message["content"])]
+    calls = message.get("tool_calls", [])
+    turns = []
+    if message.get("content") or not calls:
+        channel = message.get("channel", "analysis" if calls else "final")
+        turns.append(oh.Message.from_role_and_content(oh.Role.ASSISTANT, message["content"]).with_channel(channel))
+    for call in calls:
+        turns.append(
+            oh.Message.from_role_and_content(oh.Role.ASSISTANT, call["arguments"]).with_channel("commentary")
+            .with_recipient(f"functions.{call['name']}").with_content_type("<|constrain|>json")
+        )  # fmt: skip
+    return turns
 
 
 def harmony_messages(oh: Any, encoding: Any, tokens: list[int]) -> list[Message]:
@@ -103,14 +206,6 @@ def harmony_messages(oh: Any, encoding: Any, tokens: list[int]) -> list[Message]
         Message(m.author.name or m.author.role.value, m.content[0].text, m.channel, m.recipient, m.content_type)
         for m in parsed
     ]
-
-
-def encode_with_control_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
-    """Ids of ``text`` where each ``<|name|>`` is that control token (for writing test completions)."""
-    ids = []
-    for i, piece in enumerate(re.split(r"(<\|[a-z_0-9]+\|>)", text)):
-        ids += [tokenizer.token_id(piece)] if i % 2 else tokenizer.encode(piece)
-    return ids
 
 
 @pytest.mark.parametrize("name", CONVERSATIONS)
@@ -155,14 +250,39 @@ def test_render_layout(tiny_tokenizer: Tokenizer) -> None:
 @pytest.mark.parametrize(
     ("messages", "settings", "error"),
     [
-        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], {}, "want user or assistant"),
-        ([{"role": "tool", "content": "a"}], {}, "want user or assistant"),
+        ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], {}, "want user, assistant or tool"),
+        ([{"role": "tool", "content": "a"}], {}, "a tool message names tool None, which is not declared .tools: none"),
+        (
+            [{"role": "tool", "name": "now", "content": "a"}],
+            {"tools": (SEARCH,)},
+            "a tool message names tool 'now', which is not declared .tools: search",
+        ),
+        (
+            [{"role": "assistant", "tool_calls": [{"name": "nope", "arguments": "{}"}]}],
+            {"tools": TOOLS},
+            "a tool call names tool 'nope'",
+        ),
         ([{"role": "assistant", "channel": "thoughts", "content": "a"}], {}, "channel"),
         ([{"role": "user", "content": "a"}], {"reasoning_effort": "max"}, "reasoning_effort"),
+        (
+            [{"role": "user", "content": "a"}],
+            {"tools": (Tool("pick", "", {"type": "object", "properties": {"x": {"oneOf": []}}}),)},
+            "tool 'pick': parameters property 'x': oneOf is not supported",
+        ),
+        (
+            [{"role": "user", "content": "a"}],
+            {"tools": (Tool("pick", "", {"type": "object", "properties": {"x": {"type": "array", "items": [1]}}}),)},
+            r"tool 'pick': parameters property 'x': schema \[1\] is not an object",
+        ),
+        (
+            [{"role": "user", "content": "a"}],
+            {"tools": (Tool("pick", "", {"type": "object", "required": "x"}),)},
+            "tool 'pick': parameters required \"x\" is not a list",
+        ),
     ],
 )
 def test_render_rejects_what_harmony_cannot_say(
-    tiny_tokenizer: Tokenizer, messages: list[dict[str, str]], settings: dict[str, Any], error: str
+    tiny_tokenizer: Tokenizer, messages: list[dict[str, Any]], settings: dict[str, Any], error: str
 ) -> None:
     with pytest.raises(ValueError, match=error):
         render_for_completion(messages, tiny_tokenizer, **settings)
@@ -211,3 +331,12 @@ def test_parse_rejects_tokens_outside_a_message(real_tokenizer: Tokenizer, harmo
         harmony_encoding.parse_messages_from_completion_tokens(tokens, oh.Role.ASSISTANT)
     with pytest.raises(ValueError, match="where a message should start"):
         parse_messages(tokens, real_tokenizer)
+
+
+def test_tool_calls_match_openai_harmony_at_every_cut(real_tokenizer: Tokenizer, harmony_encoding: Any) -> None:
+    oh = pytest.importorskip("openai_harmony")
+    tokens = encode_with_control_tokens(real_tokenizer, COMPLETIONS["tool-call"])
+    assert tool_calls(parse_messages(tokens, real_tokenizer)) == [ToolCall("get_weather", '{"city": "Paris"}')]
+    for cut in range(len(tokens) + 1):  # a call cut off by the token limit keeps its arguments so far
+        expected = tool_calls(harmony_messages(oh, harmony_encoding, tokens[:cut]))
+        assert tool_calls(parse_messages(tokens[:cut], real_tokenizer)) == expected, cut

@@ -129,8 +129,11 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_tpu_pod_script_runs_the_job_on_every_worker(workdir, single_process, tmp_path):
-    """Two workers, each a process of 4 CPU devices on mesh (2, 2, 2), write what one process writes."""
+def test_tpu_pod_script_runs_the_job_on_every_worker_and_a_dead_worker_stops_the_others(
+    workdir, single_process, tmp_path
+):
+    """Two workers, each a process of 4 CPU devices on mesh (2, 2, 2). Worker 1's job is killed: worker 0 stops
+    within 60 s, naming it, rather than waiting on JAX; a rerun writes what one process writes, exactly once."""
     fake_root = tmp_path / "tpu"
     fake_root.mkdir()
     env = environment(workdir, FAKE_TPU_ROOT=str(fake_root), FAKE_TPU_WORKERS="2", FAKE_TPU_CPU_DEVICES="4",
@@ -138,16 +141,48 @@ def test_tpu_pod_script_runs_the_job_on_every_worker(workdir, single_process, tm
     command = ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "--tpu=demo-pod", "--zone=us-central2-b",
                "--project=demo", "--config=configs/tiny.py", "--install=python3 -c 'import jax'",
                f"--config.checkpoint={workdir / 'hf'}", f"--config.input={workdir / 'requests.jsonl'}",
-               f"--config.output={workdir / 'pod'}", "--config.max_slots=4", "--config.max_len=128", *MESH_FLAGS]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+               f"--config.output={workdir / 'pod'}", "--config.max_slots=4", "--config.max_len=128", *MESH_FLAGS,
+               "--config.distributed.peer_timeout_s=15", "--config.lock_timeout_s=2"]  # fmt: skip
+    output = workdir / "pod" / "results.jsonl"
+    with (tmp_path / "killed.log").open("w") as log:
+        launcher = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        worker = wait_for_job_process(launcher, output, process_id="1")
+        killed_at = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        status = launcher.wait(timeout=90)
+    assert time.monotonic() - killed_at < 60
+    assert status != 0
+    killed_log = (tmp_path / "killed.log").read_text()
+    said = [line for line in killed_log.splitlines() if "gptoss-generate: error: process 0 of 2 stopped" in line]
+    assert len(said) == 1 and said[0].startswith("[worker 0]")  # after worker 0's progress bar, on its line
+    assert "stopped: process 1 of 2 (host " in said[0] and "has not answered for 15 s" in said[0]
+    assert "Traceback" not in killed_log
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     calls = (fake_root / "gcloud.log").read_text().splitlines()
     assert calls[0].startswith("compute tpus tpu-vm scp") and "--worker=all" in calls[0]
     assert calls[1].startswith("compute tpus tpu-vm ssh demo-pod") and "--config.distributed.tpu_pod=true" in calls[1]
     for worker in ("worker-0", "worker-1"):  # each worker got and ran its own copy of the code
         assert (fake_root / worker / "gptoss-dist" / "gptoss_dist" / "generate.py").exists()
-    assert "[worker 1]" in done.stdout and "[worker 0] gptoss-generate: 16 requests ok" in done.stdout
-    assert records(workdir / "pod" / "results.jsonl") == single_process
+    assert "[worker 1]" in done.stdout and "done by an earlier run" in done.stdout
+    assert records(output) == single_process
+
+
+def wait_for_job_process(launcher: subprocess.Popen, output: Path, process_id: str) -> int:
+    """The pid of the job's process `process_id` under `launcher`, once the job has written two records."""
+    deadline = time.monotonic() + 300
+    while not (output.exists() and output.read_text().count("\n") >= 2) and launcher.poll() is None:
+        assert time.monotonic() < deadline, "the job wrote nothing"
+        time.sleep(0.2)
+    assert launcher.poll() is None, "the job ended before it could be killed"
+    return next(pid for pid in descendant_pids(launcher.pid) if process_env(pid).get("GPTOSS_PROCESS_ID") == process_id
+                and "-m\0gptoss_dist.generate" in Path(f"/proc/{pid}/cmdline").read_text())  # fmt: skip
+
+
+def descendant_pids(parent: int) -> list[int]:
+    children = child_pids(parent)
+    return children + [pid for child in children for pid in descendant_pids(child)]
 
 
 @pytest.mark.parametrize("model", ["20b", "120b"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.resources
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,14 @@ TINY_CONTROL_TOKENS = ("<|endoftext|>", "<|return|>", "<|start|>", "<|end|>", "<
 TINY_PLAIN_ADDED_TOKEN = "<|constrain|>"
 O200K_BASE_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+
+
+def encode_with_control_tokens(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Ids of ``text`` where each ``<|name|>`` is that control token (for writing test completions)."""
+    ids = []
+    for i, piece in enumerate(re.split(r"(<\|[a-z_0-9]+\|>)", text)):
+        ids += [tokenizer.token_id(piece)] if i % 2 else tokenizer.encode(piece)
+    return ids
 
 
 def _quicktok_data(name: str) -> bytes:

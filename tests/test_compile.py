@@ -1,0 +1,124 @@
+"""gptoss-compile: the job's decode and prefill calls, compiled by the real TPU compiler (libtpu) for a TPU
+topology's abstract devices on this CPU machine; XLA's per-chip memory against the chip's HBM; the exit status
+and JSON a launcher reads. A 2-layer tiny model keeps each compile to seconds."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gptoss_dist import compile as tpu_compile
+from gptoss_dist.config import FULL, SLIDING
+from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_DOES_NOT_FIT
+from gptoss_dist.settings import SettingsError
+from gptoss_dist.sharding import MeshError
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[tpu]'"
+)
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+# Two layers (one of each kind), short contexts: the programs' structure at the least compile time.
+SMALL = {"model.num_layers": 2, "model.layer_types": (SLIDING, FULL), "max_slots": 4, "max_len": 64,
+         "prefill_tokens": 64, "steps_per_call": 2}  # fmt: skip
+PROGRAM_KEYS = {"name", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes",
+                "fits", "compile_s", "collectives"}  # fmt: skip
+
+
+def small_settings(mesh: tuple[int, int, int]):
+    spec = importlib.util.spec_from_file_location("tiny", TINY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.update_from_flattened_dict(SMALL)
+    config.mesh.update(dict(zip(("data", "tensor", "expert"), mesh)))
+    return config
+
+
+def cli(*flags: str) -> subprocess.CompletedProcess:
+    overrides = [f"--config.{key}={value}" for key, value in SMALL.items() if key != "model.layer_types"]
+    command = [sys.executable, "-m", "gptoss_dist.compile", f"--config={TINY}", *overrides,
+               f"--config.model.layer_types=('{SLIDING}', '{FULL}')", *flags]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.parametrize("mesh", [(1, 4, 1), (2, 2, 1), (1, 2, 2)], ids=str)
+def test_tiny_compiles_on_v5e_2x2(mesh):
+    topology = tpu_compile.load_topology("v5e:2x2")
+    report = tpu_compile.compile_job(small_settings(mesh), topology)
+    assert (topology.chip, len(topology.devices), topology.hosts) == ("v5e", 4, 1)
+    assert report.mesh == dict(zip(("data", "tensor", "expert"), mesh))
+    rows = mesh[0]  # a prefill call has a row per data shard, of the prefill tokens shared out
+    assert [program.name for program in report.programs] == ["decode 2 steps", f"prefill {rows}x{64 // rows}"]
+    for program in report.programs:
+        assert program.fits
+        # each chip holds at least its shard of the weights and of the cache, as the plan counts them
+        assert program.argument_bytes >= report.plan.weights + report.plan.kv_cache
+        assert program.alias_bytes > 0  # the cache is donated: updated in place
+        assert program.collectives  # a mesh of 4 devices exchanges activations
+
+
+def test_two_host_topology_compiles_and_prints_json():
+    done = cli("--topology=v5e:2x4", "--config.mesh.tensor=8", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert {"topology", "chip", "devices", "hosts", "mesh", "fits", "programs"} <= set(report)
+    assert (report["topology"], report["chip"], report["devices"], report["hosts"]) == ("v5e:2x4", "v5e", 8, 2)
+    assert report["mesh"] == {"data": 1, "tensor": 8, "expert": 1} and report["fits"]
+    for program in report["programs"]:
+        assert PROGRAM_KEYS <= set(program) and program["fits"]
+        assert program["total_bytes"] == (program["argument_bytes"] + program["output_bytes"]
+                                          - program["alias_bytes"] + program["temp_bytes"])  # fmt: skip
+        assert program["hbm_bytes"] == 16 << 30
+        assert program["collectives"]["all-reduce"]["count"] > 0  # tensor parallel: partial sums are added
+
+
+def test_a_setting_too_big_for_the_chip_does_not_fit():
+    """1,024 slots of 131,072 tokens: 32 GiB of cache per v5e chip (one full-attention layer, float32, its 2 KV
+    heads whole on each of the 4 chips)."""
+    done = cli("--topology=v5e:2x2", "--config.mesh.tensor=4", "--config.max_slots=1024",
+               "--config.max_len=131072", "--json")  # fmt: skip
+    assert done.returncode == EXIT_DOES_NOT_FIT, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["fits"] is False
+    assert all(not program["fits"] for program in report["programs"])
+
+
+def test_a_bad_setting_exits_2_naming_it():
+    done = cli("--topology=v5e:9y9")
+    assert done.returncode == EXIT_CANNOT_START
+    assert "gptoss-compile: error: topology 'v5e:9y9'" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "mesh, setting, error, message",
+    [((1, 3, 1), {}, MeshError, "mesh {'data': 1, 'tensor': 3, 'expert': 1} has 3 devices but there are 4"),
+     ((1, 4, 1), {"prefill_tokens": 0}, SettingsError, "prefill_tokens must be at least 1, not 0"),
+     ((4, 1, 1), {"max_slots": 6}, tpu_compile.CompileSettingsError, "max_slots=6 must be a multiple")],
+    ids=["mesh", "prefill_tokens", "max_slots"],
+)  # fmt: skip
+def test_settings_that_cannot_compile_are_refused_before_compiling(mesh, setting, error, message):
+    config = small_settings(mesh)
+    config.update(setting)
+    with pytest.raises(error, match=re.escape(message)):
+        tpu_compile.compile_job(config, tpu_compile.load_topology("v5e:2x2"))
+
+
+def test_collectives_are_counted_by_kind_with_the_bytes_they_produce():
+    hlo = """
+      %all-reduce.1 = f32[8,64]{1,0} all-reduce(f32[8,64]{1,0} %x), replica_groups={{0,1}}, to_apply=%add
+      %ag-start = (bf16[4,16]{1,0}, bf16[8,16]{1,0}) all-gather-start(bf16[4,16]{1,0} %y), dimensions={0}
+      %ag-done = bf16[8,16]{1,0} all-gather-done((bf16[4,16]{1,0}, bf16[8,16]{1,0}) %ag-start)
+      %all-reduce.2 = (f32[2]{0}, s32[3]{0}) all-reduce(f32[2]{0} %a, s32[3]{0} %b), to_apply=%add
+      %not-one = f32[4]{0} add(f32[4]{0} %p, f32[4]{0} %q)
+    """
+    assert tpu_compile.collectives(hlo) == {
+        "all-gather": {"count": 1, "bytes": 8 * 16 * 2},
+        "all-reduce": {"count": 2, "bytes": 8 * 64 * 4 + 2 * 4 + 3 * 4},
+    }
