@@ -23,6 +23,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -138,6 +139,9 @@ def load_topology(name: str) -> Topology:
     # Only the presence of libtpu is checked here: JAX loads it when asked for a topology.
     if importlib.util.find_spec("libtpu") is None:
         raise CompileSettingsError("libtpu is not installed: pip install -e '.[tpu]' (jax[tpu]) to compile for a TPU")
+    # Compiling takes no TPU, so it need not hold libtpu's one-process lock: it can run beside a job on the TPU
+    # or another compile (libtpu reads this as it loads).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         devices = list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
     except (jax.errors.JaxRuntimeError, RuntimeError, ValueError) as err:

@@ -86,12 +86,7 @@ def test_a_dead_process_stops_the_others_and_a_rerun_completes_exactly_once(work
     log = (workdir / "killed.log").open("w")
     launcher = subprocess.Popen(launch(workdir, "killed", 2, 4), env=environment(workdir), stdout=log,
                                 stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while not (output.exists() and output.read_text().count("\n") >= 2) and launcher.poll() is None:
-        assert time.monotonic() < deadline, "the job wrote nothing"
-        time.sleep(0.2)
-    assert launcher.poll() is None, "the job ended before it could be killed"
-    worker = next(pid for pid in child_pids(launcher.pid) if process_env(pid).get("GPTOSS_PROCESS_ID") == "1")
+    worker = wait_for_job_process(launcher, output, process_id="1")
     killed_at = time.monotonic()
     os.kill(worker, signal.SIGKILL)
     status = launcher.wait(timeout=90)
