@@ -8,8 +8,9 @@ fixed `max_len`, for the paged cache and, in the same run, the default cache (a 
 
 A decode call's time is the median gap between the updates of consecutive decode calls (--calls of them, each
 of --steps_per_call steps) while --slots prompts of the live length decode together, greedy, after a run that
-compiles. The paged pool holds what the batch needs (rounded up to pages) plus one max_len sequence; the
-default cache holds slots x max_len.
+compiles, and the median process CPU time (all threads) between them, which other processes' load on the
+cores disturbs less than the wall time does. The paged pool holds what the batch needs (rounded up to pages)
+plus one max_len sequence; the default cache holds slots x max_len.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def requests(cfg, slots: int, live: int, new: int) -> list[Request]:
     return [Request(rng.integers(0, cfg.vocab_size, live).tolist(), max_new_tokens=new) for _ in range(slots)]
 
 
-def decode_call_ms(model, args, max_len: int, live: int, page_size: int) -> float:
+def decode_call_ms(model, args, max_len: int, live: int, page_size: int) -> tuple[float, float]:
     steps = args.steps_per_call
     need = live + 1 + steps * args.calls
     kv_pages = args.slots * -(-need // page_size) + max_len // page_size if page_size else 0
@@ -40,8 +41,10 @@ def decode_call_ms(model, args, max_len: int, live: int, page_size: int) -> floa
                     kv_pages=kv_pages, prefill_tokens=4096, stop_tokens=())  # fmt: skip
     batch = requests(model.config, args.slots, live, 1 + steps * args.calls)
     engine.generate(batch)  # compiles
-    arrivals = [time.perf_counter() for update in engine.stream(batch) if update.request is batch[0]]
-    return 1000 * float(np.median(np.diff(arrivals[1:])))  # the first arrival is the prefill's
+    arrivals = [(time.perf_counter(), time.process_time()) for update in engine.stream(batch)
+                if update.request is batch[0]]  # fmt: skip
+    wall, cpu = np.median(np.diff(np.array(arrivals[1:]), axis=0), axis=0)  # the first arrival is the prefill's
+    return round(1000 * float(wall), 2), round(1000 * float(cpu), 2)
 
 
 def main() -> None:
@@ -66,8 +69,8 @@ def main() -> None:
     sweeps += [("live", args.max_len, int(n)) for n in args.lives.split(",")]
     for sweep, max_len, live in sweeps:
         row = {"sweep": sweep, "max_len": max_len, "live": live}
-        for name, page_size in (("paged_ms", args.page_size), ("default_ms", 0)):
-            row[name] = round(decode_call_ms(model, args, max_len, live, page_size), 2)
+        for name, page_size in (("paged", args.page_size), ("default", 0)):
+            row[f"{name}_ms"], row[f"{name}_cpu_ms"] = decode_call_ms(model, args, max_len, live, page_size)
         print(json.dumps(row), flush=True)
 
 

@@ -40,7 +40,7 @@ class KeySpan:
     first: jax.Array | int = 0  # [B] int32
     start: jax.Array | int = 0  # [B] int32
     pages: jax.Array | None = None  # [B, W] int32
-    ring: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    ring: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
     def length(self) -> int:
@@ -48,10 +48,11 @@ class KeySpan:
 
     def block_size(self, block: int) -> int:
         """The size of the blocks the span is read in, about `block`: at most its length, and through a page
-        table whole pages or a part of a page that divides it, so that no block straddles two pages."""
-        if self.pages is None:
-            return min(block, self.length)
+        table whole pages or a part of a page that divides it, so that no block straddles two pages (a table
+        of one page, as a slot's whole context or ring, has no second page to straddle)."""
         page = self.k.shape[1]
+        if self.pages is None or self.pages.shape[1] == 1:
+            return min(block, self.length)
         if block >= page:
             return page * min(block // page, self.pages.shape[1])
         return math.gcd(page, block)

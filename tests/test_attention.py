@@ -70,7 +70,8 @@ def test_a_query_that_sees_no_key_returns_zeros():
 def test_a_chunk_against_a_cache_equals_dense(window):
     """Queries at positions 13..21 of their sequences, whose earlier keys sit in a cache (a contiguous one
     read through its slot, pages of a pool read through a page table, and a ring of the window), plus their
-    own keys, in blocks of part of a page, a page and several pages."""
+    own keys, in blocks of part of a page, a page and several pages (12: a size that divides neither the
+    contiguous cache nor its page)."""
     rng = np.random.default_rng(2)
     slots, chunk, start = 3, 9, 13
     q, new_k, new_v, sinks = random_qkv(rng, 2, chunk, chunk)
@@ -97,7 +98,7 @@ def test_a_chunk_against_a_cache_equals_dense(window):
     paged = KeySpan(jnp.asarray(pool_k), jnp.asarray(pool_v), end=held, pages=jnp.asarray(page_table))
     ring = KeySpan(jnp.asarray(ring_k), jnp.asarray(ring_v), end=held, pages=jnp.asarray(rows)[:, None], ring=True)
     for cached in (contiguous, paged, ring) if window else (contiguous, paged):
-        for block in (2, 4, 16):
+        for block in (2, 4, 12, 16):
             got = blockwise(q, first, sinks, [cached, new], window, block)
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -129,6 +130,18 @@ def test_sliding_window_sees_exactly_its_keys():
         seen = list(range(max(0, t - 7), t + 1))
         np.testing.assert_allclose(out[t, seen], 1 / len(seen), rtol=1e-6)
         assert np.all(np.delete(out[t], seen) == 0)
+
+
+def test_a_one_page_table_is_read_in_blocks_of_the_block_size():
+    """A slot's whole context as one page of a length the block does not divide (max_len 1000) is read in
+    blocks of 512, not of their greatest common divisor (8); pages of a longer table in whole pages."""
+
+    def span(page: int, width: int) -> KeySpan:
+        pool = jnp.zeros((8, page, 1, 4))
+        return KeySpan(pool, pool, end=jnp.ones(2, jnp.int32), pages=jnp.zeros((2, width), jnp.int32))
+
+    assert span(1000, 1).block_size(512) == 512
+    assert span(128, 4).block_size(512) == 512 and span(128, 4).block_size(96) == 32
 
 
 def test_blocks_outside_the_window_and_the_future_are_skipped():
