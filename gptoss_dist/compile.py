@@ -178,7 +178,8 @@ def abstract_engine(config: ml_collections.ConfigDict, topology: Topology) -> En
         return Engine(sharded_abstract_model(config, mesh), mesh, max_slots=config.max_slots,
                       max_len=config.max_len, steps_per_call=config.steps_per_call,
                       min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
-                      page_size=config.page_size, kv_pages=config.kv_pages)  # fmt: skip
+                      page_size=config.page_size, kv_pages=config.kv_pages,
+                      prefix_caching=config.prefix_caching)  # fmt: skip
     except ValueError as err:
         raise CompileSettingsError(str(err)) from None
 
@@ -198,7 +199,7 @@ def plan_for(config: ml_collections.ConfigDict, engine: Engine) -> plan.MemoryPl
     return plan.plan_memory(engine.config, mesh_sizes(engine.mesh), max_slots=config.max_slots,
                             max_len=config.max_len, prefill_tokens=config.prefill_tokens,
                             dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
-                            pool=(engine.page_size, engine.kv_pages))  # fmt: skip
+                            pool=(engine.page_size, engine.kv_pages), rings=not engine.prefix_caching)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ compiling

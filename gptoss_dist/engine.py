@@ -13,6 +13,15 @@ A request is admitted when a slot and the pages for its prompt are free. Where t
 decoding, the most recently admitted sequence gives its pages back and waits to run again: its prompt and the
 tokens it generated are prefilled once more, and it goes on with the same sampling keys, so its output does
 not change; it keeps the scores it has (neither its prompt nor its generated tokens are scored again).
+
+With `prefix_caching`, the pages a prefill call fills with a full page of a context are keyed by the hash of
+all the tokens up to the page's end (as vLLM keys its blocks). A sequence whose context starts with cached
+pages maps them read-only into its page table and prefills only the rest; pages count the slots that hold
+them, and cached pages no slot holds stay until the pool needs room, the least recently used evicted first. A
+request's n samples share their prompt's full pages and their prefill this way. The keys of a token depend only
+on the tokens up to it, so a request's tokens do not depend on whether its prefix was cached. The sliding
+layers then keep their keys in the pool too, as the full-attention layers do, since a sequence that starts
+after a cached prefix needs the window of keys before it.
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -55,7 +65,8 @@ SLOT_AXES = ("batch",)
 class Request:
     """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's.
     `n` asks for n completions (samples) of the prompt: sample i is seeded `seed + i`, so sample 0 is the
-    completion of the same request with n=1. Each sample prefills the prompt on its own. `logprobs` scores each
+    completion of the same request with n=1; with prefix caching the samples share the prompt's full pages and
+their prefill (each prefills the rest of the prompt, less than a page). `logprobs` scores each
     generated token (with its `top_logprobs` most likely alternatives), `prompt_logprobs` each prompt token
     after the first (see `sampling`: the model's log-probabilities, before sampling); each sample has its own."""
 
@@ -126,10 +137,12 @@ def cache_bytes_per_sequence(cfg: ModelConfig, max_len: int, dtype=jnp.bfloat16)
     return _bytes_per_position(cfg, dtype) * sum(cache_length(cfg, layer, max_len) for layer in range(cfg.num_layers))
 
 
-def cache_bytes(cfg: ModelConfig, max_slots: int, max_len: int, pool_tokens: int, dtype=jnp.bfloat16) -> int:
-    """Bytes of the whole cache: each slot's window in the sliding layers, and a pool of `pool_tokens` positions
-    in each full-attention layer."""
-    lengths = (max_slots * cache_length(cfg, layer, max_len) if cfg.window(layer) else pool_tokens
+def cache_bytes(
+    cfg: ModelConfig, max_slots: int, max_len: int, pool_tokens: int, dtype=jnp.bfloat16, rings: bool = True
+) -> int:
+    """Bytes of the whole cache: a pool of `pool_tokens` positions in each full-attention layer, and in each
+    sliding layer each slot's window (`rings`) or a pool too (with prefix caching)."""
+    lengths = (max_slots * cache_length(cfg, layer, max_len) if rings and cfg.window(layer) else pool_tokens
                for layer in range(cfg.num_layers))  # fmt: skip
     return _bytes_per_position(cfg, dtype) * sum(lengths)
 
@@ -364,6 +377,7 @@ class _Sequence:
     unread: int = 0  # tokens that calls not read yet may have generated
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # of its context's full pages, with prefix caching
 
     @property
     def prefilling(self) -> bool:
@@ -389,36 +403,92 @@ class _Sequence:
 
 
 class _PagePool:
-    """The host's account of the full-attention layers' pool: free pages and each slot's pages, in its row
-    of the page table."""
+    """The host's account of the pool: free pages, and each slot's pages in its row of the page table. With
+    prefix caching, a page that holds a full page of some context is keyed by the hash of all the tokens up to
+    its end (`_page_keys`): slots whose contexts start alike map it read-only (it counts them), and once none
+    does it stays cached until the pool needs room, the least recently used first."""
 
     def __init__(self, pages: int, page_size: int, slots: int, per_sequence: int):
         self.page_size = page_size
         self.free = list(range(pages - 1, -1, -1))  # taken from the end: page 0 first
         self.held: dict[int, list[int]] = {}
         self.table = np.zeros((slots, per_sequence), np.int32)
+        self.users: Counter[int] = Counter()  # slots holding each page
+        self.cached: dict[bytes, int] = {}  # the page of each key
+        self.key_of: dict[int, bytes] = {}
+        self.idle: OrderedDict[int, None] = OrderedDict()  # cached pages no slot holds, least recently used first
+
+    def available(self) -> int:
+        return len(self.free) + len(self.idle)
 
     def missing(self, slot: int, tokens: int) -> int:
         """Pages that `slot` lacks for `tokens` tokens."""
         return max(-(-tokens // self.page_size) - len(self.held.get(slot, [])), 0)
 
     def has_room(self, needs: dict[int, int]) -> bool:
-        """Whether the free pages cover `needs` (tokens by slot)."""
-        return sum(self.missing(slot, tokens) for slot, tokens in needs.items()) <= len(self.free)
+        """Whether the free (or only cached) pages cover `needs` (tokens by slot)."""
+        return sum(self.missing(slot, tokens) for slot, tokens in needs.items()) <= self.available()
 
     def take(self, slot: int, tokens: int) -> bool:
-        """Gives `slot` the pages that `tokens` tokens need, if the pool has them; says whether it did."""
-        held = self.held.setdefault(slot, [])
+        """Gives `slot` the pages that `tokens` tokens need, if the pool has them (evicting cached pages no slot
+        holds, least recently used first); says whether it did."""
         missing = self.missing(slot, tokens)
-        if missing > len(self.free):
+        if missing > self.available():
             return False
         for _ in range(missing):
-            self.table[slot, len(held)] = self.free[-1]
-            held.append(self.free.pop())
+            if self.free:
+                page = self.free.pop()
+            else:
+                page, _ = self.idle.popitem(last=False)
+                del self.cached[self.key_of.pop(page)]
+            self._hold(slot, page)
         return True
 
+    def share(self, slot: int, keys: Sequence[bytes]) -> int:
+        """Maps into the empty table of `slot` the cached pages of the longest run of `keys` from the first;
+        returns how many."""
+        for key in keys:
+            if key not in self.cached:
+                break
+            self._hold(slot, self.cached[key])
+        return len(self.held.get(slot, []))
+
+    def publish(self, slot: int, keys: Sequence[bytes]) -> None:
+        """Caches the first pages of `slot` under `keys` (of the full pages it has written), where no page holds
+        their tokens yet."""
+        for page, key in zip(self.held[slot], keys):
+            if key not in self.cached and page not in self.key_of:
+                self.cached[key], self.key_of[page] = page, key
+
     def release(self, slot: int) -> None:
-        self.free.extend(reversed(self.held.pop(slot, [])))
+        """Takes back the pages of `slot`: those no other slot holds become free, or, if cached, idle (the last
+        page first in line for eviction)."""
+        for page in reversed(self.held.pop(slot, [])):
+            self.users[page] -= 1
+            if self.users[page]:
+                continue
+            del self.users[page]
+            if page in self.key_of:
+                self.idle[page] = None
+            else:
+                self.free.append(page)
+
+    def _hold(self, slot: int, page: int) -> None:
+        held = self.held.setdefault(slot, [])
+        self.table[slot, len(held)] = page
+        held.append(page)
+        self.users[page] += 1
+        self.idle.pop(page, None)
+
+
+def _page_keys(tokens: Sequence[int], page_size: int) -> list[bytes]:
+    """The key of each full page of `tokens`: the hash of all the tokens up to the page's end (chained)."""
+    keys, digest = [], b""
+    data = np.asarray(tokens, np.int32)
+    for end in range(page_size, len(tokens) + 1, page_size):
+        digest = hashlib.sha256(digest + data[end - page_size : end].tobytes()).digest()
+        keys.append(digest)
+    return keys
 
 
 class Engine:
@@ -426,7 +496,8 @@ class Engine:
     tokens (prompt and completion). `steps_per_call` decode steps run per host round trip. The full-attention
     layers keep their keys in a pool of `kv_pages` pages of `page_size` positions (see `page_pool` for the
     defaults): a request waits for a slot and the pages of its prompt, and where the pool runs short the most
-    recently admitted sequence is preempted and later recomputed, with the same output.
+    recently admitted sequence is preempted and later recomputed, with the same output. With `prefix_caching`,
+    requests share the pages of their prompts' common prefixes (see the module's docstring).
 
     Prompts are prefilled in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory: short
     prompts share a call, and a longer prompt is cut into pieces that each attend to what the cache holds of it.
@@ -448,6 +519,7 @@ class Engine:
         attention_block: int = DEFAULT_BLOCK,
         page_size: int = 0,
         kv_pages: int = 0,
+        prefix_caching: bool = False,
         overlap: bool = True,
     ):
         self.config: ModelConfig = model.config
@@ -461,6 +533,7 @@ class Engine:
         if max_slots % data:
             raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
         self.page_size, self.kv_pages = page_pool(max_slots, max_len, page_size, kv_pages, data)
+        self.prefix_caching = prefix_caching
         self.row_buckets = _buckets(data, max_slots)
         # the longest piece of a prompt that one call runs: calls have at least one row per data shard
         self.piece_len = min(max(1, prefill_tokens // self.row_buckets[0]), max_len)
@@ -472,6 +545,7 @@ class Engine:
         self._decode = partial(_decode_jit, steps=steps_per_call, **self._static)
         self.slot_steps = 0  # decode steps x slots spent, for measuring batching efficiency
         self.preemptions = 0  # sequences that gave their pages back to be recomputed later
+        self.prefilled_tokens = 0  # context tokens run by prefill calls (those of cached prefixes are not)
         self.prefill_shapes: Counter[tuple[int, int]] = Counter()  # (rows, width) of each prefill call run
 
     def cache_bytes_per_sequence(self) -> int:
@@ -485,9 +559,12 @@ class Engine:
     def _slot_layout(self) -> Slots:
         """Each Slots array as a `_Blank`: sliding layers' caches hold only their window."""
         cfg, count = self.config, self.max_slots
-        pool = (self.kv_pages, self.page_size)
-        shapes = [cache_shape(cfg, layer, count, self.max_len, pool) for layer in range(cfg.num_layers)]
-        cache = [LayerCache(*(_Blank(shape, self.dtype, CACHE_AXES) for _ in range(2))) for shape in shapes]
+        pool, rings = (self.kv_pages, self.page_size), not self.prefix_caching
+        cache = []
+        for layer in range(cfg.num_layers):
+            shape = cache_shape(cfg, layer, count, self.max_len, pool, rings)
+            ring = rings and cfg.window(layer) is not None
+            cache.append(LayerCache(*(_Blank(shape, self.dtype, CACHE_AXES) for _ in range(2)), ring=ring))
         per_slot = partial(_Blank, (count,), axes=SLOT_AXES)
         return Slots(
             cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32), generated=per_slot(jnp.int32),
@@ -626,17 +703,44 @@ class Engine:
     def _admit(self, pending: Iterator[Request], waiting: deque[_Sequence], running: dict[int, _Sequence],
                pool: _PagePool) -> None:  # fmt: skip
         """Fills free slots, first with preempted sequences, then with requests drawn from `pending`, while
-        the pool has the pages of their prompts."""
+        the pool has the pages of their prompts. With prefix caching, a sequence maps the cached pages its
+        context starts with and prefills only the rest (all of it where it asks for its prompt's scores, which
+        need the prompt's logits); one whose next page a sequence now prefilling is about to write waits for
+        it (so a request's n samples share their prompt's pages and their prefill)."""
         for slot in [s for s in range(self.max_slots) if s not in running]:
             if not waiting:
                 request = next(pending, None)
                 if request is None:
                     return
                 self.validate(request)
-                waiting.extend(_Sequence(request, list(request.prompt), index) for index in range(request.n))
-            if not pool.take(slot, len(waiting[0].context)):
+                for index in range(request.n):
+                    sequence = _Sequence(request, list(request.prompt), index)
+                    waiting.append(self._with_keys(sequence))
+            sequence = waiting[0]
+            if sequence.keys and not sequence.request.prompt_logprobs:
+                if self._written_soon(sequence, running, pool):
+                    return
+                # at least the context's last token is prefilled, for the logits of the next one
+                shared = pool.share(slot, sequence.keys[: (len(sequence.context) - 1) // self.page_size])
+                sequence.prefilled = shared * self.page_size
+            if not pool.take(slot, len(sequence.context)):
+                pool.release(slot)
+                sequence.prefilled = 0
                 return
             running[slot] = waiting.popleft()
+
+    def _with_keys(self, sequence: _Sequence) -> _Sequence:
+        """The sequence with the keys of its context's full pages, where prefixes are cached."""
+        if self.prefix_caching:
+            sequence.keys = _page_keys(sequence.context, self.page_size)
+        return sequence
+
+    def _written_soon(self, sequence: _Sequence, running: dict[int, _Sequence], pool: _PagePool) -> bool:
+        """Whether the first page of `sequence` not cached yet is one that a sequence now prefilling writes."""
+        wanted = next((key for key in sequence.keys if key not in pool.cached), None)
+        return wanted is not None and any(
+            wanted in other.keys[other.prefilled // self.page_size :] for other in running.values() if other.prefilling
+        )
 
     def _page_needs(self, running: dict[int, _Sequence]) -> dict[int, int]:
         """The tokens that each sequence that may decode in the next call may have in the cache after it, by
@@ -653,7 +757,7 @@ class Engine:
                 continue
             while not pool.take(slot, need):
                 victim = next(reversed(running))
-                waiting.appendleft(running.pop(victim).preempted())
+                waiting.appendleft(self._with_keys(running.pop(victim).preempted()))
                 pool.release(victim)
                 slots = _deactivate_jit(slots, np.int32(victim))
                 self.preemptions += 1
@@ -709,6 +813,7 @@ class Engine:
             sequence.prefilled += piece
         settings["stop"] = stop
         self.prefill_shapes[tokens.shape] += 1
+        self.prefilled_tokens += sum(pieces.values())
         in_call = {slot: running[slot] for slot in pieces}
         # a sequence that goes on after a preemption already has its first token
         finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row] and not resumed[row]}
@@ -720,6 +825,9 @@ class Engine:
         )  # fmt: skip
         for sequence in finishing.values():
             sequence.unread += 1
+        for slot in pieces:  # the calls after this one read its pages: any sequence may now map them
+            sequence = running[slot]
+            pool.publish(slot, sequence.keys[: sequence.prefilled // self.page_size])
 
         def read() -> list[Update]:
             first_tokens, first_scores, piece_scores = jax.tree.map(np.asarray, (sampled, scores, prompt_scores))

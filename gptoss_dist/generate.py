@@ -276,7 +276,7 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
             need = plan.plan_memory(model_config, mesh_sizes(mesh), max_slots=config.max_slots,
                                     max_len=config.max_len, prefill_tokens=config.prefill_tokens,
                                     dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
-                                    pool=pool)  # fmt: skip
+                                    pool=pool, rings=not config.prefix_caching)  # fmt: skip
             plan.check_fits(need, memory[1], memory[0])
     except ValueError as err:  # a PlanError, or a pool that the mesh's data shards do not divide
         raise JobError(str(err)) from None
@@ -291,7 +291,8 @@ def make_engine(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: j
         return Engine(model, mesh, max_slots=config.max_slots, max_len=config.max_len,
                       steps_per_call=config.steps_per_call, stop_tokens=tokenizer.stop_token_ids,
                       min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
-                      page_size=config.page_size, kv_pages=config.kv_pages)  # fmt: skip
+                      page_size=config.page_size, kv_pages=config.kv_pages,
+                      prefix_caching=config.prefix_caching)  # fmt: skip
     except ValueError as err:
         raise JobError(str(err)) from None
 

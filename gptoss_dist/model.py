@@ -136,11 +136,13 @@ CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 class LayerCache:
     """One layer's keys and values [pages, page, kv_heads, head_dim] (`CACHE_AXES`). A sequence's keys are
     in the pages of its page table [W] one after the other, position p in page `table[p // page % W]` at
-    p % page: a full-attention layer's pool holds the whole context in pages taken as it grows; a sliding
-    layer holds each slot's window as a ring, one page per slot."""
+    p % page: a pool holds the whole context in pages taken as it grows (the full-attention layers'; a
+    sliding layer's too where prefixes are shared, so that a sequence that starts from a cached prefix finds
+    the window before it); a `ring` holds a sliding layer's window per slot, one page per slot."""
 
     k: jax.Array
     v: jax.Array
+    ring: bool = dataclasses.field(default=False, metadata={"static": True})
 
     def write(self, k: jax.Array, v: jax.Array, span: Span, pages: jax.Array) -> LayerCache:
         """The cache with the real tokens' keys and values [B, T, kv, D] stored through the page table pages
@@ -155,6 +157,7 @@ class LayerCache:
         return LayerCache(
             self.k.at[index, offset].set(k.astype(self.k.dtype), mode="drop"),
             self.v.at[index, offset].set(v.astype(self.v.dtype), mode="drop"),
+            self.ring,
         )
 
 
@@ -165,12 +168,12 @@ def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:
 
 
 def cache_shape(
-    cfg: ModelConfig, layer: int, slots: int, max_len: int, pool: tuple[int, int] | None = None
+    cfg: ModelConfig, layer: int, slots: int, max_len: int, pool: tuple[int, int] | None = None, rings: bool = True
 ) -> tuple[int, int, int, int]:
-    """The shape of a layer's cache: a ring per slot for a sliding layer; for the others a pool of (pages,
-    page size), by default a page of max_len per slot."""
+    """The shape of a layer's cache: with `rings` a ring per slot for a sliding layer; for the others a pool
+    of (pages, page size), by default a page of max_len per slot."""
     pages, page = (slots, max_len) if pool is None else pool
-    if cfg.window(layer) is not None:
+    if rings and cfg.window(layer) is not None:
         pages, page = slots, cache_length(cfg, layer, max_len)
     return (pages, page, cfg.num_kv_heads, cfg.head_dim)
 
@@ -215,7 +218,7 @@ class Attention(nnx.Module):
         own = KeySpan(k, v, first=span.first, start=span.start, end=span.end)
         if cache is None:
             spans = [own]
-        elif self.window is None:  # the cache holds the whole context: store, then read it
+        elif not cache.ring:  # the cache holds the whole context: store, then read it
             cache = cache.write(k, v, span, span.page_table())
             spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, pages=span.page_table())]
         else:  # a ring as long as the window: read what it held before the new keys replace it

@@ -52,10 +52,11 @@ class MemoryPlan:
 
 
 def kv_cache_per_chip(
-    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, pool_tokens: int, dtype
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, pool_tokens: int, dtype,
+    rings: bool = True,
 ) -> int:
     kv_split = sizes["tensor"] if cfg.num_kv_heads % sizes["tensor"] == 0 else 1
-    return cache_bytes(cfg, max_slots, max_len, pool_tokens, dtype) // (sizes["data"] * kv_split)
+    return cache_bytes(cfg, max_slots, max_len, pool_tokens, dtype, rings) // (sizes["data"] * kv_split)
 
 
 def working_per_chip(
@@ -91,14 +92,16 @@ def plan_memory(
     dtype=np.dtype("bfloat16"),
     packed_experts: bool = False,
     pool: tuple[int, int] | None = None,
+    rings: bool = True,
 ) -> MemoryPlan:
-    """The plan of a run whose pool has (page_size, kv_pages) `pool` (`engine.page_pool`; None: the default)."""
+    """The plan of a run whose pool has (page_size, kv_pages) `pool` (`engine.page_pool`; None: the default),
+    the sliding layers keeping a window per slot (`rings`) or, with prefix caching, a pool too."""
     weights = sum(p.bytes_per_device for p in weight_placements(cfg, sizes, dtype, packed_experts=packed_experts))
     page_size, kv_pages = pool or page_pool(max_slots, max_len)
     pool_tokens = page_size * kv_pages
     return MemoryPlan(
         weights=weights,
-        kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, pool_tokens, dtype),
+        kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, pool_tokens, dtype, rings),
         working=working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype, packed_experts),
         pool_tokens=pool_tokens // sizes["data"],
     )
@@ -185,7 +188,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(f"error: {err}")
         plan = plan_memory(cfg, sizes, max_slots=run_settings.max_slots, max_len=run_settings.max_len,
                            prefill_tokens=run_settings.prefill_tokens, dtype=np.dtype(settings.dtype(run_settings)),
-                           packed_experts=run_settings.packed_experts, pool=pool)  # fmt: skip
+                           packed_experts=run_settings.packed_experts, pool=pool,
+                           rings=not run_settings.prefix_caching)  # fmt: skip
         print(render(plan, sizes, list(CHIPS)))
 
     app.run(run, argv=list(argv) if argv is not None else None)

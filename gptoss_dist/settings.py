@@ -49,6 +49,10 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             # preempts (and later recomputes, with the same output) the newest sequence when it runs short
             "page_size": 0,
             "kv_pages": 0,
+            # share prompt prefixes: a request (or a request's n samples) whose prompt starts with full pages that
+            # the pool holds maps them and prefills only the rest; the sliding layers then keep their keys in the
+            # pool too (the whole context instead of a window per slot), so that a cached prefix's window is there
+            "prefix_caching": False,
             "min_prefill_len": 16,  # prompt pieces are padded to this length, doubled up: fewer compiled shapes
             # (padded) prompt tokens per prefill call: bounds prefill memory; a longer prompt goes in pieces, each
             # attending to what the cache holds of it, with decode calls in between

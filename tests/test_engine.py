@@ -198,6 +198,45 @@ def test_a_pool_too_small_preempts_and_every_request_completes_once(model, mixed
         assert [token for piece in pieces[request.id] for token in piece] == expected[request.id].tokens
 
 
+@pytest.fixture(scope="module")
+def shared_prefix(model):
+    """Requests whose prompts start with one prefix of 4 pages of 8 (one of them of 3 seeded samples), and their
+    results without prefix caching, for 9 and for 40 new tokens each."""
+    prefix = prompts((32,), seed=5)[0]
+    requests = [Request(prefix + suffix, max_new_tokens=9, temperature=0.8 * (i % 2), seed=i, id=i, n=1 + 2 * (i == 1))
+                for i, suffix in enumerate(prompts((3, 11, 1, 8, 5), seed=6))]  # fmt: skip
+    longer = [dataclasses.replace(request, max_new_tokens=40) for request in requests]
+    uncached = mixed_engine(model, page_size=8)
+    return {"short": (requests, uncached.generate(requests)), "long": (longer, uncached.generate(longer))}
+
+
+def cached_engine(model):
+    """Prefix caching in a pool of 12 pages of 8: one sequence of max_len."""
+    return mixed_engine(model, page_size=8, kv_pages=12, prefix_caching=True)
+
+
+def test_a_shared_prefix_is_prefilled_once(model, shared_prefix):
+    """With prefix caching, the prefix's pages are prefilled once and mapped by every later request and sample,
+    which prefill only the rest of their prompts; their tokens are those of the uncached run."""
+    requests, expected = shared_prefix["short"]
+    engine = cached_engine(model)
+    assert engine.generate(requests) == expected
+    assert engine.preemptions == 0
+    # the prefix, then each prompt's rest; request 1's samples 1 and 2 share its 5 full pages (40 of 43 tokens)
+    assert [len(request.prompt) for request in requests] == [35, 43, 33, 40, 37]
+    assert engine.prefilled_tokens == 32 + (3 + 11 + 1 + 8 + 5) + 2 * 3
+
+
+def test_cached_prefixes_are_evicted_and_preempted_sequences_recomputed(model, shared_prefix):
+    """Longer outputs than the pool of one max-length sequence holds at once: cached pages are evicted for room,
+    sequences that share pages are preempted and recomputed, and every sample ends once with its uncached
+    tokens."""
+    requests, expected = shared_prefix["long"]
+    engine = cached_engine(model)
+    assert engine.generate(requests) == expected
+    assert engine.preemptions > 0
+
+
 def test_a_preempted_sequence_keeps_its_scores(model, mixed):
     """Requests that score their tokens (3 alternatives each) and prompts, one with n=2, in a pool too small for
     them: every sample ends with the tokens, scores and prompt scores it has without preemption, the prompt
