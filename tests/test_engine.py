@@ -11,7 +11,7 @@ import pytest
 
 from conftest import small_config
 from gptoss_dist import from_pretrained
-from gptoss_dist.engine import Engine, Request, cache_bytes_per_sequence, page_pool
+from gptoss_dist.engine import Engine, Request, cache_bytes, cache_bytes_per_sequence, page_pool
 from gptoss_dist.model import cache_length
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import MESH_AXES, make_mesh
@@ -102,6 +102,17 @@ def test_sliding_layers_keep_only_their_window(model):
     from gptoss_dist import ModelConfig
 
     assert cache_bytes_per_sequence(ModelConfig(), 8192) == 2 * 8 * 64 * 2 * (12 * 128 + 12 * 8192)
+
+
+def test_with_prefix_caching_every_layer_keeps_its_keys_in_the_pool(model):
+    """A sequence that starts after a cached prefix needs the window before it: the sliding layers' keys are in
+    the pool of pages too, and the cache's bytes count them."""
+    engine = Engine(model, max_slots=4, max_len=64, page_size=16, kv_pages=10, prefix_caching=True)
+    for cache in engine.abstract_slots().cache:
+        assert cache.k.shape == (10, 16, CONFIG.num_kv_heads, CONFIG.head_dim) and not cache.ring
+    per_position = 2 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
+    assert cache_bytes(CONFIG, 4, 64, 160, np.float32, rings=False) == per_position * 160 * CONFIG.num_layers
+    assert cache_bytes(CONFIG, 4, 64, 160, np.float32) == per_position * (160 + 2 * 4 * 8)
 
 
 def ideal_slot_steps(budgets: list[int], slots: int) -> int:
