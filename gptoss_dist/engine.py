@@ -66,9 +66,9 @@ class Request:
     """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's.
     `n` asks for n completions (samples) of the prompt: sample i is seeded `seed + i`, so sample 0 is the
     completion of the same request with n=1; with prefix caching the samples share the prompt's full pages and
-their prefill (each prefills the rest of the prompt, less than a page). `logprobs` scores each
-    generated token (with its `top_logprobs` most likely alternatives), `prompt_logprobs` each prompt token
-    after the first (see `sampling`: the model's log-probabilities, before sampling); each sample has its own."""
+    their prefill (each prefills the rest of the prompt, at most a page). `logprobs` scores each generated token
+    (with its `top_logprobs` most likely alternatives), `prompt_logprobs` each prompt token after the first (see
+    `sampling`: the model's log-probabilities, before sampling); each sample has its own."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 256
