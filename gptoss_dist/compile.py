@@ -177,7 +177,9 @@ def abstract_engine(config: ml_collections.ConfigDict, topology: Topology) -> En
     try:
         return Engine(sharded_abstract_model(config, mesh), mesh, max_slots=config.max_slots,
                       max_len=config.max_len, steps_per_call=config.steps_per_call,
-                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens)  # fmt: skip
+                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
+                      page_size=config.page_size, kv_pages=config.kv_pages,
+                      prefix_caching=config.prefix_caching)  # fmt: skip
     except ValueError as err:
         raise CompileSettingsError(str(err)) from None
 
@@ -196,7 +198,8 @@ def job_programs(engine: Engine, all_buckets: bool) -> dict[str, Callable[[], ja
 def plan_for(config: ml_collections.ConfigDict, engine: Engine) -> plan.MemoryPlan:
     return plan.plan_memory(engine.config, mesh_sizes(engine.mesh), max_slots=config.max_slots,
                             max_len=config.max_len, prefill_tokens=config.prefill_tokens,
-                            dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts)  # fmt: skip
+                            dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
+                            pool=(engine.page_size, engine.kv_pages), rings=not engine.prefix_caching)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ compiling

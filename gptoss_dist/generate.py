@@ -49,7 +49,7 @@ from tqdm import tqdm
 from gptoss_dist import distributed, plan, records, settings, storage
 from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained, join, read_config
 from gptoss_dist.config import ConfigError
-from gptoss_dist.engine import Engine, Request, Result, TokenLogprob
+from gptoss_dist.engine import Engine, Request, Result, TokenLogprob, page_pool
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
 from gptoss_dist.harmony import Message, channel_texts, parse_reply, render_for_completion, tool_calls
 from gptoss_dist.records import InputRecord, RecordError
@@ -119,8 +119,8 @@ def make_request(
     request = Request(
         prompt_tokens(record, tokenizer, harmony), max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
-        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id, logprobs=record.logprobs,
-        top_logprobs=record.top_logprobs, prompt_logprobs=record.prompt_logprobs,
+        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id, n=record.n,
+        logprobs=record.logprobs, top_logprobs=record.top_logprobs, prompt_logprobs=record.prompt_logprobs,
     )  # fmt: skip
     engine.validate(request)
     return request
@@ -198,7 +198,8 @@ def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> 
     stop_strings = [entry for entry in record.stop if isinstance(entry, str)]
     tokens, text, finish_reason = cut_at_stop_strings(result.tokens, result.finish_reason, stop_strings, tokenizer)
     line = {
-        "line": record.line, "id": record.id, "text": text, "tokens": tokens, "finish_reason": finish_reason,
+        "line": record.line, "id": record.id, "index": result.index, "text": text, "tokens": tokens,
+        "finish_reason": finish_reason,
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(tokens)},
     }  # fmt: skip
     line |= logprob_fields(result, len(tokens), tokenizer)
@@ -251,6 +252,7 @@ def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling
     if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
         raise JobError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
     try:
+        page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages)
         return records.sampling_defaults(config.sampling)
     except ValueError as err:
         raise JobError(str(err)) from None
@@ -268,14 +270,15 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
     model_config.check_max_len(config.max_len)
     mesh = make_mesh(config.mesh, model_config, devices, packed_experts=config.packed_experts)
     try:
+        pool = page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages, mesh_sizes(mesh)["data"])
         memory = plan.chip_memory(config.chip, jax.local_devices()[0])
         if memory is not None:
             need = plan.plan_memory(model_config, mesh_sizes(mesh), max_slots=config.max_slots,
                                     max_len=config.max_len, prefill_tokens=config.prefill_tokens,
-                                    dtype=np.dtype(settings.dtype(config)),
-                                    packed_experts=config.packed_experts)  # fmt: skip
+                                    dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
+                                    pool=pool, rings=not config.prefix_caching)  # fmt: skip
             plan.check_fits(need, memory[1], memory[0])
-    except plan.PlanError as err:
+    except ValueError as err:  # a PlanError, or a pool that the mesh's data shards do not divide
         raise JobError(str(err)) from None
     return mesh
 
@@ -287,7 +290,9 @@ def make_engine(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: j
     try:
         return Engine(model, mesh, max_slots=config.max_slots, max_len=config.max_len,
                       steps_per_call=config.steps_per_call, stop_tokens=tokenizer.stop_token_ids,
-                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens)  # fmt: skip
+                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
+                      page_size=config.page_size, kv_pages=config.kv_pages,
+                      prefix_caching=config.prefix_caching)  # fmt: skip
     except ValueError as err:
         raise JobError(str(err)) from None
 
@@ -300,16 +305,20 @@ class Job:
         self.config, self.engine, self.tokenizer, self.output = config, engine, tokenizer, output
         self.bar, self.summary = bar, summary
         self.in_flight: dict[str, InputRecord] = {}
-        self.done_lines = output.done_lines
+        self.samples_left: dict[str, int] = {}  # of each record in flight, the samples not finished yet
         self.start = time.monotonic()
 
     def run(self, items: Iterable[InputRecord | RecordError]) -> None:
         for request, result in self.engine.run(self.requests(items)):
-            record = self.in_flight.pop(request.id)
-            self.output.write_result(result_record(record, result, self.tokenizer))
-            self.summary.ok += 1
-            self.summary.tokens += result.completion_tokens
-            self.advance()
+            record = self.in_flight[request.id]
+            if result.index not in self.output.result_samples.get(record.line, {}):  # else an earlier run wrote it
+                self.output.write_result(result_record(record, result, self.tokenizer))
+                self.summary.tokens += result.completion_tokens
+            self.samples_left[request.id] -= 1
+            if not self.samples_left[request.id]:
+                del self.in_flight[request.id], self.samples_left[request.id]
+                self.summary.ok += 1
+                self.advance()
 
     def requests(self, items: Iterable[InputRecord | RecordError]) -> Iterator[Request]:
         """The engine's requests for the items not done yet; the errors are written as they come."""
@@ -318,13 +327,13 @@ class Job:
             if isinstance(prepared, RecordError):
                 self.fail(prepared)
             else:
-                self.in_flight[item.id] = item
+                self.in_flight[item.id], self.samples_left[item.id] = item, item.n
                 yield prepared
 
     def pending(self, items: Iterable[InputRecord | RecordError]) -> Iterator[InputRecord | RecordError]:
-        """`items` less those of lines an earlier run already wrote."""
+        """`items` less those of lines an earlier run already wrote (a line of n samples: all of them)."""
         for item in items:
-            if item.line in self.done_lines:
+            if self.output.is_done(item.line, item.n if isinstance(item, InputRecord) else 1):
                 self.summary.done_before += 1
             else:
                 yield item

@@ -98,15 +98,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Span:
     """Where the tokens [B, T] of a call sit in their sequences: index t of row b is position `first[b] + t`,
     a real token for `start[b] <= t < end[b]`. With a cache, row b's sequence is in cache slot `slot[b]`
-    (out of range: a padding row, which writes nothing), or in slot b where `slot` is None."""
+    (out of range: a padding row, which writes nothing), or in slot b where `slot` is None; its full-attention
+    layers' keys are in the pages `pages[b]` of their pool, or in page `slot[b]` where `pages` is None."""
 
     first: jax.Array  # [B] int32
     start: jax.Array  # [B] int32
     end: jax.Array  # [B] int32
     slot: jax.Array | None = None  # [B] int32
+    pages: jax.Array | None = None  # [B, pages per sequence] int32
 
     def positions(self, length: int) -> jax.Array:
         return self.first[:, None] + jnp.arange(length)
+
+    def slots(self) -> jax.Array:
+        return jnp.arange(self.first.shape[0], dtype=jnp.int32) if self.slot is None else self.slot
+
+    def page_table(self) -> jax.Array:
+        """Each row's pages of the full-attention layers' pool [B, W]."""
+        return self.slots()[:, None] if self.pages is None else self.pages
 
     @classmethod
     def from_mask(cls, valid: jax.Array) -> Span:
@@ -117,40 +126,56 @@ class Span:
         return cls(first=-start, start=start, end=start + count)
 
 
-# Logical axes of a layer's cached keys and values, beside the weights' axes.
+# Logical axes of a layer's cached keys and values, beside the weights' axes: pages (a slot's ring, or a
+# page of the full-attention layers' pool), positions in a page, heads, head_dim.
 CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """One layer's keys and values [slots, length, kv_heads, head_dim] (`CACHE_AXES`), position p at index
-    p % length: full-attention layers hold the whole context, sliding layers their window as a ring."""
+    """One layer's keys and values [pages, page, kv_heads, head_dim] (`CACHE_AXES`). A sequence's keys are
+    in the pages of its page table [W] one after the other, position p in page `table[p // page % W]` at
+    p % page: a pool holds the whole context in pages taken as it grows (the full-attention layers'; a
+    sliding layer's too where prefixes are shared, so that a sequence that starts from a cached prefix finds
+    the window before it); a `ring` holds a sliding layer's window per slot, one page per slot."""
 
     k: jax.Array
     v: jax.Array
+    ring: bool = dataclasses.field(default=False, metadata={"static": True})
 
-    def write(self, k: jax.Array, v: jax.Array, span: Span) -> LayerCache:
-        """The cache with the real tokens' keys and values [B, T, kv, D] stored (of a ring, the last ones)."""
-        length = self.k.shape[1]
+    def write(self, k: jax.Array, v: jax.Array, span: Span, pages: jax.Array) -> LayerCache:
+        """The cache with the real tokens' keys and values [B, T, kv, D] stored through the page table pages
+        [B, W] (of more than W pages' worth, the last ones)."""
+        page, count = self.k.shape[1], pages.shape[1]
         t = jnp.arange(k.shape[1])
-        kept = (t >= jnp.maximum(span.start, span.end - length)[:, None]) & (t < span.end[:, None])
-        index = jnp.where(kept, span.positions(k.shape[1]) % length, length)  # length: dropped
-        slot = jnp.arange(k.shape[0]) if span.slot is None else span.slot
-        rows = slot[:, None]
+        kept = (t >= jnp.maximum(span.start, span.end - page * count)[:, None]) & (t < span.end[:, None])
+        positions = span.positions(k.shape[1])
+        index = jnp.take_along_axis(pages, positions // page % count, axis=1)
+        index = jnp.where(kept, index, self.k.shape[0])  # out of range: dropped
+        offset = positions % page
         return LayerCache(
-            self.k.at[rows, index].set(k.astype(self.k.dtype), mode="drop"),
-            self.v.at[rows, index].set(v.astype(self.v.dtype), mode="drop"),
+            self.k.at[index, offset].set(k.astype(self.k.dtype), mode="drop"),
+            self.v.at[index, offset].set(v.astype(self.v.dtype), mode="drop"),
+            self.ring,
         )
 
 
 def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:
-    """Positions a layer's cache keeps: its window for a sliding layer, the whole context for the others."""
+    """Positions a layer's cache keeps per sequence: its window for a sliding layer, the whole context for the
+    others."""
     return min(cfg.window(layer) or max_len, max_len)
 
 
-def cache_shape(cfg: ModelConfig, layer: int, slots: int, max_len: int) -> tuple[int, int, int, int]:
-    return (slots, cache_length(cfg, layer, max_len), cfg.num_kv_heads, cfg.head_dim)
+def cache_shape(
+    cfg: ModelConfig, layer: int, slots: int, max_len: int, pool: tuple[int, int] | None = None, rings: bool = True
+) -> tuple[int, int, int, int]:
+    """The shape of a layer's cache: with `rings` a ring per slot for a sliding layer; for the others a pool
+    of (pages, page size), by default a page of max_len per slot."""
+    pages, page = (slots, max_len) if pool is None else pool
+    if rings and cfg.window(layer) is not None:
+        pages, page = slots, cache_length(cfg, layer, max_len)
+    return (pages, page, cfg.num_kv_heads, cfg.head_dim)
 
 
 class Attention(nnx.Module):
@@ -193,12 +218,13 @@ class Attention(nnx.Module):
         own = KeySpan(k, v, first=span.first, start=span.start, end=span.end)
         if cache is None:
             spans = [own]
-        elif self.window is None:  # the cache holds the whole context: store, then read it
-            cache = cache.write(k, v, span)
-            spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, rows=span.slot)]
+        elif not cache.ring:  # the cache holds the whole context: store, then read it
+            cache = cache.write(k, v, span, span.page_table())
+            spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, pages=span.page_table())]
         else:  # a ring as long as the window: read what it held before the new keys replace it
-            spans = [KeySpan(cache.k, cache.v, end=span.first + span.start, rows=span.slot, ring=True), own]
-            cache = cache.write(k, v, span)
+            ring = span.slots()[:, None]
+            spans = [KeySpan(cache.k, cache.v, end=span.first + span.start, pages=ring, ring=True), own]
+            cache = cache.write(k, v, span, ring)
         out = attend(q, span.first, self.sinks[...], spans, self.window, block=block)
         return self.project_out(out), cache
 

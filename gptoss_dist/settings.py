@@ -43,6 +43,16 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "max_slots": 64,  # sequences in flight
             "max_len": 4096,  # tokens per sequence, prompt and completion; up to the model's max_position_embeddings
             "steps_per_call": 8,  # decode steps per host round trip
+            # the full-attention layers' KV cache: a pool of kv_pages pages of page_size positions, taken as sequences
+            # grow (page_size must divide max_len; the pool must hold one sequence of max_len). 0, 0: a page of
+            # max_len per slot, as many pages as slots. A smaller pool admits requests while their pages are free and
+            # preempts (and later recomputes, with the same output) the newest sequence when it runs short
+            "page_size": 0,
+            "kv_pages": 0,
+            # share prompt prefixes: a request (or a request's n samples) whose prompt starts with full pages that
+            # the pool holds maps them and prefills only the rest; the sliding layers then keep their keys in the
+            # pool too (the whole context instead of a window per slot), so that a cached prefix's window is there
+            "prefix_caching": False,
             "min_prefill_len": 16,  # prompt pieces are padded to this length, doubled up: fewer compiled shapes
             # (padded) prompt tokens per prefill call: bounds prefill memory; a longer prompt goes in pieces, each
             # attending to what the cache holds of it, with decode calls in between

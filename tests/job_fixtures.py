@@ -75,6 +75,13 @@ def by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {line["id"]: line for line in lines}
 
 
+def by_sample(lines: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Results by (id, index), each written once."""
+    keys = [(line["id"], line["index"]) for line in lines]
+    assert len(keys) == len(set(keys)), f"written twice: {sorted(k for k in set(keys) if keys.count(k) > 1)}"
+    return dict(zip(keys, lines))
+
+
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("generate") / "tiny-hf", MODEL, seed=5)

@@ -19,14 +19,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from job_fixtures import ROOT, by_id, cli, job_config, read_output, run, run_cli, write_jsonl
+from job_fixtures import ROOT, by_id, by_sample, cli, job_config, read_output, run, run_cli, write_jsonl
 from reference import load_reference
 from tokenizer_fixtures import encode_with_control_tokens
 
 from gptoss_dist import from_pretrained, records, storage
 from gptoss_dist.checkpoint import filesystem
 from gptoss_dist.engine import Engine, Request, Result, TokenLogprob
-from gptoss_dist.generate import cut_at_stop_strings, make_request, result_record, stop_ids
+from gptoss_dist.generate import JobError, cut_at_stop_strings, make_request, result_record, stop_ids
 from gptoss_dist.harmony import Tool, render_for_completion
 from gptoss_dist.random_checkpoint import (
     BYTE_TOKENIZER_SIZE,
@@ -328,6 +328,8 @@ def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path)
         ({"id": "a", "prompt": "x", "stop": [""]}, "stop entries must be non-empty strings or token ids"),
         ({"id": "a", "prompt": "x", "stop": ["s"] * 17}, "stop must be a string or a list of at most 16"),
         ({"id": "a"}, "need exactly one of prompt, messages, prompt_tokens, got none"),
+        ({"id": "a", "prompt": "x", "n": 65}, "n must be an integer in [1, 64], not 65"),
+        ({"id": "a", "prompt": "x", "n": 2, "seed": 2**32 - 1}, "seed + n must be at most 2**32"),
     ],
 )
 def test_records_name_the_bad_field(record, message):
@@ -439,6 +441,19 @@ def test_nan_and_bad_defaults_are_refused():
         records.sampling_defaults({"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.5, "top_k": 0, "seed": 0})
 
 
+@pytest.mark.parametrize(
+    "pool, message",
+    [({"page_size": 100}, "page_size=100 must divide max_len=384"),
+     ({"page_size": 64, "kv_pages": 5}, "kv_pages=5 cannot hold one sequence of max_len=384, which takes 6 pages")],
+)  # fmt: skip
+def test_bad_page_settings_are_refused_before_the_checkpoint_is_read(tmp_path, pool, message):
+    """The checkpoint does not exist: the job names the page setting first."""
+    config = job_config(tmp_path / "no-checkpoint", write_jsonl(tmp_path / "in.jsonl", []), tmp_path / "out", **pool)
+    with pytest.raises(JobError, match=message):
+        run(config)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreadable_input_fails_at_start_and_writes_nothing(hf_checkpoint, tmp_path):
     process = run_cli(cli(hf_checkpoint, tmp_path / "missing.jsonl", tmp_path / "out"))
     assert process.returncode == 2, process.stderr
@@ -476,7 +491,10 @@ def test_parts_are_uploaded_whole_and_numbered_on(tmp_path):
     ]  # fmt: skip
 
 
-KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [1 + i % 200, 2 + i % 50, 3]} for i in range(150)]
+# every tenth asks for 3 samples, sampled: each (id, index) must end up written once
+KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [1 + i % 200, 2 + i % 50, 3]}
+                 | ({"n": 3, "temperature": 1.0, "seed": i} if i % 10 == 3 else {}) for i in range(150)]  # fmt: skip
+KILL_SAMPLES = sorted((r["id"], index) for r in KILL_REQUESTS for index in range(r.get("n", 1)))
 KILL_LINES = [*KILL_REQUESTS[:10], {"id": "k005", "prompt": "duplicate"}, *KILL_REQUESTS[10:]]
 
 
@@ -487,7 +505,7 @@ def uninterrupted(hf_checkpoint, compilation_cache, tmp_path_factory):
     command = cli(hf_checkpoint, write_jsonl(directory / "in.jsonl", KILL_LINES), directory / "out")
     process = run_cli(command, compilation_cache)
     assert process.returncode == 1, process.stderr  # the duplicate failed
-    return by_id(read_output(directory / "out", storage.RESULTS)), read_output(directory / "out", storage.ERRORS)
+    return by_sample(read_output(directory / "out", storage.RESULTS)), read_output(directory / "out", storage.ERRORS)
 
 
 def wait_for_records(output: str, count: int, process: subprocess.Popen, timeout_s: float = 240.0) -> bool:
@@ -525,9 +543,10 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert reached and process.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
-    survived = read_output(output, storage.RESULTS)
-    assert 0 < len(survived) < len(KILL_REQUESTS)
-    done = len(survived) + len(read_output(output, storage.ERRORS))  # the error waits in memory on gs://
+    survived = by_sample(read_output(output, storage.RESULTS))
+    assert 0 < len(survived) < len(KILL_SAMPLES)
+    whole = [r for r in KILL_REQUESTS if all((r["id"], i) in survived for i in range(r.get("n", 1)))]
+    done = len(whole) + len(read_output(output, storage.ERRORS))  # the error waits in memory on gs://
     if where == "local":  # a line cut off by the kill, as a write interrupted midway leaves it
         with open(Path(output) / "results.jsonl", "ab") as results:
             results.write(b'{"line": 151, "id": "k149", "text": "cut o')
@@ -535,11 +554,30 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
     again = run_cli(command, compilation_cache)
     assert again.returncode == 1, again.stderr
     assert f"({done} done by an earlier run" in again.stdout
-    results, errors = by_id(read_output(output, storage.RESULTS)), read_output(output, storage.ERRORS)
+    results, errors = by_sample(read_output(output, storage.RESULTS)), read_output(output, storage.ERRORS)
     expected_results, expected_errors = uninterrupted
-    assert sorted(results) == sorted(r["id"] for r in KILL_REQUESTS)
+    assert sorted(results) == KILL_SAMPLES
     assert results == expected_results
     assert errors == expected_errors == [{"line": 11, "id": "k005", "error": "duplicate id 'k005', first on line 6"}]
+
+
+def test_a_line_of_n_samples_resumes_only_its_missing_samples(hf_checkpoint, tmp_path):
+    """A job of a line with n=3 whose second sample was lost (as a kill between two writes leaves it): the rerun
+    writes that sample alone, as it was; the samples differ and sample 0 is the line's n=1 completion."""
+    line = {"prompt_tokens": [5, 6, 7], "temperature": 1.0, "seed": 11}
+    lines = [line | {"id": "many", "n": 3}, line | {"id": "one"}]
+    config = job_config(hf_checkpoint, write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out")
+    run(config)
+    first = by_sample(read_output(tmp_path / "out", storage.RESULTS))
+    assert sorted(first) == [("many", 0), ("many", 1), ("many", 2), ("one", 0)]
+    assert len({tuple(first["many", index]["tokens"]) for index in range(3)}) == 3
+    assert first["many", 0]["tokens"] == first["one", 0]["tokens"]
+    kept = [record for record in first.values() if (record["id"], record["index"]) != ("many", 1)]
+    write_jsonl(tmp_path / "out" / "results.jsonl", kept)
+    summary = run(config)
+    assert summary.ok == 1 and summary.done_before == 1
+    again = read_output(tmp_path / "out", storage.RESULTS)
+    assert again[:-1] == kept and by_sample(again) == first
 
 
 # ------------------------------------------------------------------------------------------------ streaming
