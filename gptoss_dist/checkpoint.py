@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
@@ -30,8 +28,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from gptoss_dist import mxfp4
 from gptoss_dist.config import ConfigError, ModelConfig
-from gptoss_dist.model import GptOss
-from gptoss_dist.sharding import param_shardings, put
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -337,41 +333,3 @@ def iter_params(
     shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(abstract_state)}
     for tensor in tensors:
         yield tensor.param, to_param_layout(read_hf_tensor(ckpt, tensor), tensor, shapes[tensor.param])
-
-
-def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None, packed_experts: bool = False) -> GptOss:
-    """The model's structure with shapes and dtypes only: nothing is allocated."""
-    return nnx.eval_shape(
-        lambda: GptOss(cfg, param_dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts)
-    )
-
-
-def from_pretrained(
-    path: str | Path,
-    *,
-    dtype=jnp.bfloat16,
-    compute_dtype=None,
-    mesh: jax.sharding.Mesh | None = None,
-    packed_experts: bool = False,
-) -> GptOss:
-    """Loads a model from a checkpoint directory in the published Hugging Face layout, or converted by
-    `gptoss-convert` (`gptoss_dist.store`); either may be local or on `gs://`.
-
-    `dtype` is the parameters' dtype (bfloat16 for serving, float32 for parity); `compute_dtype` defaults to
-    it. Tensors are read and placed one at a time; with a `mesh`, each goes straight into its sharding (run
-    the model under `jax.set_mesh(mesh)`). With `packed_experts` the expert weights stay MXFP4 (uint8 blocks
-    and scales, copied as the checkpoint stores them); the checkpoint must store them so.
-    """
-    from gptoss_dist import store  # it builds on this module
-
-    if store.is_converted(path):
-        return store.load(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, packed_experts=packed_experts)
-    ckpt = HfCheckpoint(path)
-    model = abstract_model(ckpt.config(), dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts)
-    graphdef, state = nnx.split(model)
-    shardings = dict(nnx.to_flat_state(param_shardings(state, mesh))) if mesh is not None else {}
-    flat = dict(nnx.to_flat_state(state))
-    for param, value in iter_params(ckpt, state, packed_experts=packed_experts):
-        value = value.astype(flat[param].get_value().dtype)
-        flat[param].set_value(put(value, shardings[param]) if mesh is not None else jax.device_put(value))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -37,10 +37,10 @@ from flax import nnx
 from jax.experimental import topologies
 
 from gptoss_dist import plan, settings
-from gptoss_dist.checkpoint import abstract_model
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_DOES_NOT_FIT
+from gptoss_dist.model import abstract_model
 from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes, param_shardings
 
 GiB = plan.GiB

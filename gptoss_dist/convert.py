@@ -32,7 +32,6 @@ from gptoss_dist.checkpoint import (
     CheckpointError,
     HfCheckpoint,
     HfTensor,
-    abstract_model,
     check_names,
     check_shapes,
     filesystem,
@@ -41,6 +40,7 @@ from gptoss_dist.checkpoint import (
     read_hf_tensor,
     to_param_layout,
 )
+from gptoss_dist.model import abstract_model
 
 log = logging.getLogger(__name__)
 

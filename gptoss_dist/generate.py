@@ -47,11 +47,12 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gptoss_dist import distributed, plan, records, settings, storage
-from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained, join, read_config
+from gptoss_dist.checkpoint import CheckpointError, filesystem, join, read_config
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine, Request, Result, TokenLogprob
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
 from gptoss_dist.harmony import Message, channel_texts, parse_reply, render_for_completion, tool_calls
+from gptoss_dist.loading import from_pretrained
 from gptoss_dist.records import InputRecord, RecordError
 from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes
 from gptoss_dist.tokenizer import Tokenizer

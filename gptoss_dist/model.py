@@ -558,6 +558,13 @@ class GptOss(nnx.Module):
 
 
 
+def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None, packed_experts: bool = False) -> GptOss:
+    """The model's structure with shapes and dtypes only: nothing is allocated."""
+    return nnx.eval_shape(
+        lambda: GptOss(cfg, param_dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts)
+    )
+
+
 @nnx.jit
 def forward(model: GptOss, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """`model(tokens, attention_mask)` compiled."""

@@ -44,8 +44,8 @@ import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from gptoss_dist.checkpoint import CheckpointError, abstract_model, filesystem, join, read_config, write_atomically
-from gptoss_dist.model import GptOss
+from gptoss_dist.checkpoint import CheckpointError, filesystem, join, read_config, write_atomically
+from gptoss_dist.model import GptOss, abstract_model
 from gptoss_dist.sharding import REPLICATE_IF_INDIVISIBLE, RULES, param_shardings
 
 FORMAT = "gptoss-dist/zarr3/1"
@@ -358,7 +358,7 @@ def load(
     mesh: jax.sharding.Mesh | None = None,
     packed_experts: bool = False,
 ) -> GptOss:
-    """Restores a converted checkpoint (see `checkpoint.from_pretrained`): each array goes straight into its
+    """Restores a converted checkpoint (see `loading.from_pretrained`): each array goes straight into its
     sharding, and each process reads only the chunks its devices hold, several arrays at a time."""
     directory = str(path).rstrip("/")
     record = read_marker(directory)

@@ -22,10 +22,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from conftest import small_config
 from gptoss_dist import CheckpointError, ModelConfig, from_pretrained
-from gptoss_dist.checkpoint import abstract_model, filesystem
+from gptoss_dist.checkpoint import filesystem
 from gptoss_dist.config import FULL, SLIDING
 from gptoss_dist.convert import convert, main
-from gptoss_dist.model import forward
+from gptoss_dist.model import abstract_model, forward
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import MESH_AXES, MeshError, check_model_fits_mesh, make_mesh, param_specs, put, spec_divisor
 from gptoss_dist.store import MARKER_FILE, PROGRESS_FILE, array_name, array_specs, read_specs

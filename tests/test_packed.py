@@ -16,11 +16,12 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from conftest import small_config
 from gptoss_dist import CheckpointError, ModelConfig, from_pretrained, mxfp4, plan, settings
-from gptoss_dist.checkpoint import HfCheckpoint, abstract_model
+from gptoss_dist.checkpoint import HfCheckpoint
 from gptoss_dist.convert import convert
 from gptoss_dist.engine import Request
 from gptoss_dist.generate import checkpoint_tokenizer, make_engine, planned_mesh
-from gptoss_dist.model import forward
+from gptoss_dist.model import abstract_model, forward
+from gptoss_dist.placements import weight_placements
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import (
     MESH_AXES,
@@ -30,7 +31,6 @@ from gptoss_dist.sharding import (
     param_specs,
     put,
     spec_divisor,
-    weight_placements,
 )
 from gptoss_dist.store import MARKER_FILE, PROGRESS_FILE, array_name, array_specs
 
