@@ -158,7 +158,8 @@ def load_topology(name: str) -> Topology:
 def sharded_abstract_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> nnx.Module:
     """The settings' model with every weight a ShapeDtypeStruct in its sharding on `mesh`: nothing allocated."""
     model = abstract_model(settings.model_config(config), dtype=settings.dtype(config),
-                           packed_experts=config.packed_experts)  # fmt: skip
+                           packed_experts=config.packed_experts,
+                           experts_implementation=config.experts_implementation)  # fmt: skip
     graphdef, state = nnx.split(model)
     state = jax.tree.map(
         lambda var, sharding: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)),
