@@ -63,6 +63,7 @@ class HfSource:
         self._tensors = {tensor.param: tensor for tensor in hf_tensors(self.config, packed_experts=packed_experts)}
 
     def check(self, state: nnx.State) -> None:
+        """Every name and shape against config.json, from which `state` is built too."""
         check_names(self._ckpt, list(self._tensors.values()))
         for tensor in self._tensors.values():
             check_shapes(self._ckpt, tensor)
