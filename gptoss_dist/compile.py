@@ -37,10 +37,10 @@ from flax import nnx
 from jax.experimental import topologies
 
 from gptoss_dist import plan, settings
-from gptoss_dist.checkpoint import abstract_model
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_DOES_NOT_FIT
+from gptoss_dist.model import abstract_model
 from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes, param_shardings
 
 GiB = plan.GiB
@@ -158,7 +158,8 @@ def load_topology(name: str) -> Topology:
 def sharded_abstract_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> nnx.Module:
     """The settings' model with every weight a ShapeDtypeStruct in its sharding on `mesh`: nothing allocated."""
     model = abstract_model(settings.model_config(config), dtype=settings.dtype(config),
-                           packed_experts=config.packed_experts)  # fmt: skip
+                           packed_experts=config.packed_experts,
+                           experts_implementation=config.experts_implementation)  # fmt: skip
     graphdef, state = nnx.split(model)
     state = jax.tree.map(
         lambda var, sharding: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)),

@@ -53,9 +53,9 @@ from gptoss_dist.sampling import (
     token_scores,
 )
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
+from gptoss_dist.tokenizer import STOP_TOKENS
 
-# GPT-OSS's stop tokens: <|return|>, <|endoftext|>, <|call|>.
-DEFAULT_STOP_TOKENS = (200002, 199999, 200012)
+DEFAULT_STOP_TOKENS = tuple(STOP_TOKENS.values())
 MAX_REQUEST_STOP_TOKENS = 16  # stop token ids a request may add to the engine's
 MAX_SAMPLES = 64  # completions one request may ask for (`Request.n`)
 SLOT_AXES = ("batch",)

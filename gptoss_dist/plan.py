@@ -21,10 +21,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gptoss_dist import settings
 from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.engine import cache_bytes, page_pool
-from gptoss_dist.sharding import MESH_AXES, weight_placements
+from gptoss_dist.placements import weight_placements
+from gptoss_dist.sharding import MESH_AXES, check_model_fits_mesh, mesh_shape
 
 GiB = 1 << 30
 # Memory per device: a chip's, except tpu7x's 192 GiB chip, which JAX sees as two devices.
@@ -166,9 +168,6 @@ def chip_memory(chip: str, device) -> tuple[str, int] | None:
 def main(argv: Sequence[str] | None = None) -> None:
     from absl import app
     from ml_collections import config_flags
-
-    from gptoss_dist import settings
-    from gptoss_dist.sharding import check_model_fits_mesh, mesh_shape
 
     config = config_flags.DEFINE_config_file("config", None, "A run config (configs/*.py).")
 

@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from gptoss_dist.config import FULL, SLIDING, ModelConfig
+from gptoss_dist.config import ModelConfig, default_layer_types
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -24,8 +24,8 @@ class SettingsError(ValueError):
 def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.ConfigDict:
     """Defaults for every setting, with `model` (ModelConfig fields over GPT-OSS-20B's) and overrides."""
     fields = dataclasses.asdict(ModelConfig()) | model
-    if "layer_types" not in model:  # the published pattern: even layers slide
-        fields["layer_types"] = tuple(SLIDING if i % 2 == 0 else FULL for i in range(fields["num_layers"]))
+    if "layer_types" not in model:
+        fields["layer_types"] = default_layer_types(fields["num_layers"])
     settings = ml_collections.ConfigDict(
         {
             "model": fields,
@@ -35,6 +35,9 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             # directory as published, or converted with --packed_experts); mesh.tensor must divide
             # intermediate_size / 32
             "packed_experts": False,
+            # how the experts run: "auto" (the platform's best: the Pallas kernel on GPUs, XLA's grouped matmul
+            # on TPUs with dense experts, else a loop over row blocks), "ragged", "blocked" or "kernel"
+            "experts_implementation": "auto",
             "mesh": {"data": 1, "tensor": 1, "expert": 1},
             "checkpoint": "",
             # the batch job (gptoss_dist.generate); the checkpoint, not `model`, defines its model

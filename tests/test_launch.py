@@ -17,8 +17,9 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from gptoss_dist import plan
 from gptoss_dist.config import ModelConfig
+from gptoss_dist.placements import weight_placements
 from gptoss_dist.random_checkpoint import write_random_checkpoint
-from gptoss_dist.sharding import MESH_AXES, weight_placements
+from gptoss_dist.sharding import MESH_AXES
 
 ROOT = Path(__file__).parents[1]
 MESH_FLAGS = ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.expert=2"]

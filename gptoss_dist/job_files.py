@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 
-from gptoss_dist.checkpoint import join, write_atomically
+from gptoss_dist.paths import is_local, join, write_atomically
 
 RESULTS, ERRORS = "results", "errors"
 MANIFEST_FILE = "job.json"
@@ -58,10 +58,6 @@ RENEWALS_PER_TIMEOUT = 4  # a live job renews its lock this many times within th
 
 class InputError(Exception):
     """The input file cannot be read."""
-
-
-def is_local(url: str) -> bool:
-    return fsspec.utils.get_protocol(url) in ("file", "local")
 
 
 # ------------------------------------------------------------------------------------------------ input
