@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_dist import mxfp4
+from gptoss_dist import grouped_matmul, mxfp4, tpu_grouped_matmul
 from gptoss_dist.attention import DEFAULT_BLOCK, KeySpan, attend
 from gptoss_dist.config import ModelConfig
-from gptoss_dist.grouped_matmul import grouped_matmul
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_shardings
 
 F32 = jnp.float32
@@ -261,12 +260,15 @@ def target_platform() -> str:
 
 
 def experts_implementation(gate_up: Matrices) -> Callable:
-    """How the target platform runs the experts on rows sorted by expert: a Pallas kernel on GPUs, XLA's
-    grouped matmul on TPUs (dense weights), else a loop over row blocks."""
+    """How the target platform runs the experts on rows sorted by expert: a Pallas kernel on GPUs (Triton) and
+    for packed weights on TPUs (Mosaic), XLA's grouped matmul for dense weights on TPUs, else a loop over row
+    blocks."""
     platform = target_platform()
     if platform == "gpu":
-        return _experts_kernel
-    if platform == "tpu" and not isinstance(gate_up, mxfp4.PackedMatrices):
+        return partial(_experts_kernel, matmul=grouped_matmul.grouped_matmul)
+    if platform == "tpu":
+        if isinstance(gate_up, mxfp4.PackedMatrices):
+            return partial(_experts_kernel, matmul=tpu_grouped_matmul.grouped_matmul)
         return _experts_ragged
     return _experts_blocked
 
@@ -347,14 +349,16 @@ def _experts_blocked(rows, row_group, sizes, gate_up, gate_up_bias, down, down_b
 
 
 def _experts_kernel(
-    rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha, interpret: bool = False
-):
-    """The experts on rows sorted by expert as two grouped matmuls (`gptoss_dist.grouped_matmul`), each a
-    kernel that reads only the used experts' weights, in place, dequantizing packed ones a tile at a time."""
+    rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha, matmul: Callable,
+    interpret: bool = False,
+):  # fmt: skip
+    """The experts on rows sorted by expert as two grouped matmuls, each a kernel (`matmul`: the GPU's
+    `grouped_matmul` or the TPU's `tpu_grouped_matmul`) that reads only the used experts' weights, in place,
+    dequantizing packed ones a tile at a time; `interpret` runs it with Pallas' interpreter (for tests)."""
     blocks = row_blocks(row_group, sizes, gate_up.shape[0], smallest=16)
-    matmul = partial(grouped_matmul, block_expert=blocks.expert, block_rows=blocks.size, interpret=interpret)
-    hidden = matmul(blocks.pad(rows), gate_up, gate_up_bias)
-    out = matmul(clamped_swiglu(hidden, limit, alpha), down, down_bias)
+    blocks_times = partial(matmul, block_expert=blocks.expert, block_rows=blocks.size, interpret=interpret)
+    hidden = blocks_times(blocks.pad(rows), gate_up, gate_up_bias)
+    out = blocks_times(clamped_swiglu(hidden, limit, alpha), down, down_bias)
     return blocks.unpad(out)
 
 

@@ -1,0 +1,161 @@
+"""A grouped matmul for the experts on TPUs (Pallas/Mosaic): rows in blocks, each block multiplied by its own
+expert's matrix, dense or MXFP4-packed as the checkpoint stores it.
+
+The grid runs column tiles outside and row blocks inside. Each block's expert comes in by scalar prefetch and
+picks the weight tile in the index map; rows are sorted by expert, so consecutive blocks of one expert ask for
+the same tile and Pallas does not fetch it again: each used expert's tile is read from HBM once per call, and
+no other expert's. Blocks no row uses (all at the end) ask for the last used expert's tile, so they read
+nothing new, and write zeros.
+
+Packed matrices stay packed in HBM: a tile of FP4 codes [tile_out, in/2] and its scales [tile_out, in/32]
+is dequantized in VMEM, once per expert and column tile (not once per block), into a scratch buffer in the
+compute dtype, with `mxfp4.fp4_to_float` (the values `mxfp4.decode` gives). Each code takes its group's
+scale: the scales are spread over their 16 bytes of codes by a matmul with a 0/1 matrix (exact: integers
+below 256 are exact in bfloat16), as Mosaic has no lane-axis repeat.
+
+GPT-OSS's dimensions (2880 = 2^6 * 45) have no divisor that is a multiple of 128, so the contraction is one
+block of the full dimension (allowed on TPUs) and the last column tile is partial: its out-of-range columns
+are computed from padding and dropped on the write.
+
+Why not JAX's megablox `gmm`: it is dense only (the packed layout needs the decode inside the kernel), and it
+masks rows of several groups inside shared row tiles instead of taking `row_blocks`' padded blocks. Its
+pattern (scalar-prefetched group metadata in the index maps, the revisited axis "arbitrary") is the one
+used here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from gptoss_dist import mxfp4
+
+F32 = jnp.float32
+CODE_BYTES = mxfp4.VALUES_PER_BLOCK // 2  # bytes of FP4 codes per scale group
+# Output columns per tile: a multiple of 128 (the lane width). At 512, a bf16 call's buffers (codes, x, out,
+# the decoded tile) take under 8 MB of VMEM at fan-in 2880, inside every generation's default scoped limit
+# (16 MB on v5e and v5p, 32 MB on v6e and tpu7x).
+TILE_OUT = 512
+DECODE_ROWS = 64  # weight rows dequantized at a time, to keep the int32 temporaries small
+
+
+def grouped_matmul(
+    x: jax.Array,
+    weights: jax.Array | mxfp4.PackedMatrices,
+    bias: jax.Array,
+    block_expert: jax.Array,
+    block_rows: int,
+    *,
+    tile_out: int = TILE_OUT,
+    interpret: bool = False,
+) -> jax.Array:
+    """x [blocks * block_rows, in] @ weights[e] + bias[e] for each block's expert e = block_expert[b].
+
+    `weights` [E, in, out] is dense or MXFP4-packed; bias [E, out]. Blocks whose expert is out of range
+    (>= E) read no weights and give zeros. Returns [blocks * block_rows, out] in x's dtype, accumulated in
+    float32. `interpret` runs the kernel with Pallas' interpreter on any backend (for tests).
+    """
+    num_experts, fan_in, fan_out = weights.shape
+    num_blocks = block_expert.shape[0]
+    if x.shape != (num_blocks * block_rows, fan_in):
+        raise ValueError(f"x {x.shape} is not {num_blocks} blocks of {block_rows} rows by {fan_in} inputs")
+    tile_out = min(tile_out, fan_out)
+    used = block_expert < num_experts
+    # Blocks are sorted by expert, unused ones last: those fetch the last used expert's tile (no new read).
+    fetch = jnp.where(used, block_expert, jnp.max(jnp.where(used, block_expert, 0))).astype(jnp.int32)
+
+    def rows(t, b, *_):
+        return b, 0
+
+    def weight_tile(t, b, expert, fetch):
+        return fetch[b], t, 0
+
+    def columns_of_expert(t, b, expert, fetch):  # dense weights [E, in, out], bias [E, 1, out]
+        return fetch[b], 0, t
+
+    if isinstance(weights, mxfp4.PackedMatrices):
+        codes = weights.blocks.reshape(num_experts, fan_out, fan_in // 2)
+        operands = (x[:, 0::2], x[:, 1::2], codes, weights.scales)
+        half = pl.BlockSpec((block_rows, fan_in // 2), rows)
+        in_specs = [
+            half, half,
+            pl.BlockSpec((None, tile_out, fan_in // 2), weight_tile),
+            pl.BlockSpec((None, tile_out, fan_in // mxfp4.VALUES_PER_BLOCK), weight_tile),
+        ]  # fmt: skip
+        product = _packed_product
+        scratch = [pltpu.VMEM((2, tile_out, fan_in // 2), x.dtype)]  # the decoded even and odd inputs
+    else:
+        operands = (x, weights)
+        in_specs = [pl.BlockSpec((block_rows, fan_in), rows), pl.BlockSpec((None, fan_in, tile_out), columns_of_expert)]
+        product, scratch = _dense_product, []
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(pl.cdiv(fan_out, tile_out), num_blocks),
+        in_specs=[*in_specs, pl.BlockSpec((None, 1, tile_out), columns_of_expert)],
+        out_specs=pl.BlockSpec((block_rows, tile_out), lambda t, b, *_: (b, t)),
+        scratch_shapes=scratch,
+    )
+    return pl.pallas_call(
+        functools.partial(_kernel, product, num_experts=num_experts, num_scratch=len(scratch)),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((num_blocks * block_rows, fan_out), x.dtype),
+        # the block axis carries the decoded tile from one block to the next: it runs in order
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=interpret,
+    )(block_expert.astype(jnp.int32), fetch, *operands, bias.reshape(num_experts, 1, fan_out))
+
+
+def _kernel(product, expert_ref, fetch_ref, *refs, num_experts, num_scratch):
+    """One row block times one column tile of its expert's matrix, plus the bias; zeros for an unused block.
+    `product(block, fetch_ref, *operand_refs, *scratch_refs)` returns the float32 product."""
+    *operand_refs, bias_ref, out_ref = refs[: len(refs) - num_scratch]
+    scratch = refs[len(refs) - num_scratch :]
+    block = pl.program_id(1)
+
+    @pl.when(expert_ref[block] < num_experts)
+    def _():
+        acc = product(block, fetch_ref, *operand_refs, *scratch)
+        out_ref[...] = (acc + bias_ref[...].astype(F32)).astype(out_ref.dtype)
+
+    @pl.when(expert_ref[block] >= num_experts)
+    def _():
+        out_ref[...] = jnp.zeros(out_ref.shape, out_ref.dtype)
+
+
+def _dense_product(block, fetch_ref, x_ref, w_ref):
+    return jnp.dot(x_ref[...], w_ref[...].astype(x_ref.dtype), preferred_element_type=F32)
+
+
+def _packed_product(block, fetch_ref, x_even_ref, x_odd_ref, codes_ref, scales_ref, decoded_ref):
+    """x split into its even and odd inputs (the low and high nibbles) times the decoded tile, which is
+    decoded again only where this block's tile differs from the previous block's."""
+    new_tile = (block == 0) | (fetch_ref[block] != fetch_ref[jnp.maximum(block - 1, 0)])
+    pl.when(new_tile)(functools.partial(_decode_tile, codes_ref, scales_ref, decoded_ref))
+    contract = (((1,), (1,)), ((), ()))
+    even = jax.lax.dot_general(x_even_ref[...], decoded_ref[0], contract, preferred_element_type=F32)
+    return even + jax.lax.dot_general(x_odd_ref[...], decoded_ref[1], contract, preferred_element_type=F32)
+
+
+def _decode_tile(codes_ref, scales_ref, decoded_ref):
+    """codes [tile_out, in/2] and scales [tile_out, in/32] -> decoded [2, tile_out, in/2] (even inputs from the
+    low nibbles, odd from the high), DECODE_ROWS weight rows at a time."""
+    tile_out, width = codes_ref.shape
+    groups = scales_ref.shape[1]
+    chunk = DECODE_ROWS if tile_out % DECODE_ROWS == 0 else tile_out
+    # spread[g, j] = 1 where byte j of the codes belongs to scale group g
+    spread = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (groups, width), 1), CODE_BYTES)  # `//` needs sign
+    spread = (spread == jax.lax.broadcasted_iota(jnp.int32, (groups, width), 0)).astype(F32)
+
+    def decode_rows(i, carry):
+        part = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
+        codes = codes_ref[part, :].astype(jnp.int32)
+        scales = jnp.dot(scales_ref[part, :].astype(F32), spread, preferred_element_type=F32).astype(jnp.int32)
+        for half, nibble in enumerate((codes & 0xF, codes >> 4)):
+            decoded_ref[half, part, :] = mxfp4.fp4_to_float(nibble, scales, F32).astype(decoded_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, tile_out // chunk, decode_rows, 0)
