@@ -41,6 +41,7 @@ CODE_BYTES = mxfp4.VALUES_PER_BLOCK // 2  # bytes of FP4 codes per scale group
 # (16 MB on v5e and v5p, 32 MB on v6e and tpu7x).
 TILE_OUT = 512
 DECODE_ROWS = 64  # weight rows dequantized at a time, to keep the int32 temporaries small
+KERNEL_NAME = "experts_grouped_matmul"  # the Mosaic kernel's name in the compiled program
 
 
 def grouped_matmul(
@@ -106,6 +107,7 @@ def grouped_matmul(
         # the block axis carries the decoded tile from one block to the next: it runs in order
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
+        name=KERNEL_NAME,
     )(block_expert.astype(jnp.int32), fetch, *operands, bias.reshape(num_experts, 1, fan_out))
 
 

@@ -1,5 +1,6 @@
 """The TPU expert kernel (`gptoss_dist.tpu_grouped_matmul`), run by Pallas' interpreter on the CPU."""
 
+import importlib.util
 from functools import partial
 
 import jax.numpy as jnp
@@ -7,11 +8,13 @@ import numpy as np
 import pytest
 from conftest import small_config
 from reference import load_reference, reference_logits
+from test_compile import small_settings
 
+from gptoss_dist import compile as tpu_compile
 from gptoss_dist import from_pretrained, mxfp4
 from gptoss_dist import model as model_module
 from gptoss_dist.model import forward, row_blocks
-from gptoss_dist.tpu_grouped_matmul import grouped_matmul
+from gptoss_dist.tpu_grouped_matmul import KERNEL_NAME, grouped_matmul
 
 # 3 scale groups of inputs; 200 outputs in tiles of 128, so the last tile is partial, as at GPT-OSS's 2880.
 EXPERTS, FAN_IN, FAN_OUT, TILE_OUT = 4, 96, 200, 128
@@ -79,3 +82,16 @@ def test_model_through_the_kernel_matches_transformers_on_a_packed_checkpoint(sm
     for row, prompt in enumerate(prompts):
         expected = reference_logits(reference, prompt)
         assert np.abs(logits[row] - expected).max() <= 1e-4 * np.abs(expected).max(), f"prompt {row}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[tpu]'")
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_packed_decode_and_prefill_compile_with_the_kernel(topology):
+    """The job's decode and prefill calls with packed experts, compiled for a TPU topology (mesh: 2 tensor
+    shards x 2 expert shards), run the experts in the Mosaic kernel and fit."""
+    config = small_settings((1, 2, 2))
+    config.packed_experts = True
+    engine = tpu_compile.abstract_engine(config, tpu_compile.load_topology(topology))
+    for name, lower in tpu_compile.job_programs(engine, all_buckets=False).items():
+        compiled = lower().compile()
+        assert KERNEL_NAME in compiled.as_text(), f"{name}: no expert kernel in the compiled program"
