@@ -7,11 +7,13 @@ the same tile and Pallas does not fetch it again: each used expert's tile is rea
 no other expert's. Blocks no row uses (all at the end) ask for the last used expert's tile, so they read
 nothing new, and write zeros.
 
-Packed matrices stay packed in HBM: a tile of FP4 codes [tile_out, in/2] and its scales [tile_out, in/32]
+Packed matrices stay packed in HBM: a tile of FP4 codes [in/2, tile_out] and its scales [in/32, tile_out]
 is dequantized in VMEM, once per expert and column tile (not once per block), into a scratch buffer in the
-compute dtype, with `mxfp4.fp4_to_float` (the values `mxfp4.decode` gives). Each code takes its group's
-scale: the scales are spread over their 16 bytes of codes by a matmul with a 0/1 matrix (exact: integers
-below 256 are exact in bfloat16), as Mosaic has no lane-axis repeat.
+compute dtype, with `mxfp4.fp4_to_float` (the values `mxfp4.decode` gives). The kernel reads the codes with
+the output axis minor: that is how XLA lays out the checkpoint's [E, out, in/32, 16] uint8 blocks on a TPU
+(a 16-byte minor axis would be padded to 128 lanes), so the transpose to [E, in/2, out] is free; with the
+input axis minor instead, XLA copied every expert's codes before each call. The scales ([E, out, in/32],
+1/16 of the codes' bytes) are transposed by a copy.
 
 GPT-OSS's dimensions (2880 = 2^6 * 45) have no divisor that is a multiple of 128, so the contraction is one
 block of the full dimension (allowed on TPUs) and the last column tile is partial: its out-of-range columns
@@ -40,7 +42,7 @@ CODE_BYTES = mxfp4.VALUES_PER_BLOCK // 2  # bytes of FP4 codes per scale group
 # the decoded tile) take under 8 MB of VMEM at fan-in 2880, inside every generation's default scoped limit
 # (16 MB on v5e and v5p, 32 MB on v6e and tpu7x).
 TILE_OUT = 512
-DECODE_ROWS = 64  # weight rows dequantized at a time, to keep the int32 temporaries small
+DECODE_GROUPS = 8  # scale groups (of 16 code rows) dequantized at a time, to keep the int32 temporaries small
 KERNEL_NAME = "experts_grouped_matmul"  # the Mosaic kernel's name in the compiled program
 
 
@@ -79,16 +81,17 @@ def grouped_matmul(
         return fetch[b], 0, t
 
     if isinstance(weights, mxfp4.PackedMatrices):
-        codes = weights.blocks.reshape(num_experts, fan_out, fan_in // 2)
-        operands = (x[:, 0::2], x[:, 1::2], codes, weights.scales)
+        # [E, in/2, out]: the layout a TPU keeps the checkpoint's [E, out, in/32, 16] in (output axis minor)
+        codes = weights.blocks.transpose(0, 2, 3, 1).reshape(num_experts, fan_in // 2, fan_out)
+        operands = (x[:, 0::2], x[:, 1::2], codes, weights.scales.transpose(0, 2, 1))
         half = pl.BlockSpec((block_rows, fan_in // 2), rows)
         in_specs = [
             half, half,
-            pl.BlockSpec((None, tile_out, fan_in // 2), weight_tile),
-            pl.BlockSpec((None, tile_out, fan_in // mxfp4.VALUES_PER_BLOCK), weight_tile),
+            pl.BlockSpec((None, fan_in // 2, tile_out), columns_of_expert),
+            pl.BlockSpec((None, fan_in // mxfp4.VALUES_PER_BLOCK, tile_out), columns_of_expert),
         ]  # fmt: skip
         product = _packed_product
-        scratch = [pltpu.VMEM((2, tile_out, fan_in // 2), x.dtype)]  # the decoded even and odd inputs
+        scratch = [pltpu.VMEM((2, fan_in // 2, tile_out), x.dtype)]  # the decoded even and odd inputs
     else:
         operands = (x, weights)
         in_specs = [pl.BlockSpec((block_rows, fan_in), rows), pl.BlockSpec((None, fan_in, tile_out), columns_of_expert)]
@@ -137,27 +140,30 @@ def _packed_product(block, fetch_ref, x_even_ref, x_odd_ref, codes_ref, scales_r
     decoded again only where this block's tile differs from the previous block's."""
     new_tile = (block == 0) | (fetch_ref[block] != fetch_ref[jnp.maximum(block - 1, 0)])
     pl.when(new_tile)(functools.partial(_decode_tile, codes_ref, scales_ref, decoded_ref))
-    contract = (((1,), (1,)), ((), ()))
-    even = jax.lax.dot_general(x_even_ref[...], decoded_ref[0], contract, preferred_element_type=F32)
-    return even + jax.lax.dot_general(x_odd_ref[...], decoded_ref[1], contract, preferred_element_type=F32)
+    even = jnp.dot(x_even_ref[...], decoded_ref[0], preferred_element_type=F32)
+    return even + jnp.dot(x_odd_ref[...], decoded_ref[1], preferred_element_type=F32)
 
 
 def _decode_tile(codes_ref, scales_ref, decoded_ref):
-    """codes [tile_out, in/2] and scales [tile_out, in/32] -> decoded [2, tile_out, in/2] (even inputs from the
-    low nibbles, odd from the high), DECODE_ROWS weight rows at a time."""
-    tile_out, width = codes_ref.shape
-    groups = scales_ref.shape[1]
-    chunk = DECODE_ROWS if tile_out % DECODE_ROWS == 0 else tile_out
-    # spread[g, j] = 1 where byte j of the codes belongs to scale group g
-    spread = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (groups, width), 1), CODE_BYTES)  # `//` needs sign
-    spread = (spread == jax.lax.broadcasted_iota(jnp.int32, (groups, width), 0)).astype(F32)
+    """codes [in/2, tile_out] and scales [in/32, tile_out] -> decoded [2, in/2, tile_out] (even inputs from the
+    low nibbles, odd from the high), DECODE_GROUPS scale groups at a time (aligned loads: 8 rows of scales,
+    128 of codes), then the groups left over."""
+    groups = scales_ref.shape[0]
+    whole, left = divmod(groups, DECODE_GROUPS)
 
-    def decode_rows(i, carry):
-        part = pl.ds(pl.multiple_of(i * chunk, chunk), chunk)
-        codes = codes_ref[part, :].astype(jnp.int32)
-        scales = jnp.dot(scales_ref[part, :].astype(F32), spread, preferred_element_type=F32).astype(jnp.int32)
+    def decode_groups(first, count):
+        codes = codes_ref[pl.ds(first * CODE_BYTES, count * CODE_BYTES), :].astype(jnp.int32)
+        scales = scales_ref[pl.ds(first, count), :].astype(jnp.int32)  # each row spread over its 16 rows of codes
+        scales = jnp.broadcast_to(scales[:, None, :], (count, CODE_BYTES, scales.shape[1])).reshape(codes.shape)
         for half, nibble in enumerate((codes & 0xF, codes >> 4)):
-            decoded_ref[half, part, :] = mxfp4.fp4_to_float(nibble, scales, F32).astype(decoded_ref.dtype)
+            values = mxfp4.fp4_to_float(nibble, scales, F32).astype(decoded_ref.dtype)
+            decoded_ref[half, pl.ds(first * CODE_BYTES, count * CODE_BYTES), :] = values
+
+    def decode_chunk(i, carry):
+        decode_groups(pl.multiple_of(i * DECODE_GROUPS, DECODE_GROUPS), DECODE_GROUPS)
         return carry
 
-    jax.lax.fori_loop(0, tile_out // chunk, decode_rows, 0)
+    if whole:
+        jax.lax.fori_loop(0, whole, decode_chunk, 0)
+    if left:
+        decode_groups(whole * DECODE_GROUPS, left)

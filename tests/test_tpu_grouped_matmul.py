@@ -16,8 +16,8 @@ from gptoss_dist import model as model_module
 from gptoss_dist.model import forward, row_blocks
 from gptoss_dist.tpu_grouped_matmul import KERNEL_NAME, grouped_matmul
 
-# 3 scale groups of inputs; 200 outputs in tiles of 128, so the last tile is partial, as at GPT-OSS's 2880.
-EXPERTS, FAN_IN, FAN_OUT, TILE_OUT = 4, 96, 200, 128
+# 9 scale groups of inputs (decoded 8, then 1); 200 outputs in tiles of 128: the last tile is partial, as at 2880.
+EXPERTS, FAN_IN, FAN_OUT, TILE_OUT = 4, 288, 200, 128
 DTYPES = pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 PACKED = pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 
