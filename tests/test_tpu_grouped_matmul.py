@@ -3,10 +3,12 @@
 import importlib.util
 from functools import partial
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import small_config
+from jax.sharding import NamedSharding, PartitionSpec
 from reference import load_reference, reference_logits
 from test_compile import small_settings
 
@@ -14,6 +16,7 @@ from gptoss_dist import compile as tpu_compile
 from gptoss_dist import from_pretrained, mxfp4
 from gptoss_dist import model as model_module
 from gptoss_dist.model import forward, row_blocks
+from gptoss_dist.sharding import make_mesh, put
 from gptoss_dist.tpu_grouped_matmul import KERNEL_NAME, grouped_matmul
 
 # 9 scale groups of inputs (decoded 8, then 1); 200 outputs in tiles of 128: the last tile is partial, as at 2880.
@@ -70,18 +73,48 @@ def test_every_row_on_one_expert(packed):
     _check_routing(np.full(40, 2), packed, jnp.bfloat16)
 
 
-def test_model_through_the_kernel_matches_transformers_on_a_packed_checkpoint(small_checkpoint, monkeypatch):
-    """The whole model with the TPU expert path (interpreted), packed experts, gives transformers' logits
-    within the tolerance the model meets on its own path (`test_model`)."""
-    model = from_pretrained(small_checkpoint, dtype=jnp.float32, packed_experts=True)
+PROMPTS = np.random.default_rng(0).integers(0, small_config().vocab_size, (2, 12))
+
+
+@pytest.fixture(scope="module")
+def packed_model(small_checkpoint):
+    return from_pretrained(small_checkpoint, dtype=jnp.float32, packed_experts=True)
+
+
+@pytest.fixture
+def tpu_experts(monkeypatch):
+    """The model's experts through the TPU kernel, interpreted."""
     kernel = partial(model_module._experts_kernel, matmul=grouped_matmul, interpret=True)
     monkeypatch.setattr(model_module, "experts_implementation", lambda _: kernel)
-    prompts = np.random.default_rng(0).integers(0, small_config().vocab_size, (2, 12))
-    logits = np.asarray(forward(model, jnp.asarray(prompts)))
+
+
+def test_model_through_the_kernel_matches_transformers_on_a_packed_checkpoint(
+    small_checkpoint, packed_model, tpu_experts
+):
+    """The whole model with the TPU expert path, packed experts, gives transformers' logits within the
+    tolerance the model meets on its own path (`test_model`)."""
+    logits = np.asarray(forward(packed_model, jnp.asarray(PROMPTS)))
     reference = load_reference(small_checkpoint)
-    for row, prompt in enumerate(prompts):
+    for row, prompt in enumerate(PROMPTS):
         expected = reference_logits(reference, prompt)
         assert np.abs(logits[row] - expected).max() <= 1e-4 * np.abs(expected).max(), f"prompt {row}"
+
+
+@pytest.fixture(scope="module")
+def unsharded_logits(packed_model) -> np.ndarray:
+    """The unsharded model's logits on its own (CPU) path: module-scoped, so taken before `tpu_experts`."""
+    return np.asarray(forward(packed_model, jnp.asarray(PROMPTS)))
+
+
+def test_expert_parallel_through_the_kernel_equals_the_unsharded_model(small_checkpoint, unsharded_logits, tpu_experts):
+    """On 2 tensor x 2 expert shards (3 experts each, the rows routed to the other shard's experts held
+    elsewhere), the kernel's logits are the unsharded model's."""
+    mesh = make_mesh({"data": 1, "tensor": 2, "expert": 2}, small_config(), jax.devices()[:4], packed_experts=True)
+    sharded = from_pretrained(small_checkpoint, dtype=jnp.float32, mesh=mesh, packed_experts=True)
+    with jax.set_mesh(mesh):
+        got = np.asarray(forward(sharded, put(PROMPTS.astype(np.int32), NamedSharding(mesh, PartitionSpec("data")))))
+    scale = np.abs(unsharded_logits).max()
+    np.testing.assert_allclose(got, unsharded_logits, rtol=0, atol=1e-5 * scale)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[tpu]'")
