@@ -24,8 +24,8 @@ are computed from padding and dropped on the write.
 Why not JAX's megablox `gmm`: it is dense only (the packed layout needs the decode inside the kernel), and it
 masks rows of several groups inside shared row tiles instead of taking `row_blocks`' padded blocks. Its
 pattern (scalar-prefetched group metadata in the index maps, the revisited axis "arbitrary") is the one
-used here. jax-llm-examples' `decode_ragged_dot` is dense too and keeps all rows in one block, which
-overflows VMEM in prefill; here `row_blocks` picks 16-row blocks at decode and up to 128 in prefill.
+used here. jax-llm-examples' `decode_ragged_dot` keeps all rows in one block, which overflows VMEM in
+prefill (issue 17); here `row_blocks` picks 16-row blocks at decode and up to 128 in prefill.
 """
 
 from __future__ import annotations
