@@ -4,7 +4,7 @@ import importlib
 
 _EXPORTS = {
     "CheckpointError": "gptoss_dist.checkpoint",
-    "from_pretrained": "gptoss_dist.checkpoint",
+    "from_pretrained": "gptoss_dist.loading",
     "ConfigError": "gptoss_dist.config",
     "ModelConfig": "gptoss_dist.config",
     "GptOss": "gptoss_dist.model",

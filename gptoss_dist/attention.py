@@ -26,28 +26,49 @@ DEFAULT_BLOCK = 512
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KeySpan:
-    """Keys and values [N, S, kv_heads, head_dim] of which query row b sees row `rows[b]` (row b where `rows`
-    is None). At index s is the key of position `first[b] + s`, real for `start[b] <= s < end[b]`; or, for a
-    `ring`, the key of the one position p < end[b] with p % S == s among the last S, real if p >= 0."""
+    """Keys and values of which query row b sees a span: at index s of the span is the key of position
+    `first[b] + s`, real for `start[b] <= s < end[b]`; or, for a `ring`, the key of the one position p < end[b]
+    with p % length == s among the last `length`, real if p >= 0.
+
+    Without `pages`, k and v are [B, length, kv_heads, head_dim] and row b's span is row b. With `pages`
+    [B, W], k and v are a pool [P, page, kv_heads, head_dim] of pages and row b's span is its pages
+    `pages[b]` one after the other (length W * page): a page table (a ring is one page)."""
 
     k: jax.Array
     v: jax.Array
     end: jax.Array  # [B] int32
     first: jax.Array | int = 0  # [B] int32
     start: jax.Array | int = 0  # [B] int32
-    rows: jax.Array | None = None  # [B] int32
-    ring: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    pages: jax.Array | None = None  # [B, W] int32
+    ring: bool = dataclasses.field(default=False, metadata={"static": True})
+
+    @property
+    def length(self) -> int:
+        return self.k.shape[1] * (1 if self.pages is None else self.pages.shape[1])
+
+    def block_size(self, block: int) -> int:
+        """The size of the blocks the span is read in, about `block`: at most its length, and through a page
+        table whole pages or a part of a page that divides it, so that no block straddles two pages (a table
+        of one page, as a slot's whole context or ring, has no second page to straddle)."""
+        page = self.k.shape[1]
+        if self.pages is None or self.pages.shape[1] == 1:
+            return min(block, self.length)
+        if block >= page:
+            return page * min(block // page, self.pages.shape[1])
+        return math.gcd(page, block)
 
     def block(self, index: jax.Array, size: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Keys and values [B, size, kv, D] of the block that starts at `index`, their positions [B, size] and
-        which are real. The last block of a span whose length `size` does not divide is shifted back to fit;
-        the keys it repeats are not real, so that no key counts twice."""
-        length = self.k.shape[1]
+        """Keys and values [B, size, kv, D] of the block that starts at `index` (a multiple of `size`, from
+        `block_size`), their positions [B, size] and which are real. The last block of a span whose length
+        `size` does not divide is shifted back to fit; the keys it repeats are not real, so that no key counts
+        twice."""
+        length = self.length
         offset = jnp.minimum(index, length - size)
-        k = jax.lax.dynamic_slice_in_dim(self.k, offset, size, axis=1)
-        v = jax.lax.dynamic_slice_in_dim(self.v, offset, size, axis=1)
-        if self.rows is not None:
-            k, v = k[self.rows], v[self.rows]
+        if self.pages is None:
+            k = jax.lax.dynamic_slice_in_dim(self.k, offset, size, axis=1)
+            v = jax.lax.dynamic_slice_in_dim(self.v, offset, size, axis=1)
+        else:
+            k, v = self._paged_block(offset, size)
         at = offset + jnp.arange(size)
         if self.ring:
             last = self.end[:, None] - 1
@@ -55,6 +76,24 @@ class KeySpan:
             return k, v, positions, (at >= index) & (positions >= 0)
         real = (at >= index) & (at >= _column(self.start)) & (at < self.end[:, None])
         return k, v, jnp.broadcast_to(_column(self.first) + at, real.shape), real
+
+    def _paged_block(self, offset: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+        """The block of `size` keys and values from `offset` read through the page table, in pieces of at most
+        a page, each within one page."""
+        page = self.k.shape[1]
+        piece = min(size, page)
+        starts = offset + jnp.arange(size // piece) * piece  # [n] indices into the span
+        pages = jnp.take(self.pages, starts // page, axis=1)  # [B, n]
+        within = starts % page
+
+        def gather(pool: jax.Array) -> jax.Array:
+            def one(index, at):
+                return jax.lax.dynamic_slice(pool, (index, at, 0, 0), (1, piece, *pool.shape[2:]))[0]
+
+            pieces = jax.vmap(jax.vmap(one), in_axes=(0, None))(pages, within)  # [B, n, piece, kv, D]
+            return pieces.reshape(pages.shape[0], size, *pool.shape[2:])
+
+        return gather(self.k), gather(self.v)
 
 
 def _column(x: jax.Array | int) -> jax.Array | int:
@@ -118,7 +157,7 @@ def _attend_span(
     state: _Softmax, q: jax.Array, q_pos: jax.Array, span: KeySpan, window: int | None, block: int
 ) -> _Softmax:
     """Folds into `state` the blocks of `span` that the queries q [B, Tq, kv, g, D] at q_pos [B, Tq] can see."""
-    size = min(block, span.k.shape[1])
+    size = span.block_size(block)
     scale = q.shape[-1] ** -0.5
 
     def fold(index, state: _Softmax) -> _Softmax:
@@ -139,7 +178,7 @@ def _attend_span(
             weighted=state.weighted * rescale[..., None] + weighted,
         )
 
-    if span.k.shape[1] == size:  # a span of one block (a window's ring, a short cache): no loop, masks suffice
+    if span.length == size:  # a span of one block (a window's ring, a short cache): no loop, masks suffice
         return fold(0, state)
     return jax.lax.fori_loop(*_visible_blocks(q_pos, span, window, size), fold, state)
 
@@ -148,11 +187,11 @@ def _visible_blocks(q_pos: jax.Array, span: KeySpan, window: int | None, size: i
     """The range of blocks of `size` keys of `span` that hold a key some query at q_pos [B, Tq] may see (all of a
     ring's: it is as long as a window)."""
     if span.ring:
-        return 0, -(-span.k.shape[1] // size)
+        return 0, -(-span.length // size)
     lowest_q, highest_q = q_pos[:, 0] - span.first, q_pos[:, -1] - span.first  # as indices into the span
     start = span.start if window is None else jnp.maximum(span.start, lowest_q - window + 1)
     end = jnp.minimum(span.end, highest_q + 1)
     seen = start < end
-    start = jnp.min(jnp.where(seen, start, span.k.shape[1]))
+    start = jnp.min(jnp.where(seen, start, span.length))
     end = jnp.max(jnp.where(seen, end, 0))
     return start // size, jnp.maximum(start // size, -(-end // size))

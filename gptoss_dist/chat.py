@@ -36,11 +36,10 @@ import jax
 import ml_collections
 
 from gptoss_dist import records
-from gptoss_dist.checkpoint import CheckpointError, filesystem
+from gptoss_dist.checkpoint import CheckpointError
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine, Request
 from gptoss_dist.exit_codes import EXIT_CANNOT_START
-from gptoss_dist.generate import JobError, check_engine_settings, checkpoint_tokenizer, make_engine, planned_mesh
 from gptoss_dist.harmony import (
     MESSAGE,
     MESSAGE_ENDS,
@@ -52,8 +51,10 @@ from gptoss_dist.harmony import (
     render_for_completion,
     tool_calls,
 )
+from gptoss_dist.paths import filesystem
 from gptoss_dist.settings import SettingsError
 from gptoss_dist.sharding import MeshError, mesh_shape
+from gptoss_dist.startup import StartError, check_engine_settings, checkpoint_tokenizer, make_engine, planned_mesh
 from gptoss_dist.tokenizer import Tokenizer
 
 PROMPT = "you> "
@@ -347,7 +348,7 @@ class Chat:
 
 
 def check_settings(config: ml_collections.ConfigDict) -> tuple[records.Sampling, tuple[Tool, ...]]:
-    """The sampling defaults and the tools, once the chat's settings are checked; ChatError or JobError naming
+    """The sampling defaults and the tools, once the chat's settings are checked; ChatError or StartError naming
     one it cannot start with."""
     if config.chat.show_analysis not in SHOW_ANALYSIS:
         raise ChatError(f"chat.show_analysis must be one of {SHOW_ANALYSIS}, not {config.chat.show_analysis!r}")
@@ -384,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     def run(_):
         try:
             chat = open_chat(config.value)
-        except (ChatError, JobError, SettingsError, CheckpointError, ConfigError, MeshError) as err:
+        except (ChatError, StartError, SettingsError, CheckpointError, ConfigError, MeshError) as err:
             print(f"gptoss-chat: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)
         chat.session()

@@ -1,9 +1,9 @@
-"""The published Hugging Face checkpoint layout: reading it tensor by tensor, and loading a model from it.
+"""The published Hugging Face checkpoint layout: reading it tensor by tensor, or a box of a tensor in our layout.
 
 A checkpoint directory holds `config.json`, one or several `*.safetensors` files and, when there are several,
 `model.safetensors.index.json`. Expert weights are stored either as MXFP4 (`<name>_blocks`, `<name>_scales`,
 as openai/gpt-oss-* publish them) or dequantized (`<name>`, as transformers saves them). MXFP4 experts are
-decoded on load, or with `packed_experts` copied as stored. The directory is a local path (tensors are
+decoded a block of rows at a time (`read_row_blocks`), or with `packed_experts` copied as stored. The directory is a local path (tensors are
 memory-mapped) or a `gs://` URL (each tensor is one byte-range read, through gcsfs).
 """
 
@@ -12,26 +12,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import posixpath
 import struct
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import fsspec
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax import nnx
-from fsspec.implementations.local import LocalFileSystem
 
 from gptoss_dist import mxfp4
 from gptoss_dist.config import ConfigError, ModelConfig
-from gptoss_dist.model import GptOss
-from gptoss_dist.sharding import param_shardings, put
+from gptoss_dist.paths import filesystem, is_local, join
 
 INDEX_FILE = "model.safetensors.index.json"
 CONFIG_FILE = "config.json"
@@ -41,40 +33,11 @@ _DTYPES = {
     "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
 PACKED_SUFFIXES = ("_blocks", "_scales")
+READ_BLOCK_BYTES = 128 << 20  # rows read at a time, counted in float32 (MXFP4 decodes to it)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read: the message names the file or the tensor."""
-
-
-def filesystem(path: str | Path) -> fsspec.AbstractFileSystem:
-    """The filesystem of a local path or a `gs://` URL (fsspec imports gcsfs only for the latter)."""
-    return fsspec.core.url_to_fs(str(path))[0]
-
-
-def join(directory: str | Path, name: str) -> str:
-    """`directory/name` for a local path or a URL."""
-    return f"{str(directory).rstrip('/')}/{name}"
-
-
-def write_atomically(path: str, data: bytes, *, create: bool = False) -> None:
-    """Writes `path` whole or not at all: a local file is renamed (or, with `create`, linked) into place, an
-    object is uploaded in one request. With `create`, only if `path` does not exist yet: FileExistsError if it
-    does (an object store checks that through a generation precondition)."""
-    fs, local_path = fsspec.core.url_to_fs(path)
-    if not isinstance(fs, LocalFileSystem):
-        fs.pipe_file(path, data, mode="create" if create else "overwrite")
-        return
-    target = Path(local_path)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with temporary.open("xb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        (os.link if create else os.replace)(temporary, target)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def read_config(directory: str | Path) -> ModelConfig:
@@ -132,7 +95,7 @@ class SafetensorsFile:
         if rows is not None:
             offset += rows.start * (end - begin) // shape[0]
             shape = (rows.stop - rows.start, *shape[1:])
-        if isinstance(self._fs, LocalFileSystem):
+        if is_local(self.path):
             return np.array(np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape))
         data = self._fs.cat_file(self.path, offset, offset + dtype.itemsize * math.prod(shape))
         return np.frombuffer(data, dtype).reshape(shape)
@@ -328,50 +291,38 @@ def to_param_layout(value: np.ndarray, tensor: HfTensor, param_shape: tuple[int,
     return value.reshape(param_shape)
 
 
-def iter_params(
-    ckpt: HfCheckpoint, abstract_state: nnx.State, *, packed_experts: bool = False
-) -> Iterator[tuple[tuple, np.ndarray]]:
-    """Yields (parameter path, value in our layout) one weight at a time, after checking every name."""
-    tensors = hf_tensors(ckpt.config(), packed_experts=packed_experts)
-    check_names(ckpt, tensors)
-    shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(abstract_state)}
-    for tensor in tensors:
-        yield tensor.param, to_param_layout(read_hf_tensor(ckpt, tensor), tensor, shapes[tensor.param])
+def rows_axis(tensor: HfTensor, shape: tuple[int, ...]) -> int | None:
+    """The axis of our layout (`shape`) that is the Hugging Face first axis (experts, vocabulary) where our
+    layout only transposes theirs; None where it reshapes it."""
+    order = tensor.transpose or tuple(range(len(tensor.shape)))
+    return order.index(0) if tuple(tensor.shape[i] for i in order) == shape else None
 
 
-def abstract_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None, packed_experts: bool = False) -> GptOss:
-    """The model's structure with shapes and dtypes only: nothing is allocated."""
-    return nnx.eval_shape(
-        lambda: GptOss(cfg, param_dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts)
-    )
+def read_row_blocks(
+    ckpt: HfCheckpoint, tensor: HfTensor, shape: tuple[int, ...], rows: range, granule: int = 1
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, block in our layout) over `rows` of the `rows_axis` of a weight (our `shape`), a multiple
+    of `granule` rows and about READ_BLOCK_BYTES (counted in float32, what MXFP4 decodes to) at a time."""
+    axis = rows_axis(tensor, shape)
+    step = granule * max(1, READ_BLOCK_BYTES // (granule * math.prod(shape) // shape[axis] * 4))
+    for first in range(rows.start, rows.stop, step):
+        block = slice(first, min(first + step, rows.stop))
+        block_shape = (*shape[:axis], block.stop - first, *shape[axis + 1 :])
+        yield first, to_param_layout(read_hf_tensor(ckpt, tensor, block), tensor, block_shape)
 
 
-def from_pretrained(
-    path: str | Path,
-    *,
-    dtype=jnp.bfloat16,
-    compute_dtype=None,
-    mesh: jax.sharding.Mesh | None = None,
-    packed_experts: bool = False,
-) -> GptOss:
-    """Loads a model from a checkpoint directory in the published Hugging Face layout, or converted by
-    `gptoss-convert` (`gptoss_dist.store`); either may be local or on `gs://`.
-
-    `dtype` is the parameters' dtype (bfloat16 for serving, float32 for parity); `compute_dtype` defaults to
-    it. Tensors are read and placed one at a time; with a `mesh`, each goes straight into its sharding (run
-    the model under `jax.set_mesh(mesh)`). With `packed_experts` the expert weights stay MXFP4 (uint8 blocks
-    and scales, copied as the checkpoint stores them); the checkpoint must store them so.
-    """
-    from gptoss_dist import store  # it builds on this module
-
-    if store.is_converted(path):
-        return store.load(path, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh, packed_experts=packed_experts)
-    ckpt = HfCheckpoint(path)
-    model = abstract_model(ckpt.config(), dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts)
-    graphdef, state = nnx.split(model)
-    shardings = dict(nnx.to_flat_state(param_shardings(state, mesh))) if mesh is not None else {}
-    flat = dict(nnx.to_flat_state(state))
-    for param, value in iter_params(ckpt, state, packed_experts=packed_experts):
-        value = value.astype(flat[param].get_value().dtype)
-        flat[param].set_value(put(value, shardings[param]) if mesh is not None else jax.device_put(value))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+def read_box(ckpt: HfCheckpoint, tensor: HfTensor, shape: tuple[int, ...], box: tuple[slice, ...], dtype) -> np.ndarray:
+    """The elements `box` (slices with start and stop) of a weight in our layout (`shape`), in `dtype`. Where
+    our layout only transposes the checkpoint's, only the box's rows are read, a block at a time
+    (`read_row_blocks`), so host memory holds the box and one block; else the whole weight is read."""
+    axis = rows_axis(tensor, shape)
+    if axis is None:
+        return to_param_layout(read_hf_tensor(ckpt, tensor), tensor, shape)[box].astype(dtype)
+    out = np.empty([part.stop - part.start for part in box], dtype)
+    rows = box[axis]
+    for first, block in read_row_blocks(ckpt, tensor, shape, range(rows.start, rows.stop)):
+        source, target = list(box), [slice(None)] * len(shape)
+        source[axis] = slice(None)
+        target[axis] = slice(first - rows.start, first - rows.start + block.shape[axis])
+        out[tuple(target)] = block[tuple(source)]
+    return out

@@ -37,10 +37,10 @@ from flax import nnx
 from jax.experimental import topologies
 
 from gptoss_dist import plan, settings
-from gptoss_dist.checkpoint import abstract_model
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_DOES_NOT_FIT
+from gptoss_dist.model import abstract_model
 from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes, param_shardings
 
 GiB = plan.GiB
@@ -158,7 +158,8 @@ def load_topology(name: str) -> Topology:
 def sharded_abstract_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> nnx.Module:
     """The settings' model with every weight a ShapeDtypeStruct in its sharding on `mesh`: nothing allocated."""
     model = abstract_model(settings.model_config(config), dtype=settings.dtype(config),
-                           packed_experts=config.packed_experts)  # fmt: skip
+                           packed_experts=config.packed_experts,
+                           experts_implementation=config.experts_implementation)  # fmt: skip
     graphdef, state = nnx.split(model)
     state = jax.tree.map(
         lambda var, sharding: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)),
@@ -177,7 +178,9 @@ def abstract_engine(config: ml_collections.ConfigDict, topology: Topology) -> En
     try:
         return Engine(sharded_abstract_model(config, mesh), mesh, max_slots=config.max_slots,
                       max_len=config.max_len, steps_per_call=config.steps_per_call,
-                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens)  # fmt: skip
+                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
+                      page_size=config.page_size, kv_pages=config.kv_pages,
+                      prefix_caching=config.prefix_caching)  # fmt: skip
     except ValueError as err:
         raise CompileSettingsError(str(err)) from None
 
@@ -196,7 +199,8 @@ def job_programs(engine: Engine, all_buckets: bool) -> dict[str, Callable[[], ja
 def plan_for(config: ml_collections.ConfigDict, engine: Engine) -> plan.MemoryPlan:
     return plan.plan_memory(engine.config, mesh_sizes(engine.mesh), max_slots=config.max_slots,
                             max_len=config.max_len, prefill_tokens=config.prefill_tokens,
-                            dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts)  # fmt: skip
+                            dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
+                            pool=(engine.page_size, engine.kv_pages), rings=not engine.prefix_caching)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ compiling

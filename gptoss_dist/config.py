@@ -13,6 +13,11 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 
 
+def default_layer_types(num_layers: int) -> tuple[str, ...]:
+    """The published models' pattern: the even layers slide, the odd ones attend to the whole context."""
+    return tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers))
+
+
 class ConfigError(ValueError):
     """A model config that is inconsistent or names something this implementation does not support."""
 
@@ -31,8 +36,7 @@ class ModelConfig:
     num_experts: int = 32
     experts_per_token: int = 4
     sliding_window: int = 128
-    # One entry per layer, SLIDING or FULL; the published models mark the even layers sliding.
-    layer_types: tuple[str, ...] = tuple(SLIDING if i % 2 == 0 else FULL for i in range(24))
+    layer_types: tuple[str, ...] = default_layer_types(24)  # one entry per layer, SLIDING or FULL
     rope_theta: float = 150000.0
     rope_factor: float = 32.0
     rope_original_max_position: int = 4096
@@ -87,7 +91,7 @@ class ModelConfig:
         if rope_type != "yarn":
             raise ConfigError(f"rope type {rope_type!r} is not supported; GPT-OSS uses 'yarn'")
         num_layers = int(hf["num_hidden_layers"])
-        layer_types = hf.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
+        layer_types = hf.get("layer_types") or default_layer_types(num_layers)
         experts_per_token = hf.get("num_experts_per_tok", hf.get("experts_per_token"))
         num_experts = hf.get("num_local_experts", hf.get("num_experts"))
         try:

@@ -1,4 +1,4 @@
-"""`gptoss-convert`: a Hugging Face checkpoint to a converted checkpoint (`gptoss_dist.store`), local or on GCS.
+"""`gptoss-convert`: a Hugging Face checkpoint to a converted checkpoint (`gptoss_dist.converted`), local or on GCS.
 
     python -m gptoss_dist.convert --src=gs://bucket/gpt-oss-20b --dst=gs://bucket/gpt-oss-20b-bf16
     python -m gptoss_dist.convert --src=gs://bucket/gpt-oss-20b --dst=gs://bucket/gpt-oss-20b-mxfp4 --packed_experts
@@ -8,7 +8,7 @@ written. Weights then stream one at a time, and the large ones (experts, embeddi
 time, so host memory stays near 1.5 GB whatever the model's size; writes go out in parallel, up to
 IN_FLIGHT_BYTES at once. The checkpoint is marked complete only after every array has landed; a rerun after
 an interruption resumes with the arrays not yet recorded as written. With `--packed_experts` the experts'
-MXFP4 blocks and scales are copied as stored, for runs with `packed_experts` (`gptoss_dist.store`).
+MXFP4 blocks and scales are copied as stored, for runs with `packed_experts` (`gptoss_dist.converted`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
 import os
 from collections.abc import Iterator, Sequence
 
@@ -26,58 +25,48 @@ import tensorstore as ts
 from flax import nnx
 from tqdm import tqdm
 
-from gptoss_dist import store
+from gptoss_dist import converted
 from gptoss_dist.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
     HfCheckpoint,
     HfTensor,
-    abstract_model,
     check_names,
     check_shapes,
-    filesystem,
     hf_tensors,
-    join,
     read_hf_tensor,
+    read_row_blocks,
+    rows_axis,
     to_param_layout,
 )
+from gptoss_dist.model import abstract_model
+from gptoss_dist.paths import filesystem, is_local, join
+from gptoss_dist.tokenizer import TOKENIZER_FILE
 
 log = logging.getLogger(__name__)
 
 # Copied beside the arrays when the source has them.
 SIDE_FILES = (
-    CONFIG_FILE, "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    CONFIG_FILE, "generation_config.json", TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json",
     "chat_template.jinja",
 )  # fmt: skip
-READ_BLOCK_BYTES = 128 << 20  # rows read from the source at a time, counted in float32 (MXFP4 decodes to it)
 IN_FLIGHT_BYTES = 512 << 20  # bytes handed to tensorstore and not yet written
 
 
-def _rows_axis(tensor: HfTensor, shape: tuple[int, ...]) -> int | None:
-    """The axis of our layout that is the Hugging Face first axis (experts, vocabulary) where our layout only
-    transposes theirs; None where it reshapes it."""
-    order = tensor.transpose or tuple(range(len(tensor.shape)))
-    return order.index(0) if tuple(tensor.shape[i] for i in order) == shape else None
-
-
-def _blocks(ckpt: HfCheckpoint, tensor: HfTensor, spec: store.ArraySpec) -> Iterator[tuple[int, int, np.ndarray]]:
+def _blocks(ckpt: HfCheckpoint, tensor: HfTensor, spec: converted.ArraySpec) -> Iterator[tuple[int, int, np.ndarray]]:
     """(axis, first index, block in our layout) of a weight: blocks of whole write chunks along the axis that
-    holds the Hugging Face rows, READ_BLOCK_BYTES or so at a time, or else the whole weight at once."""
+    holds the Hugging Face rows (`checkpoint.read_row_blocks`), or else the whole weight at once."""
     shape = spec.shape
-    axis = _rows_axis(tensor, shape)
+    axis = rows_axis(tensor, shape)
     if axis is None:
         yield 0, 0, to_param_layout(read_hf_tensor(ckpt, tensor), tensor, shape)
         return
-    chunk = spec.write_chunk[axis]
-    step = chunk * max(1, READ_BLOCK_BYTES // (chunk * math.prod(shape) // shape[axis] * 4))
-    for first in range(0, shape[axis], step):
-        rows = slice(first, min(first + step, shape[axis]))
-        block_shape = (*shape[:axis], rows.stop - first, *shape[axis + 1 :])
-        yield axis, first, to_param_layout(read_hf_tensor(ckpt, tensor, rows), tensor, block_shape)
+    for first, block in read_row_blocks(ckpt, tensor, shape, range(shape[axis]), granule=spec.write_chunk[axis]):
+        yield axis, first, block
 
 
 def _write_weight(
-    ckpt: HfCheckpoint, tensor: HfTensor, array: ts.TensorStore, spec: store.ArraySpec, in_flight: store.InFlight,
+    ckpt: HfCheckpoint, tensor: HfTensor, array: ts.TensorStore, spec: converted.ArraySpec, in_flight: converted.InFlight,
     bar: tqdm,
 ) -> None:  # fmt: skip
     """Starts writing one weight, one write chunk per tensorstore write."""
@@ -104,19 +93,19 @@ def _check_source(ckpt: HfCheckpoint, tensors: list[HfTensor]) -> None:
 
 
 def _write_arrays(
-    ckpt: HfCheckpoint, tensors: list[HfTensor], conversion: store.Conversion, show_progress: bool
+    ckpt: HfCheckpoint, tensors: list[HfTensor], conversion: converted.Conversion, show_progress: bool
 ) -> None:
     """Writes the arrays not yet written, recording each once all its writes have landed."""
-    specs, in_flight = conversion.specs, store.InFlight(IN_FLIGHT_BYTES)
+    specs, in_flight = conversion.specs, converted.InFlight(IN_FLIGHT_BYTES)
     bar = tqdm(
         total=sum(spec.nbytes for spec in specs.values()), initial=sum(specs[name].nbytes for name in conversion.done),
         unit="B", unit_scale=True, unit_divisor=1024, desc="converting", disable=not show_progress,
     )  # fmt: skip
     with bar:
         for tensor in tensors:
-            name = store.array_name(tensor.param)
+            name = converted.array_name(tensor.param)
             if name not in conversion.done:
-                array = store.create_array(conversion.directory, name, specs[name])
+                array = converted.create_array(conversion.directory, name, specs[name])
                 _write_weight(ckpt, tensor, array, specs[name], in_flight, bar)
                 in_flight.add([], then=functools.partial(conversion.record, name))
         in_flight.drain()
@@ -143,9 +132,9 @@ def convert(
     tensors = hf_tensors(cfg, packed_experts=packed_experts)
     _check_source(ckpt, tensors)
     _, state = nnx.split(abstract_model(cfg, dtype=jnp.dtype(dtype), packed_experts=packed_experts))
-    specs = store.array_specs(state)
-    source = src if "://" in src else os.path.abspath(src)  # the same source however it is spelt
-    conversion = store.Conversion(dst, specs, source=source, overwrite=overwrite, packed_experts=packed_experts)
+    specs = converted.array_specs(state)
+    source = os.path.abspath(src) if is_local(src) else src  # the same source however it is spelt
+    conversion = converted.Conversion(dst, specs, source=source, overwrite=overwrite, packed_experts=packed_experts)
     if conversion.done:
         log.info("resuming: %d of %d arrays already written", len(conversion.done), len(specs))
     _copy_side_files(src, dst)

@@ -1,9 +1,27 @@
-"""Batched decoding: a KV cache in fixed slots, prefill in bucketed pieces of bounded size, many decode steps
-per host round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
+"""Batched decoding: a paged KV cache, prefill in bucketed pieces of bounded size, many decode steps per host
+round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
 
-The cache keeps, per layer, [slots, length, kv_heads, head_dim] keys and values (`model.LayerCache`).
-Full-attention layers keep `max_len` positions; sliding layers keep only their window, as a ring buffer
-(position p at index p % window), which for GPT-OSS's 128-key window and long contexts halves the cache.
+The cache keeps, per layer, keys and values in pages [pages, page, kv_heads, head_dim] (`model.LayerCache`).
+Full-attention layers share one pool of `kv_pages` pages of `page_size` positions: a sequence takes pages as it
+grows (its page table says which) and gives them back when it ends, so the pool's memory follows the live
+tokens, and decoding reads only the pages up to each sequence's length. By default a page holds `max_len`
+positions and the pool one page per slot: the contiguous cache of every slot at full length. Sliding layers
+keep only their window per slot, as a ring (position p at index p % window), which for GPT-OSS's 128-key
+window and long contexts halves the cache.
+
+A request is admitted when a slot and the pages for its prompt are free. Where the pool runs short while
+decoding, the most recently admitted sequence gives its pages back and waits to run again: its prompt and the
+tokens it generated are prefilled once more, and it goes on with the same sampling keys, so its output does
+not change; it keeps the scores it has (neither its prompt nor its generated tokens are scored again).
+
+With `prefix_caching`, the pages a prefill call fills with a full page of a context are keyed by the hash of
+all the tokens up to the page's end (as vLLM keys its blocks). A sequence whose context starts with cached
+pages maps them read-only into its page table and prefills only the rest; pages count the slots that hold
+them, and cached pages no slot holds stay until the pool needs room, the least recently used evicted first. A
+request's n samples share their prompt's full pages and their prefill this way. The keys of a token depend only
+on the tokens up to it, so a request's tokens do not depend on whether its prefix was cached. The sliding
+layers then keep their keys in the pool too, as the full-attention layers do, since a sequence that starts
+after a cached prefix needs the window of keys before it.
 """
 
 from __future__ import annotations
@@ -11,8 +29,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import math
-from collections import Counter
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
@@ -34,18 +53,22 @@ from gptoss_dist.sampling import (
     token_scores,
 )
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes
+from gptoss_dist.tokenizer import STOP_TOKENS
 
-# GPT-OSS's stop tokens: <|return|>, <|endoftext|>, <|call|>.
-DEFAULT_STOP_TOKENS = (200002, 199999, 200012)
+DEFAULT_STOP_TOKENS = tuple(STOP_TOKENS.values())
 MAX_REQUEST_STOP_TOKENS = 16  # stop token ids a request may add to the engine's
+MAX_SAMPLES = 64  # completions one request may ask for (`Request.n`)
 SLOT_AXES = ("batch",)
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
     """One generation: prompt token ids and how to continue them. `stop` adds stop token ids to the engine's.
-    `logprobs` scores each generated token (with its `top_logprobs` most likely alternatives), `prompt_logprobs`
-    each prompt token after the first (see `sampling`: the model's log-probabilities, before sampling)."""
+    `n` asks for n completions (samples) of the prompt: sample i is seeded `seed + i`, so sample 0 is the
+    completion of the same request with n=1; with prefix caching the samples share the prompt's full pages and
+    their prefill (each prefills the rest of the prompt, at most a page). `logprobs` scores each generated token
+    (with its `top_logprobs` most likely alternatives), `prompt_logprobs` each prompt token after the first (see
+    `sampling`: the model's log-probabilities, before sampling); each sample has its own."""
 
     prompt: Sequence[int]
     max_new_tokens: int = 256
@@ -55,6 +78,7 @@ class Request:
     seed: int = 0
     stop: Sequence[int] = ()
     id: Any = None
+    n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
@@ -72,15 +96,16 @@ class TokenLogprob:
 
 @dataclasses.dataclass
 class Result:
-    """A finished request: its generated tokens (a final stop token included) and why it ended:
-    "stop" (a stop token), "length" (max_new_tokens) or "context" (the engine's max_len). If the request asked
-    for them, the scores of its tokens (one each) and its prompt's tokens after the first with their
-    log-probabilities, as (token id, log-probability)."""
+    """A finished sample of a request (`index`, from 0; a request of n=1 has one): its generated tokens (a final
+    stop token included) and why it ended: "stop" (a stop token), "length" (max_new_tokens) or "context" (the
+    engine's max_len). If the request asked for them, the scores of its tokens (one each) and its prompt's
+    tokens after the first with their log-probabilities, as (token id, log-probability)."""
 
     id: Any
     tokens: list[int]
     finish_reason: str
     prompt_tokens: int
+    index: int = 0
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[tuple[int, float]] | None = None
 
@@ -91,21 +116,55 @@ class Result:
 
 @dataclasses.dataclass
 class Update:
-    """A request's progress in one engine call: the tokens it generated since its last update and, once it
-    has ended, its result (whose tokens are all of its updates' tokens)."""
+    """A sample's progress in one engine call: the tokens that sample `index` of the request generated since
+    its last update and, once it has ended, its result (whose tokens are all of its updates' tokens)."""
 
     request: Request
     tokens: list[int]
     result: Result | None = None
+    index: int = 0
 
 
 # ------------------------------------------------------------------------------------------- KV cache
 
 
+def _bytes_per_position(cfg: ModelConfig, dtype) -> int:
+    return 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
 def cache_bytes_per_sequence(cfg: ModelConfig, max_len: int, dtype=jnp.bfloat16) -> int:
     """Bytes of keys and values that one sequence of up to `max_len` tokens holds in the cache."""
-    per_position = 2 * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
-    return per_position * sum(cache_length(cfg, layer, max_len) for layer in range(cfg.num_layers))
+    return _bytes_per_position(cfg, dtype) * sum(cache_length(cfg, layer, max_len) for layer in range(cfg.num_layers))
+
+
+def cache_bytes(
+    cfg: ModelConfig, max_slots: int, max_len: int, pool_tokens: int, dtype=jnp.bfloat16, rings: bool = True
+) -> int:
+    """Bytes of the whole cache: a pool of `pool_tokens` positions in each full-attention layer, and in each
+    sliding layer each slot's window (`rings`) or a pool too (with prefix caching)."""
+    lengths = (max_slots * cache_length(cfg, layer, max_len) if rings and cfg.window(layer) else pool_tokens
+               for layer in range(cfg.num_layers))  # fmt: skip
+    return _bytes_per_position(cfg, dtype) * sum(lengths)
+
+
+def page_pool(max_slots: int, max_len: int, page_size: int = 0, kv_pages: int = 0, data: int = 1) -> tuple[int, int]:
+    """(page_size, kv_pages) of the full-attention layers' pool, 0 meaning the default: a page of `max_len`
+    positions, and as many pages as every slot needs at full length. ValueError, naming the setting, where the
+    page size does not divide max_len, the pool cannot hold one sequence of max_len, or the mesh's `data`
+    shards do not divide the pages."""
+    if page_size < 0 or kv_pages < 0:
+        raise ValueError(f"page_size ({page_size}) and kv_pages ({kv_pages}) must be >= 0 (0: the default)")
+    page_size = page_size or max_len
+    if max_len % page_size:
+        raise ValueError(f"page_size={page_size} must divide max_len={max_len}")
+    per_sequence = max_len // page_size
+    kv_pages = kv_pages or max_slots * per_sequence
+    if kv_pages < per_sequence:
+        raise ValueError(f"kv_pages={kv_pages} cannot hold one sequence of max_len={max_len}, which takes "
+                         f"{per_sequence} pages of page_size={page_size}: raise kv_pages or lower max_len")  # fmt: skip
+    if kv_pages % data:
+        raise ValueError(f"kv_pages={kv_pages} must be a multiple of the mesh's data axis ({data})")
+    return page_size, kv_pages
 
 
 # -------------------------------------------------------------------------------------------- slots
@@ -116,7 +175,7 @@ def cache_bytes_per_sequence(cfg: ModelConfig, max_len: int, dtype=jnp.bfloat16)
 class Slots:
     """What the device keeps per slot between steps: the cache, the token to feed next, counts, settings."""
 
-    cache: list[LayerCache]
+    cache: list[LayerCache]  # sliding layers: a ring per slot; full-attention layers: the pool of pages
     token: jax.Array  # [B] int32: the last generated token, not yet in the cache
     length: jax.Array  # [B] int32: tokens in the cache (the position `token` goes to)
     generated: jax.Array  # [B] int32: tokens generated so far
@@ -164,8 +223,11 @@ def prefill(
     count: jax.Array,
     targets: jax.Array,
     last: jax.Array,
+    resumed: jax.Array,
+    next_token: jax.Array,
     following: jax.Array,
     settings: dict[str, jax.Array],
+    pages: jax.Array,
     *,
     max_len: int,
     attention_block: int,
@@ -173,20 +235,25 @@ def prefill(
     prompt_logprobs: bool = False,
 ) -> tuple[Slots, jax.Array, jax.Array, TokenScores | None, jax.Array | None]:
     """Runs a piece of each of n prompts into slots `targets` [n] (out of range: a padding row): `count` [n]
-    tokens [n, T] (right-padded) at positions `first` [n] onwards, which attend to their slot's cache and to
-    each other. Rows whose piece is the prompt's `last` [n] sample their first token and become active; the
-    others stay inactive until their next piece. Returns the slots, the first tokens [n], which slots are active
-    [B], with `logprobs` the first tokens' scores, and with `prompt_logprobs` the log-probabilities [n, T] of
-    `following` [n, T], the prompt token after each position (-1: none), from the piece's logits (never more
-    than a piece's); all but the slots replicated so that every process can read them."""
+    tokens [n, T] (right-padded) at positions `first` [n] onwards, which attend to their slot's cache (the
+    pool through the page table `pages` [B, W]) and to each other. Rows whose piece is the prompt's `last` [n]
+    become active: a new sequence samples its first token; one that had generated `resumed` [n] tokens before
+    it was preempted (its prompt then ends with all but the last of them) goes on from `next_token` [n], the
+    last. The others stay inactive until their next piece. Returns the slots, the first tokens [n] (sampled
+    even where `resumed`), which slots are active [B], with `logprobs` the first tokens' scores, and with
+    `prompt_logprobs` the log-probabilities [n, T] of `following` [n, T], the prompt token after each position
+    (-1: none), from the piece's logits (never more than a piece's); all but the slots replicated so that every
+    process can read them."""
     model = nnx.merge(graphdef, params)
-    span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets)
+    span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets,
+                pages=jnp.take(pages, targets, axis=0, mode="clip"))  # fmt: skip
     hidden, cache = model.hidden_states(tokens, span, slots.cache, attention_block=attention_block)
     final = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
     zeros = jnp.zeros_like(count)
     new = Slots(cache=None, token=zeros, length=first + count, generated=zeros, active=last, **settings)
     sampled, scores = _next_tokens(model, new, final, logprobs)
-    new = dataclasses.replace(new, token=sampled, generated=last.astype(jnp.int32))
+    token = jnp.where(resumed > 0, next_token, sampled)
+    new = dataclasses.replace(new, token=token, generated=jnp.where(last, jnp.maximum(resumed, 1), 0))
     new = dataclasses.replace(new, active=last & ~_finished(new, max_len))
 
     def scatter(old, update):
@@ -202,21 +269,22 @@ def decode(
     graphdef: nnx.GraphDef,
     params: nnx.State,
     slots: Slots,
+    pages: jax.Array,
     *,
     steps: int,
     max_len: int,
     attention_block: int,
     logprobs: bool = False,
 ) -> tuple[Slots, jax.Array, jax.Array, jax.Array, TokenScores | None]:
-    """`steps` decode steps for every slot in one call; inactive slots neither change nor write to the cache.
-    Returns the slots, the tokens [steps, B], which of them were generated by an active slot [steps, B], which
-    slots are still active [B] and with `logprobs` the tokens' scores [steps, B, ...], all but the slots
-    replicated."""
+    """`steps` decode steps for every slot in one call, slot b's pool pages being `pages[b]`; inactive slots
+    neither change nor write to the cache. Returns the slots, the tokens [steps, B], which of them were
+    generated by an active slot [steps, B], which slots are still active [B] and with `logprobs` the tokens'
+    scores [steps, B, ...], all but the slots replicated."""
     model = nnx.merge(graphdef, params)
 
     def step(slots: Slots, _):
         live = slots.active
-        span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32))
+        span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32), pages=pages)
         hidden, cache = model.hidden_states(slots.token[:, None], span, slots.cache, attention_block=attention_block)
         token, scores = _next_tokens(model, slots, hidden, logprobs)
         slots = dataclasses.replace(
@@ -231,6 +299,11 @@ def decode(
 
     slots, (tokens, emitted, scores) = jax.lax.scan(step, slots, length=steps)
     return slots, *jax.tree.map(replicated, (tokens, emitted, slots.active, scores))
+
+
+def deactivate(slots: Slots, slot: jax.Array) -> Slots:
+    """The slots with `slot` stopped: it neither changes nor writes to the cache until it is filled again."""
+    return dataclasses.replace(slots, active=slots.active.at[slot].set(False))
 
 
 def replicated(x: jax.Array) -> jax.Array:
@@ -264,13 +337,14 @@ _prefill_jit = jax.jit(
 _decode_jit = jax.jit(
     decode, static_argnames=("graphdef", "steps", "max_len", "attention_block", "logprobs"), donate_argnames=("slots",)
 )
+_deactivate_jit = jax.jit(deactivate, donate_argnames=("slots",))
 
 # ------------------------------------------------------------------------------------------- engine
 
 
-def _any_asks(sequences: dict[int, _Sequence], score: str) -> bool:
-    """Whether any of `sequences` asks for the scores named `score` (a Request field): then a call scores."""
-    return any(getattr(sequence.request, score) for sequence in sequences.values())
+def _any_asks_logprobs(sequences: dict[int, _Sequence]) -> bool:
+    """Whether any of `sequences` asks for its tokens' scores: then a call scores the tokens it samples."""
+    return any(sequence.request.logprobs for sequence in sequences.values())
 
 
 def _token_logprob(scores: TokenScores, index: tuple[int, ...], top: int) -> TokenLogprob:
@@ -291,19 +365,23 @@ def _fit(buckets: list[int], size: int) -> int:
 
 @dataclasses.dataclass
 class _Sequence:
-    """A request in a slot: the prompt tokens already in the cache, the tokens generated so far and the scores
-    it asked for."""
+    """A request's sample and its progress: the tokens to prefill (its prompt; after a preemption, its prompt and
+    all but the last token it generated), how many of them are in the cache, the tokens generated so far and
+    the scores it asked for."""
 
     request: Request
+    context: list[int]
+    index: int = 0  # the sample's, seeded request.seed + index
     prefilled: int = 0
     generated: list[int] = dataclasses.field(default_factory=list)
     unread: int = 0  # tokens that calls not read yet may have generated
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    keys: list[bytes] = dataclasses.field(default_factory=list)  # of its context's full pages, with prefix caching
 
     @property
     def prefilling(self) -> bool:
-        return self.prefilled < len(self.request.prompt)
+        return self.prefilled < len(self.context)
 
     def may_go_on(self, max_len: int) -> bool:
         """Whether the sequence may be active after the calls not read yet: a stop token may end it sooner,
@@ -311,10 +389,115 @@ class _Sequence:
         generated = len(self.generated) + self.unread
         return generated < self.request.max_new_tokens and len(self.request.prompt) + generated < max_len
 
+    def cached(self) -> int:
+        """The most tokens the cache may hold of it once the calls not read yet are done: all but the last
+        generated one, which goes in next."""
+        return len(self.request.prompt) + max(len(self.generated) + self.unread - 1, 0)
+
+    def preempted(self) -> _Sequence:
+        """The sequence to run again from nothing in the cache (once every call it was in has been read), with
+        the tokens and scores it has: its prompt is not scored again, nor are the tokens it generated."""
+        return _Sequence(self.request, [*self.request.prompt, *self.generated[:-1]], self.index,
+                         generated=self.generated, logprobs=self.logprobs,
+                         prompt_logprobs=self.prompt_logprobs)  # fmt: skip
+
+
+class _PagePool:
+    """The host's account of the pool: free pages, and each slot's pages in its row of the page table. With
+    prefix caching, a page that holds a full page of some context is keyed by the hash of all the tokens up to
+    its end (`_page_keys`): slots whose contexts start alike map it read-only (it counts them), and once none
+    does it stays cached until the pool needs room, the least recently used first."""
+
+    def __init__(self, pages: int, page_size: int, slots: int, per_sequence: int):
+        self.page_size = page_size
+        self.free = list(range(pages - 1, -1, -1))  # taken from the end: page 0 first
+        self.held: dict[int, list[int]] = {}
+        self.table = np.zeros((slots, per_sequence), np.int32)
+        self.users: Counter[int] = Counter()  # slots holding each page
+        self.cached: dict[bytes, int] = {}  # the page of each key
+        self.key_of: dict[int, bytes] = {}
+        self.idle: OrderedDict[int, None] = OrderedDict()  # cached pages no slot holds, least recently used first
+
+    def available(self) -> int:
+        return len(self.free) + len(self.idle)
+
+    def missing(self, slot: int, tokens: int) -> int:
+        """Pages that `slot` lacks for `tokens` tokens."""
+        return max(-(-tokens // self.page_size) - len(self.held.get(slot, [])), 0)
+
+    def has_room(self, needs: dict[int, int]) -> bool:
+        """Whether the free (or only cached) pages cover `needs` (tokens by slot)."""
+        return sum(self.missing(slot, tokens) for slot, tokens in needs.items()) <= self.available()
+
+    def take(self, slot: int, tokens: int) -> bool:
+        """Gives `slot` the pages that `tokens` tokens need, if the pool has them (evicting cached pages no slot
+        holds, least recently used first); says whether it did."""
+        missing = self.missing(slot, tokens)
+        if missing > self.available():
+            return False
+        for _ in range(missing):
+            if self.free:
+                page = self.free.pop()
+            else:
+                page, _ = self.idle.popitem(last=False)
+                del self.cached[self.key_of.pop(page)]
+            self._hold(slot, page)
+        return True
+
+    def share(self, slot: int, keys: Sequence[bytes]) -> int:
+        """Maps into the empty table of `slot` the cached pages of the longest run of `keys` from the first;
+        returns how many."""
+        for key in keys:
+            if key not in self.cached:
+                break
+            self._hold(slot, self.cached[key])
+        return len(self.held.get(slot, []))
+
+    def publish(self, slot: int, keys: Sequence[bytes]) -> None:
+        """Caches the first pages of `slot` under `keys` (of the full pages it has written), where no page holds
+        their tokens yet."""
+        for page, key in zip(self.held[slot], keys):
+            if key not in self.cached and page not in self.key_of:
+                self.cached[key], self.key_of[page] = page, key
+
+    def release(self, slot: int) -> None:
+        """Takes back the pages of `slot`: those no other slot holds become free, or, if cached, idle (the last
+        page first in line for eviction)."""
+        for page in reversed(self.held.pop(slot, [])):
+            self.users[page] -= 1
+            if self.users[page]:
+                continue
+            del self.users[page]
+            if page in self.key_of:
+                self.idle[page] = None
+            else:
+                self.free.append(page)
+
+    def _hold(self, slot: int, page: int) -> None:
+        held = self.held.setdefault(slot, [])
+        self.table[slot, len(held)] = page
+        held.append(page)
+        self.users[page] += 1
+        self.idle.pop(page, None)
+
+
+def _page_keys(tokens: Sequence[int], page_size: int) -> list[bytes]:
+    """The key of each full page of `tokens`: the hash of all the tokens up to the page's end (chained)."""
+    keys, digest = [], b""
+    data = np.asarray(tokens, np.int32)
+    for end in range(page_size, len(tokens) + 1, page_size):
+        digest = hashlib.sha256(digest + data[end - page_size : end].tobytes()).digest()
+        keys.append(digest)
+    return keys
+
 
 class Engine:
     """Generates for a stream of requests with `max_slots` sequences in flight, each of at most `max_len`
-    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip.
+    tokens (prompt and completion). `steps_per_call` decode steps run per host round trip. The full-attention
+    layers keep their keys in a pool of `kv_pages` pages of `page_size` positions (see `page_pool` for the
+    defaults): a request waits for a slot and the pages of its prompt, and where the pool runs short the most
+    recently admitted sequence is preempted and later recomputed, with the same output. With `prefix_caching`,
+    requests share the pages of their prompts' common prefixes (see the module's docstring).
 
     Prompts are prefilled in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory: short
     prompts share a call, and a longer prompt is cut into pieces that each attend to what the cache holds of it.
@@ -334,6 +517,9 @@ class Engine:
         min_prefill_len: int = 16,
         prefill_tokens: int = 8192,
         attention_block: int = DEFAULT_BLOCK,
+        page_size: int = 0,
+        kv_pages: int = 0,
+        prefix_caching: bool = False,
         overlap: bool = True,
     ):
         self.config: ModelConfig = model.config
@@ -346,6 +532,8 @@ class Engine:
         data = mesh_sizes(mesh)["data"] if mesh is not None else 1
         if max_slots % data:
             raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
+        self.page_size, self.kv_pages = page_pool(max_slots, max_len, page_size, kv_pages, data)
+        self.prefix_caching = prefix_caching
         self.row_buckets = _buckets(data, max_slots)
         # the longest piece of a prompt that one call runs: calls have at least one row per data shard
         self.piece_len = min(max(1, prefill_tokens // self.row_buckets[0]), max_len)
@@ -356,6 +544,8 @@ class Engine:
         self._prefill = partial(_prefill_jit, **self._static)
         self._decode = partial(_decode_jit, steps=steps_per_call, **self._static)
         self.slot_steps = 0  # decode steps x slots spent, for measuring batching efficiency
+        self.preemptions = 0  # sequences that gave their pages back to be recomputed later
+        self.prefilled_tokens = 0  # context tokens run by prefill calls (those of cached prefixes are not)
         self.prefill_shapes: Counter[tuple[int, int]] = Counter()  # (rows, width) of each prefill call run
 
     def cache_bytes_per_sequence(self) -> int:
@@ -369,8 +559,12 @@ class Engine:
     def _slot_layout(self) -> Slots:
         """Each Slots array as a `_Blank`: sliding layers' caches hold only their window."""
         cfg, count = self.config, self.max_slots
-        shapes = [cache_shape(cfg, layer, count, self.max_len) for layer in range(cfg.num_layers)]
-        cache = [LayerCache(*(_Blank(shape, self.dtype, CACHE_AXES) for _ in range(2))) for shape in shapes]
+        pool, rings = (self.kv_pages, self.page_size), not self.prefix_caching
+        cache = []
+        for layer in range(cfg.num_layers):
+            shape = cache_shape(cfg, layer, count, self.max_len, pool, rings)
+            ring = rings and cfg.window(layer) is not None
+            cache.append(LayerCache(*(_Blank(shape, self.dtype, CACHE_AXES) for _ in range(2)), ring=ring))
         per_slot = partial(_Blank, (count,), axes=SLOT_AXES)
         return Slots(
             cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32), generated=per_slot(jnp.int32),
@@ -402,8 +596,9 @@ class Engine:
             return _prefill_jit.lower(
                 **self._static, params=self.params, slots=self.abstract_slots(),
                 tokens=self._abstract_input((rows, width), np.int32), first=per_row(np.int32),
-                count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool),
-                following=self._abstract_input((rows, width), np.int32), settings=settings,
+                count=per_row(np.int32), targets=per_row(np.int32), last=per_row(bool), resumed=per_row(np.int32),
+                next_token=per_row(np.int32), following=self._abstract_input((rows, width), np.int32),
+                settings=settings, pages=self._abstract_pages(),
             )  # fmt: skip
 
     def prefill_call_shapes(self) -> list[tuple[int, int]]:
@@ -416,9 +611,11 @@ class Engine:
     def lower_decode(self) -> jax.stages.Lowered:
         """The decode call, lowered like `lower_prefill`."""
         with self._mesh_context():
-            return _decode_jit.lower(
-                **self._static, steps=self.steps_per_call, params=self.params, slots=self.abstract_slots()
-            )
+            return _decode_jit.lower(**self._static, steps=self.steps_per_call, params=self.params,
+                                     slots=self.abstract_slots(), pages=self._abstract_pages())  # fmt: skip
+
+    def _abstract_pages(self) -> jax.ShapeDtypeStruct:
+        return self._abstract_input((self.max_slots, self.max_len // self.page_size), np.int32)
 
     def _abstract_input(self, shape: tuple[int, ...], dtype) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._sharding(shape, (None,) * len(shape)))
@@ -441,20 +638,23 @@ class Engine:
             raise ValueError(f"{name}: max_new_tokens must be at least 1, not {request.max_new_tokens}")
         if request.temperature < 0 or not 0 < request.top_p <= 1 or request.top_k < 0:
             raise ValueError(f"{name}: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        if not 0 <= request.seed < 2**32:
-            raise ValueError(f"{name}: seed must be in [0, 2**32)")
+        if not 1 <= request.n <= MAX_SAMPLES:
+            raise ValueError(f"{name}: n must be in [1, {MAX_SAMPLES}], not {request.n}")
+        if not 0 <= request.seed <= 2**32 - request.n:
+            raise ValueError(f"{name}: seed must be in [0, 2**32 - n] (sample i is seeded seed + i)")
         if len(request.stop) > MAX_REQUEST_STOP_TOKENS:
             raise ValueError(f"{name}: at most {MAX_REQUEST_STOP_TOKENS} stop tokens, not {len(request.stop)}")
         if not 0 <= request.top_logprobs <= MAX_TOP_LOGPROBS or (request.top_logprobs and not request.logprobs):
             raise ValueError(f"{name}: top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], and 0 without logprobs")
 
     def generate(self, requests: Iterable[Request]) -> list[Result]:
-        """Results in the order of `requests`."""
+        """Results in the order of `requests`, a request's n samples in the order of their index."""
         requests = list(requests)
-        order = {id(r): i for i, r in enumerate(requests)}
-        results = [None] * len(requests)
+        first = np.cumsum([0] + [r.n for r in requests])
+        order = {id(r): first[i] for i, r in enumerate(requests)}
+        results = [None] * first[-1]
         for request, result in self.run(requests):
-            results[order[id(request)]] = result
+            results[order[id(request)] + result.index] = result
         return results
 
     def run(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Result]]:
@@ -470,29 +670,29 @@ class Engine:
         With `overlap`, each call is dispatched before the host reads the previous call's tokens, so the device
         never waits for the host's bookkeeping. A slot that ends in one call is then freed a call later; it
         stays inactive meanwhile, so the tokens are the same. No call is dispatched for sequences whose token
-        budget or context the calls in flight use up."""
-        pending, exhausted = iter(requests), False
+        budget or context the calls in flight use up. Where the pool is short of pages for the next decode call,
+        the call in flight is read first, so that a preempted sequence has all its tokens."""
+        pending = iter(requests)
         with self._mesh_context():
             slots = self.empty_slots()
+            pool = _PagePool(self.kv_pages, self.page_size, self.max_slots, self.max_len // self.page_size)
             running: dict[int, _Sequence] = {}  # by slot, in the order admitted
+            waiting: deque[_Sequence] = deque()  # preempted sequences, to run again first
             unread: Callable[[], list[Update]] | None = None  # the call in flight whose tokens are not read
             just_prefilled = False
             while True:
-                free = [s for s in range(self.max_slots) if s not in running]
-                if free and not exhausted:
-                    admitted = self._take(pending, len(free))
-                    exhausted = len(admitted) < len(free)
-                    running.update((slot, _Sequence(request)) for slot, request in zip(free, admitted))
-                waiting = [slot for slot, sequence in running.items() if sequence.prefilling]
-                decoding = any(not seq.prefilling and seq.may_go_on(self.max_len) for seq in running.values())
-                if waiting and not (decoding and just_prefilled):
-                    slots, read = self._prefill_call(slots, waiting, running)
+                self._admit(pending, waiting, running, pool)
+                prefilling = [slot for slot, sequence in running.items() if sequence.prefilling]
+                needs = self._page_needs(running)
+                if prefilling and not (needs and just_prefilled):
+                    slots, read = self._prefill_call(slots, prefilling, running, pool)
                     just_prefilled = True
-                elif decoding:
-                    slots, read = self._step(slots, running)
+                elif needs and (unread is None or pool.has_room(needs)):
+                    slots = self._make_room(slots, needs, running, waiting, pool)
+                    slots, read = self._step(slots, running, pool)
                     just_prefilled = False
                 elif unread is not None:
-                    read = None  # nothing left to dispatch: read the last call
+                    read = None  # nothing to dispatch before the call in flight is read
                 else:
                     return
                 if self.overlap:
@@ -500,11 +700,70 @@ class Engine:
                 if read is not None:
                     yield from read()
 
-    def _take(self, pending: Iterator[Request], count: int) -> list[Request]:
-        taken = [request for _, request in zip(range(count), pending)]
-        for request in taken:
-            self.validate(request)
-        return taken
+    def _admit(self, pending: Iterator[Request], waiting: deque[_Sequence], running: dict[int, _Sequence],
+               pool: _PagePool) -> None:  # fmt: skip
+        """Fills free slots, first with preempted sequences, then with requests drawn from `pending`, while
+        the pool has the pages of their prompts. With prefix caching, a sequence maps the cached pages its
+        context starts with and prefills only the rest (all of it where it asks for its prompt's scores, which
+        need the prompt's logits); one whose next page a sequence now prefilling is about to write waits for
+        it (so a request's n samples share their prompt's pages and their prefill)."""
+        for slot in [s for s in range(self.max_slots) if s not in running]:
+            if not waiting:
+                request = next(pending, None)
+                if request is None:
+                    return
+                self.validate(request)
+                for index in range(request.n):
+                    sequence = _Sequence(request, list(request.prompt), index)
+                    waiting.append(self._with_keys(sequence))
+            sequence = waiting[0]
+            if sequence.keys and not sequence.request.prompt_logprobs:
+                if self._written_soon(sequence, running, pool):
+                    return
+                # at least the context's last token is prefilled, for the logits of the next one
+                shared = pool.share(slot, sequence.keys[: (len(sequence.context) - 1) // self.page_size])
+                sequence.prefilled = shared * self.page_size
+            if not pool.take(slot, len(sequence.context)):
+                pool.release(slot)
+                sequence.prefilled = 0
+                return
+            running[slot] = waiting.popleft()
+
+    def _with_keys(self, sequence: _Sequence) -> _Sequence:
+        """The sequence with the keys of its context's full pages, where prefixes are cached."""
+        if self.prefix_caching:
+            sequence.keys = _page_keys(sequence.context, self.page_size)
+        return sequence
+
+    def _written_soon(self, sequence: _Sequence, running: dict[int, _Sequence], pool: _PagePool) -> bool:
+        """Whether the first page of `sequence` not cached yet is one that a sequence now prefilling writes."""
+        wanted = next((key for key in sequence.keys if key not in pool.cached), None)
+        return wanted is not None and any(
+            wanted in other.keys[other.prefilled // self.page_size :] for other in running.values() if other.prefilling
+        )
+
+    def _page_needs(self, running: dict[int, _Sequence]) -> dict[int, int]:
+        """The tokens that each sequence that may decode in the next call may have in the cache after it, by
+        slot, oldest first."""
+        return {slot: min(sequence.cached() + self.steps_per_call, self.max_len) for slot, sequence in running.items()
+                if not sequence.prefilling and sequence.may_go_on(self.max_len)}  # fmt: skip
+
+    def _make_room(self, slots: Slots, needs: dict[int, int], running: dict[int, _Sequence],
+                   waiting: deque[_Sequence], pool: _PagePool) -> Slots:  # fmt: skip
+        """Gives each decoding sequence, oldest first, the pages for its `needs`. Where the pool runs short, the
+        most recently admitted sequence gives its pages back and waits to run again."""
+        for slot, need in needs.items():
+            if slot not in running:
+                continue
+            while not pool.take(slot, need):
+                victim = next(reversed(running))
+                waiting.appendleft(self._with_keys(running.pop(victim).preempted()))
+                pool.release(victim)
+                slots = _deactivate_jit(slots, np.int32(victim))
+                self.preemptions += 1
+                if victim == slot:
+                    break
+        return slots
 
     def _pieces(self, waiting: list[int], running: dict[int, _Sequence]) -> dict[int, int]:
         """The slots (at least one) whose prompts go on in the next prefill call within `prefill_tokens`, and
@@ -512,14 +771,14 @@ class Engine:
         pieces = {}
         for slot in waiting:
             sequence = running[slot]
-            piece = min(len(sequence.request.prompt) - sequence.prefilled, self.piece_len)
+            piece = min(len(sequence.context) - sequence.prefilled, self.piece_len)
             width = _fit(self.length_buckets, max([piece, *pieces.values()]))
             if pieces and _fit(self.row_buckets, len(pieces) + 1) * width > self.prefill_tokens:
                 break
             pieces[slot] = piece
         return pieces
 
-    def _prefill_call(self, slots, waiting, running):
+    def _prefill_call(self, slots, waiting, running, pool):
         """Dispatches the next prefill call; returns the slots and a reader of its updates."""
         pieces = self._pieces(waiting, running)
         rows = _fit(self.row_buckets, len(pieces))
@@ -527,53 +786,70 @@ class Engine:
         first, count = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         targets = np.full(rows, self.max_slots, np.int32)  # out of range: padding rows write nowhere
         last = np.zeros(rows, bool)
+        resumed, next_token = np.zeros(rows, np.int32), np.zeros(rows, np.int32)
         stop = np.full((rows, self.stop_width), -1, np.int32)
         following = np.full(tokens.shape, -1, np.int32)  # the prompt tokens to score
         settings = {name: np.zeros(rows, dtype) for name, (_, dtype) in REQUEST_SETTINGS.items()}
         for row, (slot, piece) in enumerate(pieces.items()):
             sequence = running[slot]
             request, start = sequence.request, sequence.prefilled
-            tokens[row, :piece] = request.prompt[start : start + piece]
+            tokens[row, :piece] = sequence.context[start : start + piece]
             if request.prompt_logprobs:
-                scored = request.prompt[start + 1 : start + piece + 1]
-                following[row, : len(scored)] = scored
+                # the prompt tokens after this piece's positions, but for those scored before a preemption (the
+                # sequence keeps their scores; calls in flight score only positions before `start`); the
+                # generated tokens a preempted sequence prefills again are no prompt tokens
+                scored_from = max(start, len(sequence.prompt_logprobs))
+                scored = request.prompt[scored_from + 1 : start + piece + 1]
+                following[row, scored_from - start : scored_from - start + len(scored)] = scored
             first[row], count[row], targets[row] = start, piece, slot
-            last[row] = start + piece == len(request.prompt)
+            last[row] = start + piece == len(sequence.context)
+            if sequence.generated:
+                resumed[row], next_token[row] = len(sequence.generated), sequence.generated[-1]
             stops = (*self.stop_tokens, *request.stop)
             stop[row, : len(stops)] = stops
             for name, (field, _) in REQUEST_SETTINGS.items():
                 settings[name][row] = getattr(request, field)
+            settings["seed"][row] += sequence.index
             sequence.prefilled += piece
         settings["stop"] = stop
         self.prefill_shapes[tokens.shape] += 1
+        self.prefilled_tokens += sum(pieces.values())
         in_call = {slot: running[slot] for slot in pieces}
-        finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row]}
+        # a sequence that goes on after a preemption already has its first token
+        finishing = {slot: running[slot] for row, slot in enumerate(pieces) if last[row] and not resumed[row]}
         slots, sampled, active, scores, prompt_scores = self._prefill(
             params=self.params, slots=slots, tokens=tokens, first=first, count=count, targets=targets, last=last,
-            following=following, settings=settings, logprobs=_any_asks(finishing, "logprobs"),
-            prompt_logprobs=_any_asks(in_call, "prompt_logprobs"),
+            resumed=resumed, next_token=next_token, following=following, settings=settings,
+            pages=pool.table.copy(), logprobs=_any_asks_logprobs(finishing),
+            prompt_logprobs=bool((following >= 0).any()),
         )  # fmt: skip
         for sequence in finishing.values():
             sequence.unread += 1
+        for slot in pieces:  # the calls after this one read its pages: any sequence may now map them
+            sequence = running[slot]
+            pool.publish(slot, sequence.keys[: sequence.prefilled // self.page_size])
 
         def read() -> list[Update]:
             first_tokens, first_scores, piece_scores = jax.tree.map(np.asarray, (sampled, scores, prompt_scores))
             for sequence in finishing.values():
                 sequence.unread -= 1
             for row, sequence in enumerate(in_call.values()):
-                scored = following[row] >= 0  # a prefix of the row, of a row that asked
+                scored = following[row] >= 0
                 if scored.any():
                     sequence.prompt_logprobs += zip(following[row, scored].tolist(), piece_scores[row, scored].tolist())
-            new_tokens = {slot: [(int(first_tokens[row]), (row,))] for row, slot in enumerate(pieces) if last[row]}
-            return self._updates(new_tokens, first_scores, active, running, finishing)
+            new_tokens = {
+                slot: [(int(first_tokens[row]), (row,))] for row, slot in enumerate(pieces) if slot in finishing
+            }
+            return self._updates(new_tokens, first_scores, active, running, finishing, pool)
 
         return slots, read
 
-    def _step(self, slots, running):
+    def _step(self, slots, running, pool):
         """Dispatches a decode call; returns the slots and a reader of its updates."""
         decoding = {slot: sequence for slot, sequence in running.items() if not sequence.prefilling}
-        logprobs = _any_asks(decoding, "logprobs")
-        slots, tokens, emitted, active, scores = self._decode(params=self.params, slots=slots, logprobs=logprobs)
+        logprobs = _any_asks_logprobs(decoding)
+        slots, tokens, emitted, active, scores = self._decode(params=self.params, slots=slots, pages=pool.table.copy(),
+                                                               logprobs=logprobs)  # fmt: skip
         self.slot_steps += self.steps_per_call * self.max_slots
         for sequence in decoding.values():
             sequence.unread += self.steps_per_call
@@ -586,18 +862,19 @@ class Engine:
                 slot: [(int(step_tokens[step, slot]), (step, slot)) for step in np.flatnonzero(step_emitted[:, slot])]
                 for slot in decoding
             }
-            return self._updates(new_tokens, step_scores, active, running, decoding)
+            return self._updates(new_tokens, step_scores, active, running, decoding, pool)
 
         return slots, read
 
     def _updates(
         self, new_tokens: dict[int, list[tuple[int, tuple[int, ...]]]], scores: TokenScores | None, active: jax.Array,
-        running: dict[int, _Sequence], in_call: dict[int, _Sequence],
+        running: dict[int, _Sequence], in_call: dict[int, _Sequence], pool: _PagePool,
     ) -> list[Update]:  # fmt: skip
         """Adds each slot's new tokens, given with their index in `scores` (None: the call scored nothing), to its
-        request's (and their scores, if it asked for them), and frees the slots that ended. `in_call` holds the sequences the call ran, by slot: a
-        slot whose sequence has ended since (overlap) is left alone, even when a new request has taken it. Slots
-        left out of `new_tokens` were not in the call."""
+        request's (and their scores, if it asked for them), and frees the slots (and their pages) that ended.
+        `in_call` holds the sequences the call ran, by slot: a slot whose sequence has ended since (overlap) is
+        left alone, even when a new request has taken it. Slots left out of `new_tokens` were not in the call,
+        or went on after a preemption."""
         active = np.asarray(active)
         updates = []
         for slot, indexed in new_tokens.items():
@@ -611,15 +888,16 @@ class Engine:
             result = None
             if not active[slot]:
                 del running[slot]
+                pool.release(slot)
                 result = self._result(sequence)
-            updates.append(Update(request, tokens, result))
+            updates.append(Update(request, tokens, result, sequence.index))
         return updates
 
     def _result(self, sequence: _Sequence) -> Result:
         request = sequence.request
         return Result(
             request.id, sequence.generated, self._reason(request, sequence.generated), len(request.prompt),
-            logprobs=sequence.logprobs if request.logprobs else None,
+            sequence.index, logprobs=sequence.logprobs if request.logprobs else None,
             prompt_logprobs=sequence.prompt_logprobs if request.prompt_logprobs else None,
         )  # fmt: skip
 

@@ -6,7 +6,7 @@
 The checkpoint (the Hugging Face layout or a converted one, local or `gs://`) defines the model and holds its
 `tokenizer.json`; the config file holds the run's settings (`gptoss_dist.settings`: mesh, slots, lengths,
 sampling defaults, paths), each of which can be overridden as `--config.x=y`. `gptoss_dist.records` describes
-the records, `gptoss_dist.storage` how the output is written exactly once: a job that is killed and started
+the records, `gptoss_dist.job_files` how the output is written exactly once: a job that is killed and started
 again with the same settings and input continues where it stopped. The output records what made it; a run
 whose input or settings differ is refused, except that `retry_errors` runs the lines that ended in errors
 again, edited or not. One job at a time writes an output: it takes the output's lock before any weight is
@@ -42,25 +42,26 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import tokenizers
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from gptoss_dist import distributed, plan, records, settings, storage
-from gptoss_dist.checkpoint import CheckpointError, filesystem, from_pretrained, join, read_config
+from gptoss_dist import distributed, job_files, records, settings
+from gptoss_dist.checkpoint import CheckpointError
 from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine, Request, Result, TokenLogprob
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_FAILED_REQUESTS, EXIT_PEER_LOST
 from gptoss_dist.harmony import Message, channel_texts, parse_reply, render_for_completion, tool_calls
 from gptoss_dist.records import InputRecord, RecordError
-from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes
+from gptoss_dist.sharding import MeshError
+from gptoss_dist.startup import (
+    StartError,
+    check_engine_settings,
+    check_given,
+    checkpoint_tokenizer,
+    make_engine,
+    planned_mesh,
+)
 from gptoss_dist.tokenizer import Tokenizer
-
-TOKENIZER_FILE = "tokenizer.json"
-
-
-class JobError(Exception):
-    """A job that cannot start: the message names the setting or the file."""
 
 
 @dataclasses.dataclass
@@ -119,8 +120,8 @@ def make_request(
     request = Request(
         prompt_tokens(record, tokenizer, harmony), max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
-        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id, logprobs=record.logprobs,
-        top_logprobs=record.top_logprobs, prompt_logprobs=record.prompt_logprobs,
+        stop=stop_ids(record, tokenizer, engine.config.vocab_size), id=record.id, n=record.n,
+        logprobs=record.logprobs, top_logprobs=record.top_logprobs, prompt_logprobs=record.prompt_logprobs,
     )  # fmt: skip
     engine.validate(request)
     return request
@@ -198,7 +199,8 @@ def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> 
     stop_strings = [entry for entry in record.stop if isinstance(entry, str)]
     tokens, text, finish_reason = cut_at_stop_strings(result.tokens, result.finish_reason, stop_strings, tokenizer)
     line = {
-        "line": record.line, "id": record.id, "text": text, "tokens": tokens, "finish_reason": finish_reason,
+        "line": record.line, "id": record.id, "index": result.index, "text": text, "tokens": tokens,
+        "finish_reason": finish_reason,
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(tokens)},
     }  # fmt: skip
     line |= logprob_fields(result, len(tokens), tokenizer)
@@ -210,28 +212,16 @@ def result_record(record: InputRecord, result: Result, tokenizer: Tokenizer) -> 
 # ---------------------------------------------------------------------------------------------------- job
 
 
-def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
-    """The tokenizer in the checkpoint directory (local or a URL)."""
-    path = join(checkpoint, TOKENIZER_FILE)
-    try:
-        text = filesystem(path).cat_file(path).decode()
-        return Tokenizer(tokenizers.Tokenizer.from_str(text))
-    except FileNotFoundError:
-        raise JobError(f"{path}: missing; the checkpoint must hold its tokenizer") from None
-    except Exception as err:  # tokenizers raises plain Exceptions
-        raise JobError(f"{path}: not a readable tokenizer: {err}") from err
-
-
 def check_settings(config: ml_collections.ConfigDict) -> records.Sampling:
-    """The sampling defaults, once every setting the job reads is checked; JobError or SettingsError naming the
+    """The sampling defaults, once every setting the job reads is checked; StartError or SettingsError naming the
     one that is not."""
     for name in ("input", "output"):
-        _check_given(config, name)
+        check_given(config, name)
     settings.check_positive(config, "max_slots", "part_records")
     if config.part_seconds < 0:
-        raise JobError(f"part_seconds must be >= 0, not {config.part_seconds}")
+        raise StartError(f"part_seconds must be >= 0, not {config.part_seconds}")
     if not config.lock_timeout_s > 0:
-        raise JobError(f"lock_timeout_s must be > 0, not {config.lock_timeout_s}")
+        raise StartError(f"lock_timeout_s must be > 0, not {config.lock_timeout_s}")
     return check_engine_settings(config)
 
 
@@ -243,73 +233,28 @@ def result_settings(config: ml_collections.ConfigDict, defaults: records.Samplin
     return {"checkpoint": config.checkpoint, "dtype": config.dtype, "max_len": config.max_len} | sampling | harmony
 
 
-def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling:
-    """The sampling defaults, once the settings that loading the model and generating read are checked (the
-    job's and the chat's); JobError or SettingsError naming the one that is not."""
-    _check_given(config, "checkpoint")
-    settings.check_positive(config, "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens")
-    if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
-        raise JobError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
-    try:
-        return records.sampling_defaults(config.sampling)
-    except ValueError as err:
-        raise JobError(str(err)) from None
-
-
-def _check_given(config: ml_collections.ConfigDict, name: str) -> None:
-    if not config[name]:
-        raise JobError(f"no {name}: set --config.{name}")
-
-
-def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
-    """The configured mesh, once the checkpoint's model is known to fit it: refuses, before any weight is
-    read, a run whose weights, KV cache and working memory exceed a chip (naming the setting to turn)."""
-    model_config = read_config(config.checkpoint)
-    model_config.check_max_len(config.max_len)
-    mesh = make_mesh(config.mesh, model_config, devices, packed_experts=config.packed_experts)
-    try:
-        memory = plan.chip_memory(config.chip, jax.local_devices()[0])
-        if memory is not None:
-            need = plan.plan_memory(model_config, mesh_sizes(mesh), max_slots=config.max_slots,
-                                    max_len=config.max_len, prefill_tokens=config.prefill_tokens,
-                                    dtype=np.dtype(settings.dtype(config)),
-                                    packed_experts=config.packed_experts)  # fmt: skip
-            plan.check_fits(need, memory[1], memory[0])
-    except plan.PlanError as err:
-        raise JobError(str(err)) from None
-    return mesh
-
-
-def make_engine(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> Engine:
-    """The checkpoint's model on `mesh`, in an engine that stops on the tokenizer's stop tokens."""
-    model = from_pretrained(config.checkpoint, dtype=settings.dtype(config), mesh=mesh,
-                            packed_experts=config.packed_experts)  # fmt: skip
-    try:
-        return Engine(model, mesh, max_slots=config.max_slots, max_len=config.max_len,
-                      steps_per_call=config.steps_per_call, stop_tokens=tokenizer.stop_token_ids,
-                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens)  # fmt: skip
-    except ValueError as err:
-        raise JobError(str(err)) from None
-
-
 class Job:
     """Feeds records to the engine as it takes them and writes each outcome as it comes, counting them."""
 
     def __init__(self, config: ml_collections.ConfigDict, engine: Engine, tokenizer: Tokenizer,
-                 output: storage.JobOutput, bar: tqdm, summary: Summary):  # fmt: skip
+                 output: job_files.JobOutput, bar: tqdm, summary: Summary):  # fmt: skip
         self.config, self.engine, self.tokenizer, self.output = config, engine, tokenizer, output
         self.bar, self.summary = bar, summary
         self.in_flight: dict[str, InputRecord] = {}
-        self.done_lines = output.done_lines
+        self.samples_left: dict[str, int] = {}  # of each record in flight, the samples not finished yet
         self.start = time.monotonic()
 
     def run(self, items: Iterable[InputRecord | RecordError]) -> None:
         for request, result in self.engine.run(self.requests(items)):
-            record = self.in_flight.pop(request.id)
-            self.output.write_result(result_record(record, result, self.tokenizer))
-            self.summary.ok += 1
-            self.summary.tokens += result.completion_tokens
-            self.advance()
+            record = self.in_flight[request.id]
+            if result.index not in self.output.result_samples.get(record.line, {}):  # else an earlier run wrote it
+                self.output.write_result(result_record(record, result, self.tokenizer))
+                self.summary.tokens += result.completion_tokens
+            self.samples_left[request.id] -= 1
+            if not self.samples_left[request.id]:
+                del self.in_flight[request.id], self.samples_left[request.id]
+                self.summary.ok += 1
+                self.advance()
 
     def requests(self, items: Iterable[InputRecord | RecordError]) -> Iterator[Request]:
         """The engine's requests for the items not done yet; the errors are written as they come."""
@@ -318,13 +263,13 @@ class Job:
             if isinstance(prepared, RecordError):
                 self.fail(prepared)
             else:
-                self.in_flight[item.id] = item
+                self.in_flight[item.id], self.samples_left[item.id] = item, item.n
                 yield prepared
 
     def pending(self, items: Iterable[InputRecord | RecordError]) -> Iterator[InputRecord | RecordError]:
-        """`items` less those of lines an earlier run already wrote."""
+        """`items` less those of lines an earlier run already wrote (a line of n samples: all of them)."""
         for item in items:
-            if item.line in self.done_lines:
+            if self.output.is_done(item.line, item.n if isinstance(item, InputRecord) else 1):
                 self.summary.done_before += 1
             else:
                 yield item
@@ -353,14 +298,14 @@ def _writer_succeeded(succeeded: bool) -> bool:
     return bool(multihost_utils.broadcast_one_to_all(np.int32(succeeded)))
 
 
-def lock_output(config: ml_collections.ConfigDict) -> storage.OutputLock | contextlib.nullcontext:
+def lock_output(config: ml_collections.ConfigDict) -> job_files.OutputLock | contextlib.nullcontext:
     """The writing process's lock on the output (a context that releases it), which checks that the output
     can be written; a null context in the other processes, which raise too if the writer cannot take it."""
     if not distributed.is_writer():
         if not _writer_succeeded(True):
-            raise JobError("process 0 cannot take the output (its error says why)")
+            raise StartError("process 0 cannot take the output (its error says why)")
         return contextlib.nullcontext()
-    lock, taken = storage.OutputLock(config.output, config.lock_timeout_s), False
+    lock, taken = job_files.OutputLock(config.output, config.lock_timeout_s), False
     try:
         lock.acquire()
         taken = True
@@ -370,10 +315,10 @@ def lock_output(config: ml_collections.ConfigDict) -> storage.OutputLock | conte
 
 
 def open_output(
-    config: ml_collections.ConfigDict, made_by: storage.Manifest, lock: storage.OutputLock | None
-) -> storage.JobOutput:
+    config: ml_collections.ConfigDict, made_by: job_files.Manifest, lock: job_files.OutputLock | None
+) -> job_files.JobOutput:
     """The job's output, checked against what makes this run (`made_by`), and opened for writing in the writer."""
-    output = storage.JobOutput(config.output, part_records=config.part_records, part_seconds=config.part_seconds,
+    output = job_files.JobOutput(config.output, part_records=config.part_records, part_seconds=config.part_seconds,
                                lock=lock)  # fmt: skip
     output.resume(made_by, config.input, retry_errors=config.retry_errors)
     # Every process runs the same requests (each holds its data shard's slots); all must have read what an
@@ -388,10 +333,10 @@ def open_output(
 def run_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Summary:
     """Runs the batch job that `config` describes (on `devices`, default all) and says what it did.
 
-    Raises JobError (or the checkpoint's, the mesh's, the input's or the output's error) if it cannot start."""
+    Raises StartError (or the checkpoint's, the mesh's, the input's or the output's error) if it cannot start."""
     defaults = check_settings(config)
     mesh = planned_mesh(config, devices)
-    made_by = storage.Manifest(result_settings(config, defaults), storage.read_fingerprints(config.input))
+    made_by = job_files.Manifest(result_settings(config, defaults), job_files.read_fingerprints(config.input))
     with lock_output(config) as lock:
         output = open_output(config, made_by, lock)
         tokenizer = checkpoint_tokenizer(config.checkpoint)
@@ -399,7 +344,7 @@ def run_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | N
         summary = Summary(output.describe(), failed_before=output.failed_before)
         bar = tqdm(total=len(made_by.lines), initial=len(output.done_lines), unit="request", desc="generating",
                    dynamic_ncols=True, disable=not distributed.is_writer())  # fmt: skip
-        items = records.read_records(storage.read_lines(config.input), defaults, output.result_lines)
+        items = records.read_records(job_files.read_lines(config.input), defaults, output.result_lines)
         try:
             Job(config, engine, tokenizer, output, bar, summary).run(items)
         finally:
@@ -438,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         try:
             watch = distributed.watch_peers(config.value.distributed.peer_timeout_s, stop_for_lost_peer)
             summary = run_job(config.value)
-        except (JobError, settings.SettingsError, storage.InputError, storage.OutputError, CheckpointError,
+        except (StartError, settings.SettingsError, job_files.InputError, job_files.OutputError, CheckpointError,
                 ConfigError, MeshError) as err:
             print(f"gptoss-generate: error: {err}", file=sys.stderr)
             sys.exit(EXIT_CANNOT_START)

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
-from gptoss_dist.tokenizer import Tokenizer
+from gptoss_dist.tokenizer import CALL, END_OF_TEXT, RETURN, Tokenizer
 
 ReasoningEffort = Literal["low", "medium", "high"]
 
@@ -36,9 +36,9 @@ DEFAULT_KNOWLEDGE_CUTOFF = "2024-06"
 VALID_CHANNELS = ("analysis", "commentary", "final")
 
 START, MESSAGE, END, CHANNEL = "<|start|>", "<|message|>", "<|end|>", "<|channel|>"
-CONSTRAIN, CALL = "<|constrain|>", "<|call|>"
+CONSTRAIN = "<|constrain|>"
 #: Tokens that close a message in a completion.
-MESSAGE_ENDS = (END, "<|return|>", CALL)
+MESSAGE_ENDS = (END, RETURN, CALL)
 #: The namespace of function tools: a call goes to ``functions.NAME``.
 FUNCTIONS = "functions"
 #: The channel of tool calls and tool results.
@@ -49,8 +49,6 @@ JSON_ARGUMENTS = "json"
 SCALAR_TYPES = {"number": "number", "integer": "number", "boolean": "boolean"}
 #: The system message's line when the conversation declares function tools.
 FUNCTION_ROUTING = f"Calls to these tools must go to the {TOOL_CHANNEL} channel: '{FUNCTIONS}'."
-#: A token after which a completion holds nothing more.
-END_OF_TEXT = "<|endoftext|>"
 
 
 @dataclass(frozen=True)

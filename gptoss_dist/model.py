@@ -26,6 +26,9 @@ F32 = jnp.float32
 
 # A stack of expert matrices [E, in, out]: dense, or MXFP4 as the checkpoint stores them.
 Matrices = jax.Array | mxfp4.PackedMatrices
+# How the experts run (`experts_function`): the platform's best, XLA's grouped matmul, a loop over row blocks,
+# or the Pallas kernel.
+EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "gpu_kernel", "tpu_kernel")
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stddev: float) -> nnx.Param:
@@ -97,15 +100,24 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Span:
     """Where the tokens [B, T] of a call sit in their sequences: index t of row b is position `first[b] + t`,
     a real token for `start[b] <= t < end[b]`. With a cache, row b's sequence is in cache slot `slot[b]`
-    (out of range: a padding row, which writes nothing), or in slot b where `slot` is None."""
+    (out of range: a padding row, which writes nothing), or in slot b where `slot` is None; its full-attention
+    layers' keys are in the pages `pages[b]` of their pool, or in page `slot[b]` where `pages` is None."""
 
     first: jax.Array  # [B] int32
     start: jax.Array  # [B] int32
     end: jax.Array  # [B] int32
     slot: jax.Array | None = None  # [B] int32
+    pages: jax.Array | None = None  # [B, pages per sequence] int32
 
     def positions(self, length: int) -> jax.Array:
         return self.first[:, None] + jnp.arange(length)
+
+    def slots(self) -> jax.Array:
+        return jnp.arange(self.first.shape[0], dtype=jnp.int32) if self.slot is None else self.slot
+
+    def page_table(self) -> jax.Array:
+        """Each row's pages of the full-attention layers' pool [B, W]."""
+        return self.slots()[:, None] if self.pages is None else self.pages
 
     @classmethod
     def from_mask(cls, valid: jax.Array) -> Span:
@@ -116,40 +128,56 @@ class Span:
         return cls(first=-start, start=start, end=start + count)
 
 
-# Logical axes of a layer's cached keys and values, beside the weights' axes.
+# Logical axes of a layer's cached keys and values, beside the weights' axes: pages (a slot's ring, or a
+# page of the full-attention layers' pool), positions in a page, heads, head_dim.
 CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """One layer's keys and values [slots, length, kv_heads, head_dim] (`CACHE_AXES`), position p at index
-    p % length: full-attention layers hold the whole context, sliding layers their window as a ring."""
+    """One layer's keys and values [pages, page, kv_heads, head_dim] (`CACHE_AXES`). A sequence's keys are
+    in the pages of its page table [W] one after the other, position p in page `table[p // page % W]` at
+    p % page: a pool holds the whole context in pages taken as it grows (the full-attention layers'; a
+    sliding layer's too where prefixes are shared, so that a sequence that starts from a cached prefix finds
+    the window before it); a `ring` holds a sliding layer's window per slot, one page per slot."""
 
     k: jax.Array
     v: jax.Array
+    ring: bool = dataclasses.field(default=False, metadata={"static": True})
 
-    def write(self, k: jax.Array, v: jax.Array, span: Span) -> LayerCache:
-        """The cache with the real tokens' keys and values [B, T, kv, D] stored (of a ring, the last ones)."""
-        length = self.k.shape[1]
+    def write(self, k: jax.Array, v: jax.Array, span: Span, pages: jax.Array) -> LayerCache:
+        """The cache with the real tokens' keys and values [B, T, kv, D] stored through the page table pages
+        [B, W] (of more than W pages' worth, the last ones)."""
+        page, count = self.k.shape[1], pages.shape[1]
         t = jnp.arange(k.shape[1])
-        kept = (t >= jnp.maximum(span.start, span.end - length)[:, None]) & (t < span.end[:, None])
-        index = jnp.where(kept, span.positions(k.shape[1]) % length, length)  # length: dropped
-        slot = jnp.arange(k.shape[0]) if span.slot is None else span.slot
-        rows = slot[:, None]
+        kept = (t >= jnp.maximum(span.start, span.end - page * count)[:, None]) & (t < span.end[:, None])
+        positions = span.positions(k.shape[1])
+        index = jnp.take_along_axis(pages, positions // page % count, axis=1)
+        index = jnp.where(kept, index, self.k.shape[0])  # out of range: dropped
+        offset = positions % page
         return LayerCache(
-            self.k.at[rows, index].set(k.astype(self.k.dtype), mode="drop"),
-            self.v.at[rows, index].set(v.astype(self.v.dtype), mode="drop"),
+            self.k.at[index, offset].set(k.astype(self.k.dtype), mode="drop"),
+            self.v.at[index, offset].set(v.astype(self.v.dtype), mode="drop"),
+            self.ring,
         )
 
 
 def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:
-    """Positions a layer's cache keeps: its window for a sliding layer, the whole context for the others."""
+    """Positions a layer's cache keeps per sequence: its window for a sliding layer, the whole context for the
+    others."""
     return min(cfg.window(layer) or max_len, max_len)
 
 
-def cache_shape(cfg: ModelConfig, layer: int, slots: int, max_len: int) -> tuple[int, int, int, int]:
-    return (slots, cache_length(cfg, layer, max_len), cfg.num_kv_heads, cfg.head_dim)
+def cache_shape(
+    cfg: ModelConfig, layer: int, slots: int, max_len: int, pool: tuple[int, int] | None = None, rings: bool = True
+) -> tuple[int, int, int, int]:
+    """The shape of a layer's cache: with `rings` a ring per slot for a sliding layer; for the others a pool
+    of (pages, page size), by default a page of max_len per slot."""
+    pages, page = (slots, max_len) if pool is None else pool
+    if rings and cfg.window(layer) is not None:
+        pages, page = slots, cache_length(cfg, layer, max_len)
+    return (pages, page, cfg.num_kv_heads, cfg.head_dim)
 
 
 class Attention(nnx.Module):
@@ -192,12 +220,13 @@ class Attention(nnx.Module):
         own = KeySpan(k, v, first=span.first, start=span.start, end=span.end)
         if cache is None:
             spans = [own]
-        elif self.window is None:  # the cache holds the whole context: store, then read it
-            cache = cache.write(k, v, span)
-            spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, rows=span.slot)]
+        elif not cache.ring:  # the cache holds the whole context: store, then read it
+            cache = cache.write(k, v, span, span.page_table())
+            spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, pages=span.page_table())]
         else:  # a ring as long as the window: read what it held before the new keys replace it
-            spans = [KeySpan(cache.k, cache.v, end=span.first + span.start, rows=span.slot, ring=True), own]
-            cache = cache.write(k, v, span)
+            ring = span.slots()[:, None]
+            spans = [KeySpan(cache.k, cache.v, end=span.first + span.start, pages=ring, ring=True), own]
+            cache = cache.write(k, v, span, ring)
         out = attend(q, span.first, self.sinks[...], spans, self.window, block=block)
         return self.project_out(out), cache
 
@@ -231,6 +260,7 @@ def routed_experts(
     *,
     limit: float,
     alpha: float,
+    implementation: str = "auto",
     first_expert: jax.Array | int = 0,
 ) -> jax.Array:
     """Sum over each token's chosen experts of weight * expert(token), for the experts held here.
@@ -238,14 +268,15 @@ def routed_experts(
     x [N, hidden]; experts and weights [N, k]; the expert weights hold experts first_expert.. of the model
     ([E_here, hidden, 2I], [E_here, I, hidden], ...). Token copies are sorted by expert so that each expert
     runs only on the tokens routed to it, and copies routed to experts held elsewhere contribute zero.
-    No token is dropped. Returns float32 [N, hidden].
+    No token is dropped. `implementation` names how the experts run (see `experts_function`). Returns float32
+    [N, hidden].
     """
     num_here = gate_up.shape[0]
     local = experts.reshape(-1) - first_expert
     group = jnp.where((local >= 0) & (local < num_here), local, num_here)  # num_here: held elsewhere
     order = jnp.argsort(group, stable=True)
     sizes = jnp.bincount(group, length=num_here + 1)[:num_here].astype(jnp.int32)
-    ffn = partial(experts_implementation(gate_up), limit=limit, alpha=alpha)
+    ffn = partial(experts_function(implementation, gate_up), limit=limit, alpha=alpha)
     out = ffn(x[order // experts.shape[1]], group[order], sizes, gate_up, gate_up_bias, down, down_bias)
     row_weight = jnp.where(group[order] < num_here, weights.reshape(-1)[order], 0.0)
     tokens = jnp.zeros((x.shape[0], x.shape[-1]), F32)
@@ -259,21 +290,36 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def experts_implementation(gate_up: Matrices) -> Callable:
-    """How the target platform runs the experts on rows sorted by expert: a Pallas kernel on GPUs (Triton) and
-    for packed weights on TPUs (Mosaic), XLA's grouped matmul for dense weights on TPUs, else a loop over row
-    blocks."""
+# The Pallas expert kernels by implementation name: the platform each is built for, and its grouped matmul.
+EXPERTS_KERNELS = {
+    "gpu_kernel": ("gpu", grouped_matmul.grouped_matmul),
+    "tpu_kernel": ("tpu", tpu_grouped_matmul.grouped_matmul),
+}
+
+
+def experts_function(implementation: str, gate_up: Matrices) -> Callable:
+    """The function that runs the experts on rows sorted by expert, by name (`EXPERTS_IMPLEMENTATIONS`):
+    `ragged` XLA's grouped matmul, `blocked` a loop over row blocks, `gpu_kernel` and `tpu_kernel` the Pallas
+    kernels (Triton, `grouped_matmul`; Mosaic, `tpu_grouped_matmul`), each in Pallas' interpreter where the
+    target is not its platform, and `auto` the target platform's best: the GPU kernel on GPUs; on TPUs the TPU
+    kernel for packed weights and the grouped matmul for dense ones (XLA's own Mosaic kernel); else the loop."""
     platform = target_platform()
-    if platform == "gpu":
-        return partial(_experts_kernel, matmul=grouped_matmul.grouped_matmul)
-    if platform == "tpu":
-        if isinstance(gate_up, mxfp4.PackedMatrices):
-            return partial(_experts_kernel, matmul=tpu_grouped_matmul.grouped_matmul)
-        return _experts_ragged
-    return _experts_blocked
+    if implementation == "auto":
+        tpu_ragged = platform == "tpu" and not isinstance(gate_up, mxfp4.PackedMatrices)
+        implementation = "ragged" if tpu_ragged else f"{platform}_kernel" if platform in ("gpu", "tpu") else "blocked"
+    if implementation in EXPERTS_KERNELS:
+        own_platform, matmul = EXPERTS_KERNELS[implementation]
+        return partial(experts_kernel, matmul=matmul, interpret=platform != own_platform)
+    return {"ragged": experts_ragged, "blocked": experts_blocked}[implementation]
 
 
-def _experts_ragged(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
+def check_experts_implementation(implementation: str) -> None:
+    """Refuses a name that is not one of `EXPERTS_IMPLEMENTATIONS`."""
+    if implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}, not {implementation!r}")
+
+
+def experts_ragged(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
     """The experts on rows sorted by expert, as two grouped matmuls (`ragged_dot`). TPUs run these natively;
     elsewhere XLA expands them into dense matmuls over every expert."""
     expert = jnp.minimum(row_group, gate_up.shape[0] - 1)
@@ -324,7 +370,7 @@ def expert_matrix(weights: Matrices, expert: jax.Array, dtype) -> jax.Array:
     return weights[expert].astype(dtype)
 
 
-def _experts_blocked(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
+def experts_blocked(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
     """The experts on rows sorted by expert, block by block: a loop runs each used block through its expert's
     weights (blocks past the used ones are skipped), so the work and the weights read follow the routing, and
     packed weights are dequantized one expert at a time."""
@@ -348,13 +394,13 @@ def _experts_blocked(rows, row_group, sizes, gate_up, gate_up_bias, down, down_b
     return blocks.unpad(out.reshape(-1, out.shape[-1]))
 
 
-def _experts_kernel(
+def experts_kernel(
     rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha, matmul: Callable,
     interpret: bool = False,
 ):  # fmt: skip
     """The experts on rows sorted by expert as two grouped matmuls, each a kernel (`matmul`: the GPU's
     `grouped_matmul` or the TPU's `tpu_grouped_matmul`) that reads only the used experts' weights, in place,
-    dequantizing packed ones a tile at a time; `interpret` runs it with Pallas' interpreter (for tests)."""
+    dequantizing packed ones a tile at a time; `interpret` runs it with Pallas' interpreter."""
     blocks = row_blocks(row_group, sizes, gate_up.shape[0], smallest=16)
     blocks_times = partial(matmul, block_expert=blocks.expert, block_rows=blocks.size, interpret=interpret)
     hidden = blocks_times(blocks.pad(rows), gate_up, gate_up_bias)
@@ -368,9 +414,13 @@ def _next_power_of_2(n: int) -> int:
 
 class MoE(nnx.Module):
     """Top-k routed experts. With `packed`, the expert matrices stay as the checkpoint's MXFP4 blocks and
-    scales (uint8, the Hugging Face layout byte for byte) and are dequantized inside the expert matmuls."""
+    scales (uint8, the Hugging Face layout byte for byte) and are dequantized inside the expert matmuls.
+    `implementation` names how the experts run (`experts_function`)."""
 
-    def __init__(self, cfg: ModelConfig, *, param_dtype, packed: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, *, param_dtype, packed: bool = False, implementation: str = "auto", rngs: nnx.Rngs
+    ):
+        check_experts_implementation(implementation)
         hidden, inter, num = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         self.router = _param(rngs, (hidden, num), ("embed", "router_experts"), param_dtype, hidden**-0.5)
         self.router_bias = _constant((num,), ("router_experts",), param_dtype, 0.0)
@@ -386,7 +436,7 @@ class MoE(nnx.Module):
             self.down = _param(rngs, (num, inter, hidden), down_axes, param_dtype, inter**-0.5)
         self.gate_up_bias = _constant((num, 2 * inter), ("experts", "expert_mlp"), param_dtype, 0.0)
         self.down_bias = _constant((num, hidden), ("experts", "embed"), param_dtype, 0.0)
-        self.packed = packed
+        self.packed, self.implementation = packed, implementation
         self.top_k, self.limit, self.alpha = cfg.experts_per_token, cfg.swiglu_limit, cfg.swiglu_alpha
 
     def expert_variables(self) -> tuple:
@@ -400,15 +450,18 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         tokens = constrain(x.reshape(-1, x.shape[-1]), ("batch", "embed"))
-        experts, weights = route(tokens, self.router[...], self.router_bias[...], self.top_k)
+        with jax.named_scope("routing"):
+            experts, weights = route(tokens, self.router[...], self.router_bias[...], self.top_k)
         variables = self.expert_variables()
         params = jax.tree.map(lambda var: var[...], variables, is_leaf=_is_variable)
+        options = dict(limit=self.limit, alpha=self.alpha, implementation=self.implementation)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
-            out = routed_experts(tokens, experts, weights, *params, limit=self.limit, alpha=self.alpha)
+            with jax.named_scope("experts"):
+                out = routed_experts(tokens, experts, weights, *params, **options)
         else:
             axes = jax.tree.map(lambda var: var.get_metadata()["logical_axes"], variables, is_leaf=_is_variable)
-            out = expert_parallel(mesh, tokens, experts, weights, params, axes, limit=self.limit, alpha=self.alpha)
+            out = expert_parallel(mesh, tokens, experts, weights, params, axes, **options)
         return out.astype(x.dtype).reshape(x.shape)
 
 
@@ -417,8 +470,9 @@ def _is_variable(x) -> bool:
 
 
 def expert_parallel(
-    mesh, tokens, experts, weights, params: tuple, param_axes: tuple, *, limit: float, alpha: float
-) -> jax.Array:
+    mesh, tokens, experts, weights, params: tuple, param_axes: tuple, *, limit: float, alpha: float,
+    implementation: str = "auto",
+) -> jax.Array:  # fmt: skip
     """`routed_experts` over the mesh: each device runs only its experts (`expert` axis) and its slice of
     their intermediate dimension (`tensor` axis) on its data shard's tokens, and a sum over both axes
     combines the partial results. Expert weights never move. `param_axes` holds the logical axes of each
@@ -432,11 +486,13 @@ def expert_parallel(
         gate_up, gate_up_bias, down, down_bias = params
         first_expert = jax.lax.axis_index("expert") * gate_up.shape[0]
         down_bias = jnp.where(jax.lax.axis_index("tensor") == 0, down_bias, 0)  # add the bias once
-        out = routed_experts(
-            tokens, experts, weights, gate_up, gate_up_bias, down, down_bias,
-            limit=limit, alpha=alpha, first_expert=first_expert,
-        )  # fmt: skip
-        return jax.lax.psum(out, ("tensor", "expert"))
+        with jax.named_scope("experts"):
+            out = routed_experts(
+                tokens, experts, weights, gate_up, gate_up_bias, down, down_bias,
+                limit=limit, alpha=alpha, implementation=implementation, first_expert=first_expert,
+            )  # fmt: skip
+        with jax.named_scope("collectives"):
+            return jax.lax.psum(out, ("tensor", "expert"))
 
     # check_vma=False: the blocked experts' lax.cond has a branch that reads no expert weights
     return jax.shard_map(
@@ -460,16 +516,22 @@ class RMSNorm(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layer: int, *, param_dtype, packed_experts: bool, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: ModelConfig, layer: int, *, param_dtype, packed_experts: bool, experts_implementation: str = "auto",
+        rngs: nnx.Rngs,
+    ):  # fmt: skip
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.attn = Attention(cfg, layer, param_dtype=param_dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.mlp = MoE(cfg, param_dtype=param_dtype, packed=packed_experts, rngs=rngs)
+        self.mlp = MoE(
+            cfg, param_dtype=param_dtype, packed=packed_experts, implementation=experts_implementation, rngs=rngs
+        )
 
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: Span, cache: LayerCache | None, block: int
     ) -> tuple[jax.Array, LayerCache | None]:
-        attended, cache = self.attn(self.attn_norm(x), cos, sin, span, cache, block)
+        with jax.named_scope("attention"):
+            attended, cache = self.attn(self.attn_norm(x), cos, sin, span, cache, block)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -487,7 +549,10 @@ def vocab_parallel_lookup(mesh, table: jax.Array, tokens: jax.Array) -> jax.Arra
         index = tokens - first
         held = (index >= 0) & (index < table.shape[0])
         rows = jnp.where(held[..., None], table[jnp.clip(index, 0, table.shape[0] - 1)], 0)
-        return jax.lax.psum(rows, vocab_axes) if vocab_axes else rows
+        if not vocab_axes:
+            return rows
+        with jax.named_scope("collectives"):
+            return jax.lax.psum(rows, vocab_axes)
 
     token_spec = logical_to_spec(("batch", "seq"), tokens.shape, sizes)
     out_spec = logical_to_spec(("batch", "seq", "embed"), (*tokens.shape, table.shape[1]), sizes)
@@ -496,7 +561,8 @@ def vocab_parallel_lookup(mesh, table: jax.Array, tokens: jax.Array) -> jax.Arra
 
 class GptOss(nnx.Module):
     """The causal language model: int token ids [B, T] -> float32 logits [B, T, vocab]. With
-    `packed_experts` the expert weights stay MXFP4 (see `MoE`)."""
+    `packed_experts` the expert weights stay MXFP4 (see `MoE`); `experts_implementation` (one of
+    `EXPERTS_IMPLEMENTATIONS`) names how the experts run (`experts_function`)."""
 
     def __init__(
         self,
@@ -506,6 +572,7 @@ class GptOss(nnx.Module):
         compute_dtype=None,
         rngs: nnx.Rngs | None = None,
         packed_experts: bool = False,
+        experts_implementation: str = "auto",
     ):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
@@ -513,7 +580,10 @@ class GptOss(nnx.Module):
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, 1.0)
         self.layers = nnx.List(
             [
-                DecoderLayer(cfg, i, param_dtype=param_dtype, packed_experts=packed_experts, rngs=rngs)
+                DecoderLayer(
+                    cfg, i, param_dtype=param_dtype, packed_experts=packed_experts,
+                    experts_implementation=experts_implementation, rngs=rngs,
+                )  # fmt: skip
                 for i in range(cfg.num_layers)
             ]
         )
@@ -562,6 +632,17 @@ class GptOss(nnx.Module):
 
 
 
+def abstract_model(
+    cfg: ModelConfig, *, dtype=jnp.bfloat16, compute_dtype=None, packed_experts: bool = False,
+    experts_implementation: str = "auto",
+) -> GptOss:  # fmt: skip
+    """The model's structure with shapes and dtypes only: nothing is allocated."""
+    return nnx.eval_shape(
+        lambda: GptOss(cfg, param_dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts,
+                       experts_implementation=experts_implementation)  # fmt: skip
+    )
+
+
 @nnx.jit
 def forward(model: GptOss, tokens: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
     """`model(tokens, attention_mask)` compiled."""
@@ -575,13 +656,14 @@ def random_model(
     mesh: jax.sharding.Mesh | None = None,
     seed: int = 0,
     packed_experts: bool = False,
+    experts_implementation: str = "auto",
 ) -> GptOss:
     """A model with random weights, each created on the devices in its sharding (for benchmarks).
 
     Each part is made by its own compiled function, one per kind of layer, called with its own key: a single
     function for the whole model takes minutes to compile at the 20B shape.
     """
-    options = dict(param_dtype=dtype, packed_experts=packed_experts)
+    options = dict(param_dtype=dtype, packed_experts=packed_experts, experts_implementation=experts_implementation)
     model = nnx.eval_shape(lambda: GptOss(cfg, **options))
     keys = iter(jax.random.split(jax.random.key(seed), cfg.num_layers + 1))
     outer = dataclasses.replace(cfg, num_layers=0, layer_types=())  # the embeddings and the final norm

@@ -4,8 +4,9 @@
 
 Weights come from the sharding rules (exactly what each device holds); packed experts (`packed_experts`)
 count their MXFP4 blocks and scales, a byte per two weights and one per 32. The KV cache is the engine's:
-every slot's keys and values, sliding layers holding only their window, split over `data` and, where they
-divide, the KV heads over `tensor`. Working memory is an estimate of the largest call's live activations: a prefill
+each slot's window in the sliding layers and the pool of `kv_pages` pages of `page_size` positions in the
+full-attention layers, split over `data` and, where they divide, the KV heads over `tensor`; the plan says how
+many tokens the pool holds per chip. Working memory is an estimate of the largest call's live activations: a prefill
 call of `prefill_tokens` prompt tokens (attention a block of queries and keys at a time, the experts' token
 copies, the residual stream, the last positions' logits), and with packed experts one expert's weights
 dequantized at a time. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
@@ -20,10 +21,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gptoss_dist import settings
 from gptoss_dist.attention import DEFAULT_BLOCK
-from gptoss_dist.config import ConfigError, ModelConfig
-from gptoss_dist.engine import cache_bytes_per_sequence
-from gptoss_dist.sharding import MESH_AXES, weight_placements
+from gptoss_dist.config import ModelConfig
+from gptoss_dist.engine import cache_bytes, page_pool
+from gptoss_dist.placements import weight_placements
+from gptoss_dist.sharding import MESH_AXES, check_model_fits_mesh, mesh_shape
 
 GiB = 1 << 30
 # Memory per device: a chip's, except tpu7x's 192 GiB chip, which JAX sees as two devices.
@@ -42,15 +45,20 @@ class MemoryPlan:
     weights: int
     kv_cache: int
     working: int
+    pool_tokens: int  # positions the full-attention layers' pool holds on the chip
+
 
     @property
     def total(self) -> int:
         return self.weights + self.kv_cache + self.working
 
 
-def kv_cache_per_chip(cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, dtype) -> int:
+def kv_cache_per_chip(
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, pool_tokens: int, dtype,
+    rings: bool = True,
+) -> int:
     kv_split = sizes["tensor"] if cfg.num_kv_heads % sizes["tensor"] == 0 else 1
-    return max_slots * cache_bytes_per_sequence(cfg, max_len, dtype) // (sizes["data"] * kv_split)
+    return cache_bytes(cfg, max_slots, max_len, pool_tokens, dtype, rings) // (sizes["data"] * kv_split)
 
 
 def working_per_chip(
@@ -85,12 +93,19 @@ def plan_memory(
     prefill_tokens: int = 8192,
     dtype=np.dtype("bfloat16"),
     packed_experts: bool = False,
+    pool: tuple[int, int] | None = None,
+    rings: bool = True,
 ) -> MemoryPlan:
+    """The plan of a run whose pool has (page_size, kv_pages) `pool` (`engine.page_pool`; None: the default),
+    the sliding layers keeping a window per slot (`rings`) or, with prefix caching, a pool too."""
     weights = sum(p.bytes_per_device for p in weight_placements(cfg, sizes, dtype, packed_experts=packed_experts))
+    page_size, kv_pages = pool or page_pool(max_slots, max_len)
+    pool_tokens = page_size * kv_pages
     return MemoryPlan(
         weights=weights,
-        kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, dtype),
+        kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, pool_tokens, dtype, rings),
         working=working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype, packed_experts),
+        pool_tokens=pool_tokens // sizes["data"],
     )
 
 
@@ -116,6 +131,7 @@ def render(plan: MemoryPlan, sizes: Mapping[str, int], chips: Sequence[str]) -> 
     lines = [
         f"per chip on mesh ({mesh}): weights {plan.weights / GiB:.2f} GiB, KV cache {plan.kv_cache / GiB:.2f} GiB, "
         f"working {plan.working / GiB:.2f} GiB, total {plan.total / GiB:.2f} GiB",
+        f"the KV pool holds {plan.pool_tokens:,} tokens per chip",
         f"{'chip':<6} {'memory':>9} {'used':>6}  fits",
     ]
     for chip in chips:
@@ -153,9 +169,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from absl import app
     from ml_collections import config_flags
 
-    from gptoss_dist import settings
-    from gptoss_dist.sharding import MeshError, check_model_fits_mesh, mesh_shape
-
     config = config_flags.DEFINE_config_file("config", None, "A run config (configs/*.py).")
 
     def run(_):
@@ -168,11 +181,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             cfg.check_max_len(run_settings.max_len)
             sizes = mesh_shape(mesh, math.prod(mesh.values()))
             check_model_fits_mesh(cfg, sizes, packed_experts=run_settings.packed_experts)
-        except (ConfigError, MeshError) as err:
+            pool = page_pool(run_settings.max_slots, run_settings.max_len, run_settings.page_size,
+                             run_settings.kv_pages, sizes["data"])  # fmt: skip
+        except ValueError as err:  # a ConfigError, a MeshError, or a pool that does not fit max_len or the mesh
             sys.exit(f"error: {err}")
         plan = plan_memory(cfg, sizes, max_slots=run_settings.max_slots, max_len=run_settings.max_len,
                            prefill_tokens=run_settings.prefill_tokens, dtype=np.dtype(settings.dtype(run_settings)),
-                           packed_experts=run_settings.packed_experts)  # fmt: skip
+                           packed_experts=run_settings.packed_experts, pool=pool,
+                           rings=not run_settings.prefix_caching)  # fmt: skip
         print(render(plan, sizes, list(CHIPS)))
 
     app.run(run, argv=list(argv) if argv is not None else None)

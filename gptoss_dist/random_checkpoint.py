@@ -27,7 +27,9 @@ import tokenizers
 from gptoss_dist import mxfp4
 from gptoss_dist.checkpoint import CONFIG_FILE, INDEX_FILE, HfTensor, hf_tensors, packed_shapes
 from gptoss_dist.config import ModelConfig
+from gptoss_dist.harmony import CHANNEL, CONSTRAIN, END, MESSAGE, START
 from gptoss_dist.settings import model_config
+from gptoss_dist.tokenizer import CALL, END_OF_TEXT, RETURN, TOKENIZER_FILE
 
 _DTYPE_NAMES = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32", np.dtype(np.uint8): "U8"}
 
@@ -37,12 +39,8 @@ MXFP4_QUANTIZATION = {
     "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
 }
 # The byte tokenizer's control tokens, with ids 256, 257, ... in this order.
-CONTROL_TOKENS = (
-    "<|startoftext|>", "<|endoftext|>", "<|return|>", "<|constrain|>", "<|channel|>", "<|start|>", "<|end|>",
-    "<|message|>", "<|call|>",
-)  # fmt: skip
+CONTROL_TOKENS = ("<|startoftext|>", END_OF_TEXT, RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL)
 BYTE_TOKENIZER_SIZE = 256 + len(CONTROL_TOKENS)
-TOKENIZER_FILE = "tokenizer.json"
 # A stored tensor: its name, shape, dtype and a function that makes its value.
 StoredTensor = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
 

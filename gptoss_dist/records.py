@@ -19,6 +19,8 @@ Input, one request a line (blank lines are skipped):
                       names ([A-Za-z0-9_-], at most 64) unique; rendered as gptoss_dist.harmony says
     max_new_tokens, temperature, top_p, top_k, seed
                       sampling (defaults: the run's `sampling` settings)
+    n                 completions (samples) of the prompt, 1 to MAX_SAMPLES (default 1); sample i is
+                      seeded seed + i, so sample 0 is the completion of the same line with n=1
     stop              a string or a list of strings and token ids, at most MAX_STOP (how stop strings end a
                       completion: gptoss_dist.generate)
     logprobs          true: score each generated token (default false), with its `top_logprobs` (0 to 20,
@@ -29,10 +31,10 @@ Input, one request a line (blank lines are skipped):
 Strings are text: a JSON escape of a lone surrogate (`"\\ud800"`), which no tokenizer takes, makes the
 record an error, except in `id`, which is only copied to the output (escaped there as it came).
 
-Output, one line per request, in `results`:
+Output, one line per request and sample, in `results`:
 
-    line (from 1), id, text (the completion's, without a final stop token or a stop string), tokens,
-    finish_reason ("stop", "length" or "context"), usage {prompt_tokens, completion_tokens};
+    line (from 1), id, index (the sample's, from 0), text (the completion's, without a final stop token or a
+    stop string), tokens, finish_reason ("stop", "length" or "context"), usage {prompt_tokens, completion_tokens};
     if asked, `logprobs`, one per token of `tokens`: {token, text, logprob, rank (1: the most likely token),
     top_logprobs: [{token, text, logprob}, ...] (most likely first)}, and `prompt_logprobs`, one per prompt
     token after the first: {token, text, logprob};
@@ -56,7 +58,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, get_args
 
-from gptoss_dist.engine import MAX_REQUEST_STOP_TOKENS
+from gptoss_dist.engine import MAX_REQUEST_STOP_TOKENS, MAX_SAMPLES
 from gptoss_dist.harmony import ReasoningEffort, Tool
 from gptoss_dist.sampling import MAX_TOP_LOGPROBS
 
@@ -77,7 +79,7 @@ SAMPLING_RULES: dict[str, tuple[type, Callable[[Any], bool], str]] = {
 REASONING_EFFORTS = get_args(ReasoningEffort)
 MESSAGES_ONLY = ("reasoning_effort", "tools")
 SCORING_FLAGS = ("logprobs", "prompt_logprobs")
-FIELDS = {"id", *PROMPT_FIELDS, *MESSAGES_ONLY, "stop", *SAMPLING_RULES, *SCORING_FLAGS, "top_logprobs"}
+FIELDS = {"id", *PROMPT_FIELDS, *MESSAGES_ONLY, "stop", "n", *SAMPLING_RULES, *SCORING_FLAGS, "top_logprobs"}
 
 
 class RecordError(Exception):
@@ -119,6 +121,7 @@ class InputRecord:
     prompt_tokens: tuple[int, ...] | None = None
     reasoning_effort: ReasoningEffort | None = None
     tools: tuple[Tool, ...] = ()
+    n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
     prompt_logprobs: bool = False
@@ -280,7 +283,12 @@ def _record(line: int, record_id: str, data: dict[str, Any], defaults: Sampling)
         prompt["reasoning_effort"] = data["reasoning_effort"]
     overrides = {field: sampling_value(field, data[field]) for field in SAMPLING_RULES if field in data}
     sampling = dataclasses.replace(defaults, **overrides)
-    return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), **prompt, **_scoring(data))
+    samples = data.get("n", 1)
+    if not (type(samples) is int and 1 <= samples <= MAX_SAMPLES):
+        raise ValueError(f"n must be an integer in [1, {MAX_SAMPLES}], not {_show(samples)}")
+    if sampling.seed + samples > 2**32:
+        raise ValueError(f"seed + n must be at most 2**32 (sample i is seeded seed + i): {sampling.seed} + {samples}")
+    return InputRecord(line, record_id, sampling, _stop(data.get("stop", [])), n=samples, **prompt, **_scoring(data))
 
 
 def _scoring(data: dict[str, Any]) -> dict[str, bool | int]:

@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from gptoss_dist.config import FULL, SLIDING, ModelConfig
+from gptoss_dist.config import ModelConfig, default_layer_types
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -24,8 +24,8 @@ class SettingsError(ValueError):
 def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.ConfigDict:
     """Defaults for every setting, with `model` (ModelConfig fields over GPT-OSS-20B's) and overrides."""
     fields = dataclasses.asdict(ModelConfig()) | model
-    if "layer_types" not in model:  # the published pattern: even layers slide
-        fields["layer_types"] = tuple(SLIDING if i % 2 == 0 else FULL for i in range(fields["num_layers"]))
+    if "layer_types" not in model:
+        fields["layer_types"] = default_layer_types(fields["num_layers"])
     settings = ml_collections.ConfigDict(
         {
             "model": fields,
@@ -35,6 +35,10 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             # directory as published, or converted with --packed_experts); mesh.tensor must divide
             # intermediate_size / 32
             "packed_experts": False,
+            # how the experts run: "auto" (the platform's best: the GPU kernel on GPUs; on TPUs the TPU kernel for
+            # packed experts, XLA's grouped matmul for dense ones; else a loop over row blocks), "ragged",
+            # "blocked", "gpu_kernel" or "tpu_kernel" (a kernel off its platform runs in Pallas' interpreter)
+            "experts_implementation": "auto",
             "mesh": {"data": 1, "tensor": 1, "expert": 1},
             "checkpoint": "",
             # the batch job (gptoss_dist.generate); the checkpoint, not `model`, defines its model
@@ -43,6 +47,16 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             "max_slots": 64,  # sequences in flight
             "max_len": 4096,  # tokens per sequence, prompt and completion; up to the model's max_position_embeddings
             "steps_per_call": 8,  # decode steps per host round trip
+            # the full-attention layers' KV cache: a pool of kv_pages pages of page_size positions, taken as sequences
+            # grow (page_size must divide max_len; the pool must hold one sequence of max_len). 0, 0: a page of
+            # max_len per slot, as many pages as slots. A smaller pool admits requests while their pages are free and
+            # preempts (and later recomputes, with the same output) the newest sequence when it runs short
+            "page_size": 0,
+            "kv_pages": 0,
+            # share prompt prefixes: a request (or a request's n samples) whose prompt starts with full pages that
+            # the pool holds maps them and prefills only the rest; the sliding layers then keep their keys in the
+            # pool too (the whole context instead of a window per slot), so that a cached prefix's window is there
+            "prefix_caching": False,
             "min_prefill_len": 16,  # prompt pieces are padded to this length, doubled up: fewer compiled shapes
             # (padded) prompt tokens per prefill call: bounds prefill memory; a longer prompt goes in pieces, each
             # attending to what the cache holds of it, with decode calls in between

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import tokenizers
 
-#: Tokens that end generation for GPT-OSS, by name: done, end of document, tool call.
-STOP_TOKENS = ("<|return|>", "<|endoftext|>", "<|call|>")
+#: The tokenizer's file in a checkpoint directory.
+TOKENIZER_FILE = "tokenizer.json"
+RETURN, END_OF_TEXT, CALL = "<|return|>", "<|endoftext|>", "<|call|>"
+#: Tokens that end generation for GPT-OSS (done, end of document, tool call): their names and their ids in the
+#: published vocabulary (o200k_harmony). A checkpoint's own tokenizer is asked for the ids of these names.
+STOP_TOKENS = {RETURN: 200002, END_OF_TEXT: 199999, CALL: 200012}
 
 
 class Tokenizer:
@@ -67,8 +71,8 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | PathLike[str]) -> Tokenizer:
-    """Load ``tokenizer.json`` from a checkpoint directory (or that file itself)."""
+    """Load :data:`TOKENIZER_FILE` from a checkpoint directory (or that file itself)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "tokenizer.json"
+        path = path / TOKENIZER_FILE
     return Tokenizer(tokenizers.Tokenizer.from_file(str(path)))

@@ -17,9 +17,9 @@ from typing import Any
 import jax
 import pytest
 
-from gptoss_dist import settings, storage
-from gptoss_dist.checkpoint import filesystem
+from gptoss_dist import paths, settings
 from gptoss_dist.generate import run_job
+from gptoss_dist.paths import filesystem
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def write_jsonl(path, lines: list[Any]) -> str:
 
 def read_output(directory, name) -> list[dict[str, Any]]:
     """The records of `name` in a job's output directory: one file locally, parts elsewhere."""
-    if storage.is_local(str(directory)):
+    if paths.is_local(str(directory)):
         path = Path(directory) / f"{name}.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     fs = filesystem(directory)
@@ -73,6 +73,13 @@ def by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     ids = [line["id"] for line in lines]
     assert len(ids) == len(set(ids)), f"duplicated ids: {sorted(i for i in set(ids) if ids.count(i) > 1)}"
     return {line["id"]: line for line in lines}
+
+
+def by_sample(lines: list[dict[str, Any]]) -> dict[tuple[str, int], dict[str, Any]]:
+    """Results by (id, index), each written once."""
+    keys = [(line["id"], line["index"]) for line in lines]
+    assert len(keys) == len(set(keys)), f"written twice: {sorted(k for k in set(keys) if keys.count(k) > 1)}"
+    return dict(zip(keys, lines))
 
 
 @pytest.fixture(scope="module")

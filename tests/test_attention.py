@@ -69,7 +69,9 @@ def test_a_query_that_sees_no_key_returns_zeros():
 @pytest.mark.parametrize("window", [None, 8])
 def test_a_chunk_against_a_cache_equals_dense(window):
     """Queries at positions 13..21 of their sequences, whose earlier keys sit in a cache (a contiguous one
-    read through `rows`, and a ring of the window), plus their own keys."""
+    read through its slot, pages of a pool read through a page table, and a ring of the window), plus their
+    own keys, in blocks of part of a page, a page and several pages (12: a size that divides neither the
+    contiguous cache nor its page)."""
     rng = np.random.default_rng(2)
     slots, chunk, start = 3, 9, 13
     q, new_k, new_v, sinks = random_qkv(rng, 2, chunk, chunk)
@@ -86,11 +88,17 @@ def test_a_chunk_against_a_cache_equals_dense(window):
     positions = np.broadcast_to(np.arange(start + chunk), (2, start + chunk))
     expected = dense_attention(q, *whole, sinks, first[:, None] + np.arange(chunk), positions,
                                np.ones_like(positions, bool), window)  # fmt: skip
+    page_table = np.array([[5, 1, 7, 2], [0, 6, 3, 4]])  # pages of 4 positions, in no order, from a pool of 8
+    pool_k, pool_v = np.full((8, 4, 2, 8), 7.0, np.float32), np.full((8, 4, 2, 8), 7.0, np.float32)
+    for row, p in np.ndindex(2, start):
+        page = page_table[row, p // 4]
+        pool_k[page, p % 4], pool_v[page, p % 4] = history_k[row, p], history_v[row, p]
     held = jnp.full(2, start)
-    contiguous = KeySpan(jnp.asarray(cache_k), jnp.asarray(cache_v), end=held, rows=jnp.asarray(rows))
-    ring = KeySpan(jnp.asarray(ring_k), jnp.asarray(ring_v), end=held, rows=jnp.asarray(rows), ring=True)
-    for cached in (contiguous, ring) if window else (contiguous,):
-        for block in (4, 16):
+    contiguous = KeySpan(jnp.asarray(cache_k), jnp.asarray(cache_v), end=held, pages=jnp.asarray(rows)[:, None])
+    paged = KeySpan(jnp.asarray(pool_k), jnp.asarray(pool_v), end=held, pages=jnp.asarray(page_table))
+    ring = KeySpan(jnp.asarray(ring_k), jnp.asarray(ring_v), end=held, pages=jnp.asarray(rows)[:, None], ring=True)
+    for cached in (contiguous, paged, ring) if window else (contiguous, paged):
+        for block in (2, 4, 12, 16):
             got = blockwise(q, first, sinks, [cached, new], window, block)
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
@@ -122,6 +130,18 @@ def test_sliding_window_sees_exactly_its_keys():
         seen = list(range(max(0, t - 7), t + 1))
         np.testing.assert_allclose(out[t, seen], 1 / len(seen), rtol=1e-6)
         assert np.all(np.delete(out[t], seen) == 0)
+
+
+def test_a_one_page_table_is_read_in_blocks_of_the_block_size():
+    """A slot's whole context as one page of a length the block does not divide (max_len 1000) is read in
+    blocks of 512, not of their greatest common divisor (8); pages of a longer table in whole pages."""
+
+    def span(page: int, width: int) -> KeySpan:
+        pool = jnp.zeros((8, page, 1, 4))
+        return KeySpan(pool, pool, end=jnp.ones(2, jnp.int32), pages=jnp.zeros((2, width), jnp.int32))
+
+    assert span(1000, 1).block_size(512) == 512
+    assert span(128, 4).block_size(512) == 512 and span(128, 4).block_size(96) == 32
 
 
 def test_blocks_outside_the_window_and_the_future_are_skipped():

@@ -34,8 +34,8 @@ from gptoss_dist.chat import (
 )
 from gptoss_dist.engine import Request, Update
 from gptoss_dist.harmony import render_for_completion
-from gptoss_dist.random_checkpoint import TOKENIZER_FILE, byte_level_tokenizer, write_random_checkpoint
-from gptoss_dist.tokenizer import STOP_TOKENS, Tokenizer
+from gptoss_dist.random_checkpoint import byte_level_tokenizer, write_random_checkpoint
+from gptoss_dist.tokenizer import STOP_TOKENS, TOKENIZER_FILE, Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.py"

@@ -3,9 +3,11 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from conftest import small_config
 from gptoss_dist import CheckpointError, ConfigError, ModelConfig, from_pretrained
@@ -13,6 +15,7 @@ from gptoss_dist.checkpoint import INDEX_FILE, HfCheckpoint
 from gptoss_dist.config import FULL, SLIDING
 from gptoss_dist.model import forward
 from gptoss_dist.random_checkpoint import write_random_checkpoint, write_safetensors
+from gptoss_dist.sharding import make_mesh
 
 PUBLISHED_20B = {
     "architectures": ["GptOssForCausalLM"], "attention_bias": True, "eos_token_id": 200002,
@@ -147,3 +150,18 @@ def test_random_checkpoint_is_deterministic(tmp_path):
     b = write_random_checkpoint(tmp_path / "b", cfg, seed=7)
     for file in sorted(a.glob("*.safetensors")):
         assert file.read_bytes() == (b / file.name).read_bytes()
+
+
+def test_shards_read_a_row_at_a_time_hold_the_whole_tensors_values(small_checkpoint, monkeypatch):
+    """Each device's shard of every weight, its MXFP4 experts decoded one row (one expert, one vocabulary
+    entry) at a time, equals the weight read whole."""
+    whole = {path: np.asarray(var.get_value()) for path, var in
+             nnx.to_flat_state(nnx.state(from_pretrained(small_checkpoint, dtype=jnp.float32)))}  # fmt: skip
+    monkeypatch.setattr("gptoss_dist.checkpoint.READ_BLOCK_BYTES", 1)
+    mesh = make_mesh({"data": 2, "tensor": 2, "expert": 2}, small_config(), jax.devices()[:8])
+    sharded = nnx.to_flat_state(nnx.state(from_pretrained(small_checkpoint, dtype=jnp.float32, mesh=mesh)))
+    for path, var in sharded:
+        value = var.get_value()
+        assert len({shard.device for shard in value.addressable_shards}) == 8
+        for shard in value.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(shard.data), whole[path][shard.index], err_msg=str(path))

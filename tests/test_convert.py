@@ -22,13 +22,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from conftest import small_config
 from gptoss_dist import CheckpointError, ModelConfig, from_pretrained
-from gptoss_dist.checkpoint import abstract_model, filesystem
 from gptoss_dist.config import FULL, SLIDING
 from gptoss_dist.convert import convert, main
-from gptoss_dist.model import forward
+from gptoss_dist.converted import MARKER_FILE, PROGRESS_FILE, array_name, array_specs, read_specs
+from gptoss_dist.model import abstract_model, forward
+from gptoss_dist.paths import filesystem
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import MESH_AXES, MeshError, check_model_fits_mesh, make_mesh, param_specs, put, spec_divisor
-from gptoss_dist.store import MARKER_FILE, PROGRESS_FILE, array_name, array_specs, read_specs
 from test_checkpoint import layer_file, rewrite_without
 
 pytest_plugins = ["gcs_emulator"]
@@ -89,8 +89,8 @@ def test_converted_checkpoint_gives_the_logits_of_the_hugging_face_one(request, 
 def test_bfloat16_conversion_in_the_smallest_pieces_holds_the_weights_a_direct_load_holds(source, tmp_path):
     """One read chunk per write chunk and per block read from the source: every slicing path at work."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("gptoss_dist.store.WRITE_CHUNK_BYTES", 1)
-        patch.setattr("gptoss_dist.convert.READ_BLOCK_BYTES", 1)
+        patch.setattr("gptoss_dist.converted.WRITE_CHUNK_BYTES", 1)
+        patch.setattr("gptoss_dist.checkpoint.READ_BLOCK_BYTES", 1)
         convert(str(source), str(tmp_path / "bf16"), show_progress=False)
     specs = read_specs(str(tmp_path / "bf16"))
     assert specs["unembed"].write_chunk == (64, 128 // 8) and specs["layers.0.mlp.gate_up"].write_chunk[0] == 3

@@ -19,22 +19,22 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from job_fixtures import ROOT, by_id, cli, job_config, read_output, run, run_cli, write_jsonl
+from job_fixtures import ROOT, by_id, by_sample, cli, job_config, read_output, run, run_cli, write_jsonl
 from reference import load_reference
 from tokenizer_fixtures import encode_with_control_tokens
 
-from gptoss_dist import from_pretrained, records, storage
-from gptoss_dist.checkpoint import filesystem
+from gptoss_dist import from_pretrained, job_files, paths, records
 from gptoss_dist.engine import Engine, Request, Result, TokenLogprob
 from gptoss_dist.generate import cut_at_stop_strings, make_request, result_record, stop_ids
 from gptoss_dist.harmony import Tool, render_for_completion
+from gptoss_dist.paths import filesystem
 from gptoss_dist.random_checkpoint import (
     BYTE_TOKENIZER_SIZE,
     CONTROL_TOKENS,
-    TOKENIZER_FILE,
     write_byte_tokenizer,
 )
-from gptoss_dist.tokenizer import Tokenizer, load_tokenizer
+from gptoss_dist.startup import StartError
+from gptoss_dist.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 pytest_plugins = ["gcs_emulator", "tokenizer_fixtures", "job_fixtures"]
 
@@ -118,7 +118,7 @@ def fifty(converted, tmp_path_factory):
     directory = tmp_path_factory.mktemp("fifty")
     lines = fifty_requests()
     summary = run(job_config(converted, write_jsonl(directory / "in.jsonl", lines), directory / "out"))
-    return lines, summary, by_id(read_output(directory / "out", storage.RESULTS))
+    return lines, summary, by_id(read_output(directory / "out", job_files.RESULTS))
 
 
 def hf_greedy(model, prompt: list[int], max_new_tokens: int, stop: tuple[int, ...]) -> list[int]:
@@ -172,7 +172,7 @@ def test_stop_strings_and_stop_ids_end_completions(fifty, converted, tokenizer, 
             {"id": f"{n}-id", "prompt": line["prompt"], "stop": [result["tokens"][4]]},
         ]
     run(job_config(converted, write_jsonl(tmp_path / "in.jsonl", requests), tmp_path / "out"))
-    stopped = by_id(read_output(tmp_path / "out", storage.RESULTS))
+    stopped = by_id(read_output(tmp_path / "out", job_files.RESULTS))
     for n, (_, free_run) in enumerate(free):
         text, tokens = free_run["text"], free_run["tokens"]
         for kind, stop in (("string", text[3:6]), ("char", requests[3 * n + 1]["stop"])):
@@ -291,14 +291,14 @@ def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path)
     config = job_config(converted, write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out")
     summary = run(config)
     assert (summary.ok, summary.failed, summary.exit_code) == (2, len(BAD_LINES), 1)
-    assert sorted(by_id(read_output(tmp_path / "out", storage.RESULTS))) == ["ok-1", "ok-2"]
-    errors = read_output(tmp_path / "out", storage.ERRORS)
+    assert sorted(by_id(read_output(tmp_path / "out", job_files.RESULTS))) == ["ok-1", "ok-2"]
+    errors = read_output(tmp_path / "out", job_files.ERRORS)
     assert [e["line"] for e in errors] == sorted(BAD_LINES)
     for error in errors:
         expected_id, message = BAD_LINES[error["line"]]
         assert error["id"] == expected_id and message in error["error"], error
     # Started again, the job finds everything done and still reports the failures.
-    before = {name: (tmp_path / "out" / f"{name}.jsonl").read_bytes() for name in (storage.RESULTS, storage.ERRORS)}
+    before = {name: (tmp_path / "out" / f"{name}.jsonl").read_bytes() for name in (job_files.RESULTS, job_files.ERRORS)}
     again = run(config)
     assert (again.ok, again.failed, again.done_before, again.exit_code) == (0, 0, len(lines) - 1, 1)
     assert before == {name: (tmp_path / "out" / f"{name}.jsonl").read_bytes() for name in before}
@@ -328,6 +328,8 @@ def test_bad_records_go_to_the_errors_and_the_rest_complete(converted, tmp_path)
         ({"id": "a", "prompt": "x", "stop": [""]}, "stop entries must be non-empty strings or token ids"),
         ({"id": "a", "prompt": "x", "stop": ["s"] * 17}, "stop must be a string or a list of at most 16"),
         ({"id": "a"}, "need exactly one of prompt, messages, prompt_tokens, got none"),
+        ({"id": "a", "prompt": "x", "n": 65}, "n must be an integer in [1, 64], not 65"),
+        ({"id": "a", "prompt": "x", "n": 2, "seed": 2**32 - 1}, "seed + n must be at most 2**32"),
     ],
 )
 def test_records_name_the_bad_field(record, message):
@@ -439,18 +441,31 @@ def test_nan_and_bad_defaults_are_refused():
         records.sampling_defaults({"max_new_tokens": 8, "temperature": 0.0, "top_p": 1.5, "top_k": 0, "seed": 0})
 
 
+@pytest.mark.parametrize(
+    "pool, message",
+    [({"page_size": 100}, "page_size=100 must divide max_len=384"),
+     ({"page_size": 64, "kv_pages": 5}, "kv_pages=5 cannot hold one sequence of max_len=384, which takes 6 pages")],
+)  # fmt: skip
+def test_bad_page_settings_are_refused_before_the_checkpoint_is_read(tmp_path, pool, message):
+    """The checkpoint does not exist: the job names the page setting first."""
+    config = job_config(tmp_path / "no-checkpoint", write_jsonl(tmp_path / "in.jsonl", []), tmp_path / "out", **pool)
+    with pytest.raises(StartError, match=message):
+        run(config)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unreadable_input_fails_at_start_and_writes_nothing(hf_checkpoint, tmp_path):
     process = run_cli(cli(hf_checkpoint, tmp_path / "missing.jsonl", tmp_path / "out"))
     assert process.returncode == 2, process.stderr
     assert f"gptoss-generate: error: cannot read the input {tmp_path / 'missing.jsonl'}" in process.stderr
     assert not (tmp_path / "out").exists()
-    with pytest.raises(storage.InputError, match="cannot read the input"):
+    with pytest.raises(job_files.InputError, match="cannot read the input"):
         run(job_config(hf_checkpoint, tmp_path, tmp_path / "out"))  # a directory
     assert not (tmp_path / "out").exists()
 
 
 def test_unreadable_gcs_input_fails_at_start(hf_checkpoint, gcs_bucket):
-    with pytest.raises(storage.InputError, match=f"cannot read the input {gcs_bucket}/missing.jsonl"):
+    with pytest.raises(job_files.InputError, match=f"cannot read the input {gcs_bucket}/missing.jsonl"):
         run(job_config(hf_checkpoint, f"{gcs_bucket}/missing.jsonl", f"{gcs_bucket}/never"))
     assert not filesystem(gcs_bucket).glob(f"{gcs_bucket}/never/*")
 
@@ -460,13 +475,13 @@ def test_unreadable_gcs_input_fails_at_start(hf_checkpoint, gcs_bucket):
 
 def test_parts_are_uploaded_whole_and_numbered_on(tmp_path):
     directory = f"memory://{tmp_path.name}/out"
-    log = storage.PartsLog(directory, "results", part_records=2, part_seconds=3600)
+    log = job_files.PartsLog(directory, "results", part_records=2, part_seconds=3600)
     log.start_writing()
     for i in range(5):
         log.append({"line": i + 1, "id": f"r{i}"})
     assert max(filesystem(directory).ls(directory, detail=False)).endswith("results-00001.jsonl")
     log.close()
-    reopened = storage.PartsLog(directory, "results", part_records=2, part_seconds=0)
+    reopened = job_files.PartsLog(directory, "results", part_records=2, part_seconds=0)
     assert [record["id"] for _, record in reopened.entries()] == [f"r{i}" for i in range(5)]
     reopened.append({"line": 7, "id": "ignored"})  # a process that is not the writer writes nothing
     reopened.start_writing()
@@ -476,7 +491,10 @@ def test_parts_are_uploaded_whole_and_numbered_on(tmp_path):
     ]  # fmt: skip
 
 
-KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [1 + i % 200, 2 + i % 50, 3]} for i in range(150)]
+# every tenth asks for 3 samples, sampled: each (id, index) must end up written once
+KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [1 + i % 200, 2 + i % 50, 3]}
+                 | ({"n": 3, "temperature": 1.0, "seed": i} if i % 10 == 3 else {}) for i in range(150)]  # fmt: skip
+KILL_SAMPLES = sorted((r["id"], index) for r in KILL_REQUESTS for index in range(r.get("n", 1)))
 KILL_LINES = [*KILL_REQUESTS[:10], {"id": "k005", "prompt": "duplicate"}, *KILL_REQUESTS[10:]]
 
 
@@ -487,7 +505,7 @@ def uninterrupted(hf_checkpoint, compilation_cache, tmp_path_factory):
     command = cli(hf_checkpoint, write_jsonl(directory / "in.jsonl", KILL_LINES), directory / "out")
     process = run_cli(command, compilation_cache)
     assert process.returncode == 1, process.stderr  # the duplicate failed
-    return by_id(read_output(directory / "out", storage.RESULTS)), read_output(directory / "out", storage.ERRORS)
+    return by_sample(read_output(directory / "out", job_files.RESULTS)), read_output(directory / "out", job_files.ERRORS)
 
 
 def wait_for_records(output: str, count: int, process: subprocess.Popen, timeout_s: float = 240.0) -> bool:
@@ -495,7 +513,7 @@ def wait_for_records(output: str, count: int, process: subprocess.Popen, timeout
     or the time ran out first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
-        if storage.is_local(output):
+        if paths.is_local(output):
             path = Path(output) / "results.jsonl"
             done = path.read_bytes().count(b"\n") if path.exists() else 0
         else:
@@ -525,9 +543,10 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert reached and process.returncode == -signal.SIGKILL, log_path.read_text()[-3000:]
-    survived = read_output(output, storage.RESULTS)
-    assert 0 < len(survived) < len(KILL_REQUESTS)
-    done = len(survived) + len(read_output(output, storage.ERRORS))  # the error waits in memory on gs://
+    survived = by_sample(read_output(output, job_files.RESULTS))
+    assert 0 < len(survived) < len(KILL_SAMPLES)
+    whole = [r for r in KILL_REQUESTS if all((r["id"], i) in survived for i in range(r.get("n", 1)))]
+    done = len(whole) + len(read_output(output, job_files.ERRORS))  # the error waits in memory on gs://
     if where == "local":  # a line cut off by the kill, as a write interrupted midway leaves it
         with open(Path(output) / "results.jsonl", "ab") as results:
             results.write(b'{"line": 151, "id": "k149", "text": "cut o')
@@ -535,11 +554,30 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
     again = run_cli(command, compilation_cache)
     assert again.returncode == 1, again.stderr
     assert f"({done} done by an earlier run" in again.stdout
-    results, errors = by_id(read_output(output, storage.RESULTS)), read_output(output, storage.ERRORS)
+    results, errors = by_sample(read_output(output, job_files.RESULTS)), read_output(output, job_files.ERRORS)
     expected_results, expected_errors = uninterrupted
-    assert sorted(results) == sorted(r["id"] for r in KILL_REQUESTS)
+    assert sorted(results) == KILL_SAMPLES
     assert results == expected_results
     assert errors == expected_errors == [{"line": 11, "id": "k005", "error": "duplicate id 'k005', first on line 6"}]
+
+
+def test_a_line_of_n_samples_resumes_only_its_missing_samples(hf_checkpoint, tmp_path):
+    """A job of a line with n=3 whose second sample was lost (as a kill between two writes leaves it): the rerun
+    writes that sample alone, as it was; the samples differ and sample 0 is the line's n=1 completion."""
+    line = {"prompt_tokens": [5, 6, 7], "temperature": 1.0, "seed": 11}
+    lines = [line | {"id": "many", "n": 3}, line | {"id": "one"}]
+    config = job_config(hf_checkpoint, write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out")
+    run(config)
+    first = by_sample(read_output(tmp_path / "out", job_files.RESULTS))
+    assert sorted(first) == [("many", 0), ("many", 1), ("many", 2), ("one", 0)]
+    assert len({tuple(first["many", index]["tokens"]) for index in range(3)}) == 3
+    assert first["many", 0]["tokens"] == first["one", 0]["tokens"]
+    kept = [record for record in first.values() if (record["id"], record["index"]) != ("many", 1)]
+    write_jsonl(tmp_path / "out" / "results.jsonl", kept)
+    summary = run(config)
+    assert summary.ok == 1 and summary.done_before == 1
+    again = read_output(tmp_path / "out", job_files.RESULTS)
+    assert again[:-1] == kept and by_sample(again) == first
 
 
 # ------------------------------------------------------------------------------------------------ streaming
@@ -575,6 +613,6 @@ def test_results_reach_the_disk_while_the_job_runs(hf_checkpoint, compilation_ca
         process.kill()
         process.wait()
     assert process.returncode == 0, log_path.read_text()[-3000:]
-    assert sorted(by_id(read_output(output, storage.RESULTS))) == [line["id"] for line in lines]
+    assert sorted(by_id(read_output(output, job_files.RESULTS))) == [line["id"] for line in lines]
     before_the_last = sorted({count for count in seen if 0 < count < 36})
     assert len(before_the_last) >= 3, f"results on disk while the job ran: {sorted(set(seen))}"

@@ -1,6 +1,5 @@
 """The GPU expert kernel (`gptoss_dist.grouped_matmul`), run by Pallas' interpreter on the CPU."""
 
-from functools import partial
 
 import jax.numpy as jnp
 import numpy as np
@@ -107,13 +106,15 @@ def test_unused_blocks_are_skipped():
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-def test_model_logits_through_the_kernel_equal_the_block_loop(packed, monkeypatch):
+def test_model_logits_through_the_kernel_equal_the_block_loop(packed):
     """The whole model with the GPU expert path (here interpreted) gives the CPU path's logits."""
     cfg = small_config(num_layers=1, layer_types=("full_attention",))
-    model = model_module.random_model(cfg, dtype=jnp.float32, packed_experts=packed, seed=3)
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12)))
-    blocked = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
-    kernel = partial(model_module._experts_kernel, matmul=grouped_matmul, interpret=True)
-    monkeypatch.setattr(model_module, "experts_implementation", lambda _: kernel)
-    through_kernel = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))  # a new function: traced again
+    logits = {}
+    for implementation in ("blocked", "gpu_kernel"):
+        model = model_module.random_model(
+            cfg, dtype=jnp.float32, packed_experts=packed, seed=3, experts_implementation=implementation
+        )
+        logits[implementation] = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+    blocked, through_kernel = logits["blocked"], logits["gpu_kernel"]
     np.testing.assert_allclose(through_kernel, blocked, atol=1e-4 * np.abs(blocked).max())

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gptoss_dist import storage
+from gptoss_dist import job_files
 from gptoss_dist.config import ModelConfig
 from job_fixtures import ROOT, cli, job_config, read_output, run, run_cli, write_jsonl
 
@@ -33,7 +33,7 @@ FEW_TOKENS = {"sampling.max_new_tokens": 2}
 
 def outcomes(output) -> dict[int, dict[str, Any]]:
     """Every record of a job's output by input line; fails if a line or a result's id is there twice."""
-    results, errors = read_output(output, storage.RESULTS), read_output(output, storage.ERRORS)
+    results, errors = read_output(output, job_files.RESULTS), read_output(output, job_files.ERRORS)
     lines = [record["line"] for record in results + errors]
     assert len(lines) == len(set(lines)), f"lines twice: {sorted(n for n in set(lines) if lines.count(n) > 1)}"
     ids = [record["id"] for record in results]
@@ -42,7 +42,7 @@ def outcomes(output) -> dict[int, dict[str, Any]]:
 
 
 def output_bytes(output: Path) -> dict[str, bytes]:
-    return {name: (output / f"{name}.jsonl").read_bytes() for name in (storage.RESULTS, storage.ERRORS)}
+    return {name: (output / f"{name}.jsonl").read_bytes() for name in (job_files.RESULTS, job_files.ERRORS)}
 
 
 # ------------------------------------------------------------------------------------------- poison lines
@@ -94,13 +94,13 @@ def test_changed_input_or_setting_is_refused_naming_the_line_or_setting(done_job
     input_path, config = done_job
     before = output_bytes(Path(config.output))
     input_path.write_text(input_path.read_text().replace('"The sky"', '"The sea"'))
-    with pytest.raises(storage.OutputError, match=rf"{input_path}, line 4, differs from .* which holds its result"):
+    with pytest.raises(job_files.OutputError, match=rf"{input_path}, line 4, differs from .* which holds its result"):
         run(config)
     config.retry_errors = True  # does not let a line with a result change
-    with pytest.raises(storage.OutputError, match=r"line 4, differs from .* which holds its result"):
+    with pytest.raises(job_files.OutputError, match=r"line 4, differs from .* which holds its result"):
         run(config)
     config.retry_errors, config.sampling.temperature = False, 0.5
-    with pytest.raises(storage.OutputError, match=r"made with sampling.temperature=0.0, not 0.5"):
+    with pytest.raises(job_files.OutputError, match=r"made with sampling.temperature=0.0, not 0.5"):
         run(config)
     assert output_bytes(Path(config.output)) == before
 
@@ -110,7 +110,7 @@ def test_fixed_line_reruns_with_retry_errors_and_every_line_ends_once(done_job):
     broken = input_path.read_text()
     # Fixed, but with the id of a later line's result: a duplicate, not a second result.
     input_path.write_text(broken.replace('{"id": "fixme", "prompt": ', '{"id": "c", "prompt": "Hi"}'))
-    with pytest.raises(storage.OutputError, match=r"line 2, differs .* set --config.retry_errors=true"):
+    with pytest.raises(job_files.OutputError, match=r"line 2, differs .* set --config.retry_errors=true"):
         run(config)
     config.retry_errors = True
     summary = run(config)
@@ -121,7 +121,7 @@ def test_fixed_line_reruns_with_retry_errors_and_every_line_ends_once(done_job):
     assert (summary.ok, summary.failed, summary.done_before, summary.exit_code) == (1, 0, 3, 0)
     done = outcomes(config.output)
     assert {line: record["id"] for line, record in done.items()} == {1: "a", 2: "fixed", 3: "b", 4: "c"}
-    assert not read_output(config.output, storage.ERRORS)  # the superseded errors are gone
+    assert not read_output(config.output, job_files.ERRORS)  # the superseded errors are gone
     config.retry_errors = False  # the output now knows the fixed input
     again = run(config)
     assert (again.ok, again.failed, again.done_before, again.exit_code) == (0, 0, 4, 0)
@@ -134,9 +134,9 @@ def test_fixed_line_reruns_with_retry_errors_and_every_line_ends_once(done_job):
 def test_a_job_on_a_locked_output_is_refused_naming_the_holder(request, where, hf_checkpoint, tmp_path):
     base = str(tmp_path) if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/{tmp_path.name}"
     config = job_config(hf_checkpoint, write_jsonl(f"{base}/in.jsonl", GOOD), f"{base}/out", **FEW_TOKENS)
-    with storage.OutputLock(config.output, timeout_s=60) as holder:
+    with job_files.OutputLock(config.output, timeout_s=60) as holder:
         holder.acquire()
-        with pytest.raises(storage.LockError, match=rf"{config.output} is in use by another job: {holder.holder}, "
+        with pytest.raises(job_files.LockError, match=rf"{config.output} is in use by another job: {holder.holder}, "
                                                     r"started .*, its lock renewed \d+ s ago"):  # fmt: skip
             run(config)
     assert run(config).ok == 3  # released: the next job takes it
@@ -145,7 +145,7 @@ def test_a_job_on_a_locked_output_is_refused_naming_the_holder(request, where, h
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_two_jobs_taking_a_lock_at_once_one_wins(request, where, tmp_path):
     base = str(tmp_path) if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/{tmp_path.name}"
-    locks = [storage.OutputLock(f"{base}/out", timeout_s=60) for _ in range(4)]
+    locks = [job_files.OutputLock(f"{base}/out", timeout_s=60) for _ in range(4)]
     outcome: list[str] = []
     start = threading.Barrier(len(locks))
 
@@ -154,7 +154,7 @@ def test_two_jobs_taking_a_lock_at_once_one_wins(request, where, tmp_path):
         try:
             lock.acquire()
             outcome.append("held")
-        except storage.LockError:
+        except job_files.LockError:
             outcome.append("refused")
 
     threads = [threading.Thread(target=take, args=(lock,)) for lock in locks]
@@ -172,10 +172,10 @@ def test_second_concurrent_job_is_refused_and_the_first_writes_each_record_once(
     config = job_config(hf_checkpoint, write_jsonl(tmp_path / "in.jsonl", lines), tmp_path / "out")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         first = pool.submit(run, config)
-        while not read_output(config.output, storage.RESULTS) and not first.done():
+        while not read_output(config.output, job_files.RESULTS) and not first.done():
             time.sleep(0.01)
         assert not first.done(), "the first job ended before the second started"
-        with pytest.raises(storage.LockError, match=rf"{config.output} is in use by another job: .* pid {os.getpid()}"):
+        with pytest.raises(job_files.LockError, match=rf"{config.output} is in use by another job: .* pid {os.getpid()}"):
             run(config)
         assert first.result().ok == len(lines)
     assert sorted(record["id"] for record in outcomes(config.output).values()) == [line["id"] for line in lines]
@@ -186,35 +186,35 @@ def dead_jobs_lock(output: Path, renewed_ago_s: float) -> None:
     output.mkdir(parents=True, exist_ok=True)
     state = {"holder": "elsewhere pid 1", "started": time.time() - 3600, "renewed": time.time() - renewed_ago_s,
              "released": False}  # fmt: skip
-    (output / f"{storage.LOCK_PREFIX}00003").write_text(json.dumps(state))
+    (output / f"{job_files.LOCK_PREFIX}00003").write_text(json.dumps(state))
 
 
 def test_a_dead_jobs_lock_is_taken_over_after_the_timeout(hf_checkpoint, tmp_path):
     config = job_config(hf_checkpoint, write_jsonl(tmp_path / "in.jsonl", GOOD), tmp_path / "out", lock_timeout_s=30)
     dead_jobs_lock(tmp_path / "out", renewed_ago_s=10)
-    with pytest.raises(storage.LockError, match=r"in use by another job: elsewhere pid 1, .* renewed 10 s ago; "
+    with pytest.raises(job_files.LockError, match=r"in use by another job: elsewhere pid 1, .* renewed 10 s ago; "
                                                 r"a lock not renewed for lock_timeout_s=30 s"):  # fmt: skip
         run(config)
     dead_jobs_lock(tmp_path / "out", renewed_ago_s=31)
     assert run(config).ok == 3
-    (lock,) = (tmp_path / "out").glob(f"{storage.LOCK_PREFIX}*")
-    assert lock.name == f"{storage.LOCK_PREFIX}00004" and json.loads(lock.read_text())["released"]
+    (lock,) = (tmp_path / "out").glob(f"{job_files.LOCK_PREFIX}*")
+    assert lock.name == f"{job_files.LOCK_PREFIX}00004" and json.loads(lock.read_text())["released"]
 
 
 def test_a_job_whose_lock_was_taken_over_writes_no_more(tmp_path):
-    stalled = storage.OutputLock(str(tmp_path / "out"), timeout_s=0.2)
+    stalled = job_files.OutputLock(str(tmp_path / "out"), timeout_s=0.2)
     stalled.acquire()
-    output = storage.JobOutput(str(tmp_path / "out"), lock=stalled)
-    output.resume(storage.Manifest({}, {1: "x"}), "in.jsonl", retry_errors=False)
+    output = job_files.JobOutput(str(tmp_path / "out"), lock=stalled)
+    output.resume(job_files.Manifest({}, {1: "x"}), "in.jsonl", retry_errors=False)
     output.start_writing()
     output.write_result({"line": 1, "id": "a"})
-    (tmp_path / "out" / f"{storage.LOCK_PREFIX}00001").write_text("{}")  # another job took it over
+    (tmp_path / "out" / f"{job_files.LOCK_PREFIX}00001").write_text("{}")  # another job took it over
     time.sleep(0.2)
-    with pytest.raises(storage.LockError, match="another job took its output over"):
+    with pytest.raises(job_files.LockError, match="another job took its output over"):
         output.write_result({"line": 2, "id": "b"})
     stalled.release()
     output.close()
-    assert [record["id"] for record in read_output(tmp_path / "out", storage.RESULTS)] == ["a"]
+    assert [record["id"] for record in read_output(tmp_path / "out", job_files.RESULTS)] == ["a"]
 
 
 # ------------------------------------------------------------------------------------ an unusable output
@@ -240,7 +240,7 @@ def config_only_checkpoint(tmp_path) -> Path:
 def test_unusable_output_is_refused_before_any_weight_is_read(config_only_checkpoint, tmp_path, output, message):
     (tmp_path / "a-file").write_text("mine")
     config = job_config(config_only_checkpoint, write_jsonl(tmp_path / "in.jsonl", GOOD), tmp_path / output)
-    with pytest.raises(storage.OutputError, match=message):
+    with pytest.raises(job_files.OutputError, match=message):
         run(config)
     assert (tmp_path / "a-file").read_text() == "mine"
 
@@ -264,13 +264,13 @@ def test_read_only_output_exits_2_before_any_weight_is_read(config_only_checkpoi
     assert "Read-only file system" in done.stderr
 
 
-@pytest.mark.parametrize("name", [storage.RESULTS, storage.ERRORS])
+@pytest.mark.parametrize("name", [job_files.RESULTS, job_files.ERRORS])
 @pytest.mark.parametrize("text", ['{"a": 1}', "[1, 2]", '{"line": "3", "id": "x"}'])
 def test_existing_output_that_holds_no_job_records_is_refused(config_only_checkpoint, tmp_path, name, text):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / f"{name}.jsonl").write_text(text + "\n")
     config = job_config(config_only_checkpoint, write_jsonl(tmp_path / "in.jsonl", GOOD), tmp_path / "out")
-    with pytest.raises(storage.OutputError, match=rf"{name}.jsonl, line 1: not a job's record: .*is this a job's"):
+    with pytest.raises(job_files.OutputError, match=rf"{name}.jsonl, line 1: not a job's record: .*is this a job's"):
         run(config)
 
 
@@ -278,7 +278,7 @@ def test_records_without_a_record_of_what_made_them_are_refused(config_only_chec
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "results.jsonl").write_text('{"line": 1, "id": "a"}\n')
     config = job_config(config_only_checkpoint, write_jsonl(tmp_path / "in.jsonl", GOOD), tmp_path / "out")
-    with pytest.raises(storage.OutputError, match="holds records but no job.json"):
+    with pytest.raises(job_files.OutputError, match="holds records but no job.json"):
         run(config)
 
 
@@ -326,7 +326,7 @@ def test_fuzzed_lines_each_end_once_and_a_rerun_changes_nothing(hf_checkpoint, t
     (tmp_path / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     config = job_config(hf_checkpoint, tmp_path / "in.jsonl", tmp_path / "out", **FEW_TOKENS)
     summary = run(config)
-    expected = [number for number, _ in storage.read_lines(str(tmp_path / "in.jsonl"))]
+    expected = [number for number, _ in job_files.read_lines(str(tmp_path / "in.jsonl"))]
     assert sorted(outcomes(tmp_path / "out")) == expected
     assert summary.ok + summary.failed == len(expected) and summary.ok > 10 and summary.failed > 300
     before = output_bytes(tmp_path / "out")

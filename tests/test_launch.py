@@ -17,8 +17,9 @@ from jax.sharding import AbstractMesh, NamedSharding
 
 from gptoss_dist import plan
 from gptoss_dist.config import ModelConfig
+from gptoss_dist.placements import weight_placements
 from gptoss_dist.random_checkpoint import write_random_checkpoint
-from gptoss_dist.sharding import MESH_AXES, weight_placements
+from gptoss_dist.sharding import MESH_AXES
 
 ROOT = Path(__file__).parents[1]
 MESH_FLAGS = ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.expert=2"]
@@ -211,12 +212,14 @@ def test_job_refuses_what_cannot_fit_before_reading_weights(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_plan_command_prints_every_chip():
+def test_plan_command_prints_every_chip_and_the_pools_tokens():
     done = subprocess.run([sys.executable, "-m", "gptoss_dist.plan", f"--config={ROOT / 'configs' / 'gpt_oss_20b.py'}",
-                           "--config.mesh.tensor=4", "--config.max_slots=16", "--config.max_len=2048"],
+                           "--config.mesh.tensor=4", "--config.mesh.data=2", "--config.max_slots=16",
+                           "--config.max_len=2048", "--config.page_size=128", "--config.kv_pages=100"],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    rows = {line.split()[0]: line for line in done.stdout.splitlines()[2:]}
+    assert "the KV pool holds 6,400 tokens per chip" in done.stdout  # 100 pages of 128 over 2 data shards
+    rows = {line.split()[0]: line for line in done.stdout.splitlines()[3:]}
     assert set(rows) == set(plan.CHIPS)
     assert rows["v5e"].endswith("yes") and rows["v5e"].split()[1] == "16"
 

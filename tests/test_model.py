@@ -8,7 +8,7 @@ from flax import nnx
 from conftest import small_config
 from gptoss_dist import from_pretrained
 from gptoss_dist.config import FULL, SLIDING
-from gptoss_dist.model import GptOss, forward
+from gptoss_dist.model import EXPERTS_IMPLEMENTATIONS, GptOss, experts_blocked, experts_ragged, forward
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from reference import load_reference, reference_logits
 
@@ -95,8 +95,6 @@ def test_bfloat16_model_is_as_close_to_float32_as_transformers_in_bfloat16(small
 @pytest.mark.parametrize("num_tokens", [1, 5, 300])
 def test_blocked_experts_equal_ragged_dot_experts(num_tokens):
     """The two expert kernels (blocks on CPU/GPU, ragged_dot on TPU) agree, unused experts included."""
-    from gptoss_dist import model
-
     rng = np.random.default_rng(num_tokens)
     experts, hidden, inter, top_k = 6, 32, 48, 2
     rows = jnp.asarray(rng.normal(size=(num_tokens * top_k, hidden)), jnp.float32)
@@ -105,8 +103,23 @@ def test_blocked_experts_equal_ragged_dot_experts(num_tokens):
     weights = [jnp.asarray(rng.normal(size=shape) / 4, jnp.float32) for shape in
                ((experts, hidden, 2 * inter), (experts, 2 * inter), (experts, inter, hidden), (experts, hidden))]  # fmt: skip
     args = (rows, jnp.asarray(group), sizes, *weights)
-    blocked = model._experts_blocked(*args, limit=7.0, alpha=1.702)
-    ragged = model._experts_ragged(*args, limit=7.0, alpha=1.702)
+    blocked = experts_blocked(*args, limit=7.0, alpha=1.702)
+    ragged = experts_ragged(*args, limit=7.0, alpha=1.702)
     held = group < experts
     np.testing.assert_allclose(np.asarray(blocked)[held], np.asarray(ragged)[held], rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(blocked)[~held] == 0)
+
+
+def test_experts_implementation_is_one_of_the_named_ones():
+    with pytest.raises(ValueError, match=r"experts_implementation must be one of \('auto', 'ragged'"):
+        nnx.eval_shape(lambda: GptOss(small_config(), experts_implementation="dense"))
+    assert EXPERTS_IMPLEMENTATIONS == ("auto", "ragged", "blocked", "gpu_kernel", "tpu_kernel")
+
+
+def test_the_model_stages_are_named_in_the_compiled_program():
+    """Profiles read by stage: attention, routing and the experts carry their names (collectives only run
+    under a mesh; test_sharding's meshes lower them)."""
+    model = nnx.eval_shape(lambda: GptOss(small_config(num_layers=1, layer_types=(FULL,))))
+    text = nnx.jit(lambda m, t: m(t)).lower(model, jnp.zeros((1, 4), jnp.int32)).as_text(debug_info=True)
+    for stage in ("attention", "routing", "experts"):
+        assert f"/{stage}/" in text, stage

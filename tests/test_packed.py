@@ -16,11 +16,12 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from conftest import small_config
 from gptoss_dist import CheckpointError, ModelConfig, from_pretrained, mxfp4, plan, settings
-from gptoss_dist.checkpoint import HfCheckpoint, abstract_model
+from gptoss_dist.checkpoint import HfCheckpoint
 from gptoss_dist.convert import convert
+from gptoss_dist.converted import MARKER_FILE, PROGRESS_FILE, array_name, array_specs
 from gptoss_dist.engine import Request
-from gptoss_dist.generate import checkpoint_tokenizer, make_engine, planned_mesh
-from gptoss_dist.model import forward
+from gptoss_dist.model import abstract_model, forward
+from gptoss_dist.placements import weight_placements
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import (
     MESH_AXES,
@@ -30,9 +31,8 @@ from gptoss_dist.sharding import (
     param_specs,
     put,
     spec_divisor,
-    weight_placements,
 )
-from gptoss_dist.store import MARKER_FILE, PROGRESS_FILE, array_name, array_specs
+from gptoss_dist.startup import checkpoint_tokenizer, make_engine, planned_mesh
 
 CONFIG = small_config()  # intermediate 64: 2 MXFP4 groups, so mesh.tensor may be 1 or 2
 EXPERT_TENSORS = {"gate_up": "gate_up_proj", "down": "down_proj"}
@@ -183,7 +183,7 @@ def test_interrupted_packed_conversion_resumes_as_packed(small_checkpoint, tmp_p
         raise KeyboardInterrupt("killed before the marker")
 
     with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr("gptoss_dist.store.Conversion.complete", interrupted)
+        patch.setattr("gptoss_dist.converted.Conversion.complete", interrupted)
         convert(str(small_checkpoint), str(destination), packed_experts=True, show_progress=False)
     progress = json.loads((destination / PROGRESS_FILE).read_text())
     assert progress["packed_experts"] is True and len(progress["done"]) == len(progress["arrays"])

@@ -14,9 +14,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from conftest import small_config
 from gptoss_dist import from_pretrained
 from gptoss_dist.model import forward
+from gptoss_dist.placements import describe
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import (
-    MESH_AXES, MeshError, describe, logical_to_spec, make_mesh, mesh_shape, put, spec_divisor,
+    MESH_AXES, MeshError, logical_to_spec, make_mesh, mesh_shape, put, spec_divisor,
 )  # fmt: skip
 from reference import load_reference, reference_logits
 
@@ -167,14 +168,14 @@ def test_description_of_the_20b_model_on_a_mesh():
     assert "bytes per device" in text.splitlines()[-1]
 
 
-def test_sharding_command_prints_the_plan_and_refuses_bad_meshes():
+def test_placements_command_prints_the_plan_and_refuses_bad_meshes():
     import subprocess
     import sys
 
     from pathlib import Path
 
     config = Path(__file__).parents[1] / "configs" / "gpt_oss_20b.py"
-    command = [sys.executable, "-m", "gptoss_dist.sharding", f"--config={config}"]
+    command = [sys.executable, "-m", "gptoss_dist.placements", f"--config={config}"]
     ok = subprocess.run([*command, "--config.mesh.tensor=4", "--config.mesh.expert=2"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.splitlines()[-1].startswith("mesh (data=1, tensor=4, expert=2):")

@@ -1,7 +1,6 @@
 """The TPU expert kernel (`gptoss_dist.tpu_grouped_matmul`), run by Pallas' interpreter on the CPU."""
 
 import importlib.util
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ from test_compile import small_settings
 
 from gptoss_dist import compile as tpu_compile
 from gptoss_dist import from_pretrained, mxfp4
-from gptoss_dist import model as model_module
 from gptoss_dist.model import forward, row_blocks
 from gptoss_dist.sharding import make_mesh, put
 from gptoss_dist.tpu_grouped_matmul import KERNEL_NAME, grouped_matmul
@@ -76,41 +74,27 @@ def test_every_row_on_one_expert(packed):
 PROMPTS = np.random.default_rng(0).integers(0, small_config().vocab_size, (2, 12))
 
 
-@pytest.fixture(scope="module")
-def packed_model(small_checkpoint):
-    return from_pretrained(small_checkpoint, dtype=jnp.float32, packed_experts=True)
+def packed_model(checkpoint, experts_implementation: str, mesh=None):
+    return from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh, packed_experts=True,
+                           experts_implementation=experts_implementation)  # fmt: skip
 
 
-@pytest.fixture
-def tpu_experts(monkeypatch):
-    """The model's experts through the TPU kernel, interpreted."""
-    kernel = partial(model_module._experts_kernel, matmul=grouped_matmul, interpret=True)
-    monkeypatch.setattr(model_module, "experts_implementation", lambda _: kernel)
-
-
-def test_model_through_the_kernel_matches_transformers_on_a_packed_checkpoint(
-    small_checkpoint, packed_model, tpu_experts
-):
-    """The whole model with the TPU expert path, packed experts, gives transformers' logits within the
-    tolerance the model meets on its own path (`test_model`)."""
-    logits = np.asarray(forward(packed_model, jnp.asarray(PROMPTS)))
+def test_model_through_the_kernel_matches_transformers_on_a_packed_checkpoint(small_checkpoint):
+    """The whole model with the TPU expert path (interpreted), packed experts, gives transformers' logits
+    within the tolerance the model meets on its own path (`test_model`)."""
+    logits = np.asarray(forward(packed_model(small_checkpoint, "tpu_kernel"), jnp.asarray(PROMPTS)))
     reference = load_reference(small_checkpoint)
     for row, prompt in enumerate(PROMPTS):
         expected = reference_logits(reference, prompt)
         assert np.abs(logits[row] - expected).max() <= 1e-4 * np.abs(expected).max(), f"prompt {row}"
 
 
-@pytest.fixture(scope="module")
-def unsharded_logits(packed_model) -> np.ndarray:
-    """The unsharded model's logits on its own (CPU) path: module-scoped, so taken before `tpu_experts`."""
-    return np.asarray(forward(packed_model, jnp.asarray(PROMPTS)))
-
-
-def test_expert_parallel_through_the_kernel_equals_the_unsharded_model(small_checkpoint, unsharded_logits, tpu_experts):
+def test_expert_parallel_through_the_kernel_equals_the_unsharded_model(small_checkpoint):
     """On 2 tensor x 2 expert shards (3 experts each, the rows routed to the other shard's experts held
-    elsewhere), the kernel's logits are the unsharded model's."""
+    elsewhere), the kernel's logits are the unsharded model's on the CPU's path."""
+    unsharded_logits = np.asarray(forward(packed_model(small_checkpoint, "blocked"), jnp.asarray(PROMPTS)))
     mesh = make_mesh({"data": 1, "tensor": 2, "expert": 2}, small_config(), jax.devices()[:4], packed_experts=True)
-    sharded = from_pretrained(small_checkpoint, dtype=jnp.float32, mesh=mesh, packed_experts=True)
+    sharded = packed_model(small_checkpoint, "tpu_kernel", mesh)
     with jax.set_mesh(mesh):
         got = np.asarray(forward(sharded, put(PROMPTS.astype(np.int32), NamedSharding(mesh, PartitionSpec("data")))))
     scale = np.abs(unsharded_logits).max()

@@ -47,7 +47,7 @@ from typing import Any, BinaryIO
 
 import fsspec
 
-from gptoss_dist.checkpoint import join, write_atomically
+from gptoss_dist.paths import is_local, join, write_atomically
 
 RESULTS, ERRORS = "results", "errors"
 MANIFEST_FILE = "job.json"
@@ -58,10 +58,6 @@ RENEWALS_PER_TIMEOUT = 4  # a live job renews its lock this many times within th
 
 class InputError(Exception):
     """The input file cannot be read."""
-
-
-def is_local(url: str) -> bool:
-    return fsspec.utils.get_protocol(url) in ("file", "local")
 
 
 # ------------------------------------------------------------------------------------------------ input
@@ -433,14 +429,17 @@ class Manifest:
             raise OutputError(f"{path}: not a job's record of its input and settings ({err})") from None
 
 
-def _lines_of(log: LocalLog | PartsLog) -> dict[int, str | None]:
-    """The id of each input line that `log` holds a record of."""
-    ids: dict[int, str | None] = {}
+def _samples_of(log: LocalLog | PartsLog) -> dict[int, dict[int, str | None]]:
+    """The id of each sample (`index`, 0 for a record without one) of each input line that `log` holds a record
+    of, by line and index."""
+    samples: dict[int, dict[int, str | None]] = {}
     for _, record in log.entries():
-        if record["line"] in ids:
-            raise OutputError(f"{log.describe()}: two records of input line {record['line']}")
-        ids[record["line"]] = record["id"]
-    return ids
+        line, index = record["line"], record.get("index", 0)
+        if index in samples.setdefault(line, {}):
+            sample = f", sample {index}" if index else ""
+            raise OutputError(f"{log.describe()}: two records of input line {line}{sample}")
+        samples[line][index] = record["id"]
+    return samples
 
 
 class JobOutput:
@@ -457,8 +456,9 @@ class JobOutput:
             open_log(directory, name, part_records=part_records, part_seconds=part_seconds)
             for name in (RESULTS, ERRORS)
         )
-        self.result_ids = _lines_of(self.results)
-        self.error_lines = set(_lines_of(self.errors))
+        self.result_samples = _samples_of(self.results)  # by line: the samples written, by index, with their id
+        self.result_ids = {line: next(iter(samples.values())) for line, samples in self.result_samples.items()}
+        self.error_lines = set(_samples_of(self.errors))
         self.made_by = Manifest.read(join(self.directory, MANIFEST_FILE))
         if self.made_by is None and (self.result_ids or self.error_lines):
             raise OutputError(f"{self.directory} holds records but no {MANIFEST_FILE}: it is not the output of "
@@ -498,7 +498,12 @@ class JobOutput:
 
     @property
     def done_lines(self) -> set[int]:
+        """The lines with an error not to retry, or with results (of a line of n samples, some may be missing)."""
         return set(self.result_ids) | (self.error_lines - self.retried)
+
+    def is_done(self, line: int, samples: int) -> bool:
+        """Whether input line `line`, of `samples` samples, has an error not to retry or all its results."""
+        return line in self.error_lines - self.retried or len(self.result_samples.get(line, ())) >= samples
 
     @property
     def failed_before(self) -> int:

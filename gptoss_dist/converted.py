@@ -38,22 +38,19 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 from flax import nnx
 
-from gptoss_dist.checkpoint import CheckpointError, abstract_model, filesystem, join, read_config, write_atomically
-from gptoss_dist.model import GptOss
-from gptoss_dist.sharding import REPLICATE_IF_INDIVISIBLE, RULES, param_shardings
+from gptoss_dist.checkpoint import CheckpointError
+from gptoss_dist.paths import filesystem, is_local, join, write_atomically
+from gptoss_dist.sharding import REPLICATE_IF_INDIVISIBLE, RULES
 
 FORMAT = "gptoss-dist/zarr3/1"
 MARKER_FILE = "gptoss_checkpoint.json"
 PROGRESS_FILE = "gptoss_progress.json"
 ARRAYS_DIR = "arrays"
 WRITE_CHUNK_BYTES = 64 << 20
-READ_AHEAD_BYTES = 1 << 30  # restore: bytes of reads in flight
 _CONTEXT = ts.Context()  # one set of connection pools and concurrency limits for every array
 
 
@@ -129,7 +126,7 @@ def _group_chunks(shape: Sequence[int], read_chunk: Sequence[int], itemsize: int
 
 def _kvstore(directory: str, name: str) -> str | dict[str, str]:
     url = join(directory, f"{ARRAYS_DIR}/{name}/")
-    return url if "://" in url else {"driver": "file", "path": f"{Path(url).absolute()}/"}
+    return {"driver": "file", "path": f"{Path(url).absolute()}/"} if is_local(url) else url
 
 
 def create_array(directory: str, name: str, spec: ArraySpec) -> ts.TensorStore:
@@ -203,7 +200,7 @@ def _write_json(path: str, record: Any) -> None:
     write_atomically(path, json.dumps(record).encode())
 
 
-def _specs_of(record: dict[str, Any]) -> dict[str, ArraySpec] | None:
+def specs_of(record: dict[str, Any]) -> dict[str, ArraySpec] | None:
     """The arrays a marker or progress record names; None for another format."""
     if record.get("format") != FORMAT:
         return None
@@ -235,7 +232,7 @@ class Conversion:
             raise CheckpointError(f"{self.directory}: not empty and not a converted checkpoint; choose another --dst")
         previous = _read_json(progress) if self._fs.exists(progress) else {}
         # packed and dequantized experts name different arrays, so equal specs also mean the same packing
-        resumable = not overwrite and previous.get("source") == source and _specs_of(previous) == specs
+        resumable = not overwrite and previous.get("source") == source and specs_of(previous) == specs
         self.done: set[str] = set(previous["done"]) if resumable else set()
         self._fs.makedirs(self.directory, exist_ok=True)
         self._save()  # before the marker goes: the directory always holds one or the other
@@ -279,7 +276,7 @@ def is_converted(path: str | Path) -> bool:
 
 def read_specs(directory: str) -> dict[str, ArraySpec]:
     """The arrays of a complete converted checkpoint; refuses an incomplete one."""
-    return _specs_of(read_marker(directory))
+    return specs_of(read_marker(directory))
 
 
 def read_marker(directory: str) -> dict[str, Any]:
@@ -297,7 +294,7 @@ def read_marker(directory: str) -> dict[str, Any]:
     return record
 
 
-def _check_packing(directory: str, record: dict[str, Any], packed_experts: bool) -> None:
+def check_packing(directory: str, record: dict[str, Any], packed_experts: bool) -> None:
     """Refuses to load a converted checkpoint's experts in the other layout (see the module docstring)."""
     if record.get("packed_experts", False) == packed_experts:  # absent: converted before packed experts
         return
@@ -312,7 +309,7 @@ def _check_packing(directory: str, record: dict[str, Any], packed_experts: bool)
     )
 
 
-def _check_arrays(directory: str, stored: dict[str, ArraySpec], state: nnx.State) -> None:
+def check_arrays(directory: str, stored: dict[str, ArraySpec], state: nnx.State) -> None:
     expected = {array_name(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
     if names := sorted(set(expected) ^ set(stored)):
         marker = join(directory, MARKER_FILE)
@@ -323,59 +320,3 @@ def _check_arrays(directory: str, stored: dict[str, ArraySpec], state: nnx.State
                 f"{join(directory, MARKER_FILE)}: array {name} has shape {stored[name].shape}, "
                 f"but config.json implies {shape}"
             )
-
-
-def _index_key(index: tuple[slice, ...]) -> tuple:
-    return tuple((s.start, s.stop) for s in index)
-
-
-def _restore(
-    array: ts.TensorStore, where: str, var: nnx.Variable, sharding: jax.sharding.Sharding, in_flight: InFlight
-) -> None:
-    """Starts reading the parts of `array` (stored at `where`) that this process's devices hold; they go into
-    `var` once read."""
-    shape, dtype = var.get_value().shape, var.get_value().dtype
-    indices = {_index_key(index): index for index in sharding.addressable_devices_indices_map(shape).values()}
-    reads = {key: array[index].read() for key, index in indices.items()}
-    nbytes = math.prod(sharding.shard_shape(shape)) * array.dtype.numpy_dtype.itemsize
-    for key, index in indices.items():
-        box = ", ".join("{}:{}".format(*part.indices(dim)[:2]) for part, dim in zip(index, shape, strict=True))
-        in_flight.add([reads[key]], nbytes, what=f"{where}, elements [{box}]")
-
-    def place() -> None:
-        var.set_value(
-            jax.make_array_from_callback(shape, sharding, lambda index: reads[_index_key(index)].result().astype(dtype))
-        )
-
-    in_flight.add([], then=place)
-
-
-def load(
-    path: str | Path,
-    *,
-    dtype=jnp.bfloat16,
-    compute_dtype=None,
-    mesh: jax.sharding.Mesh | None = None,
-    packed_experts: bool = False,
-) -> GptOss:
-    """Restores a converted checkpoint (see `checkpoint.from_pretrained`): each array goes straight into its
-    sharding, and each process reads only the chunks its devices hold, several arrays at a time."""
-    directory = str(path).rstrip("/")
-    record = read_marker(directory)
-    _check_packing(directory, record, packed_experts)
-    stored = _specs_of(record)
-    model = abstract_model(
-        read_config(directory), dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts
-    )
-    graphdef, state = nnx.split(model)
-    _check_arrays(directory, stored, state)
-    flat = dict(nnx.to_flat_state(state))
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = dict(nnx.to_flat_state(param_shardings(state, mesh))) if mesh is not None else {}
-    in_flight = InFlight(READ_AHEAD_BYTES)
-    for param, var in flat.items():
-        name = array_name(param)
-        where = f"{join(directory, ARRAYS_DIR)}/{name}"
-        _restore(open_array(directory, name, stored[name]), where, var, shardings.get(param, one_device), in_flight)
-    in_flight.drain()
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))

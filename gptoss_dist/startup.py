@@ -1,0 +1,95 @@
+"""What both front ends, the batch job (`gptoss_dist.generate`) and the chat (`gptoss_dist.chat`), start with:
+the settings that loading the model and generating read, checked; the mesh, checked against the chips'
+memory before any weight is read; the checkpoint's tokenizer; the engine over the checkpoint's model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import tokenizers
+
+from gptoss_dist import plan, records, settings
+from gptoss_dist.checkpoint import read_config
+from gptoss_dist.engine import Engine, page_pool
+from gptoss_dist.loading import from_pretrained
+from gptoss_dist.model import EXPERTS_IMPLEMENTATIONS
+from gptoss_dist.paths import filesystem, join
+from gptoss_dist.sharding import make_mesh, mesh_sizes
+from gptoss_dist.tokenizer import TOKENIZER_FILE, Tokenizer
+
+
+class StartError(Exception):
+    """A front end that cannot start: the message names the setting or the file."""
+
+
+def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
+    """The tokenizer in the checkpoint directory (local or a URL)."""
+    path = join(checkpoint, TOKENIZER_FILE)
+    try:
+        text = filesystem(path).cat_file(path).decode()
+        return Tokenizer(tokenizers.Tokenizer.from_str(text))
+    except FileNotFoundError:
+        raise StartError(f"{path}: missing; the checkpoint must hold its tokenizer") from None
+    except Exception as err:  # tokenizers raises plain Exceptions
+        raise StartError(f"{path}: not a readable tokenizer: {err}") from err
+
+
+
+def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling:
+    """The sampling defaults, once the settings that loading the model and generating read are checked (the
+    job's and the chat's); StartError or SettingsError naming the one that is not."""
+    check_given(config, "checkpoint")
+    settings.check_positive(config, "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens")
+    if config.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise StartError(f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}")
+    if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
+        raise StartError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
+    try:
+        page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages)
+        return records.sampling_defaults(config.sampling)
+    except ValueError as err:
+        raise StartError(str(err)) from None
+
+
+def check_given(config: ml_collections.ConfigDict, name: str) -> None:
+    """Refuses an empty setting `name`."""
+    if not config[name]:
+        raise StartError(f"no {name}: set --config.{name}")
+
+
+def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
+    """The configured mesh, once the checkpoint's model is known to fit it: refuses, before any weight is
+    read, a run whose weights, KV cache and working memory exceed a chip (naming the setting to turn)."""
+    model_config = read_config(config.checkpoint)
+    model_config.check_max_len(config.max_len)
+    mesh = make_mesh(config.mesh, model_config, devices, packed_experts=config.packed_experts)
+    try:
+        pool = page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages, mesh_sizes(mesh)["data"])
+        memory = plan.chip_memory(config.chip, jax.local_devices()[0])
+        if memory is not None:
+            need = plan.plan_memory(model_config, mesh_sizes(mesh), max_slots=config.max_slots,
+                                    max_len=config.max_len, prefill_tokens=config.prefill_tokens,
+                                    dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
+                                    pool=pool, rings=not config.prefix_caching)  # fmt: skip
+            plan.check_fits(need, memory[1], memory[0])
+    except ValueError as err:  # a PlanError, or a pool that the mesh's data shards do not divide
+        raise StartError(str(err)) from None
+    return mesh
+
+
+def make_engine(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: jax.sharding.Mesh) -> Engine:
+    """The checkpoint's model on `mesh`, in an engine that stops on the tokenizer's stop tokens."""
+    model = from_pretrained(config.checkpoint, dtype=settings.dtype(config), mesh=mesh,
+                            packed_experts=config.packed_experts,
+                            experts_implementation=config.experts_implementation)  # fmt: skip
+    try:
+        return Engine(model, mesh, max_slots=config.max_slots, max_len=config.max_len,
+                      steps_per_call=config.steps_per_call, stop_tokens=tokenizer.stop_token_ids,
+                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
+                      page_size=config.page_size, kv_pages=config.kv_pages,
+                      prefix_caching=config.prefix_caching)  # fmt: skip
+    except ValueError as err:
+        raise StartError(str(err)) from None
