@@ -159,26 +159,6 @@ def _packed_step(i, acc, expert, rows, cols, x_even_ref, x_odd_ref, codes_ref, s
     scales = jnp.broadcast_to(scales[:, :, None], (*scales.shape, CODE_BYTES)).reshape(codes.shape)
     contract = (((1,), (1,)), ((), ()))
     for x_ref, nibble in ((x_even_ref, codes & 0xF), (x_odd_ref, codes >> 4)):
-        values = fp4_to_float(nibble, scales, dtype)
+        values = mxfp4.fp4_to_float(nibble, scales, dtype)
         acc += jax.lax.dot_general(x_ref[rows, pairs], values, contract, preferred_element_type=F32)
     return acc
-
-
-# Bit layouts of the floats the codes decode to: (integer of the same width, mantissa bits).
-_FLOAT_BITS = {jnp.dtype(jnp.bfloat16): (jnp.int16, 7), jnp.dtype(jnp.float32): (jnp.int32, 23)}
-
-
-def fp4_to_float(codes: jax.Array, scales: jax.Array, dtype) -> jax.Array:
-    """FP4 (e2m1) codes 0..15 (int32) times 2**(scale - 127), as `dtype` (bfloat16 or float32), built bit by
-    bit: FP4 value (1 + m/2) * 2**(e - 1) (e > 0) or m/2 (e = 0) has exponent field e - 1 + scale (scale - 1)
-    and its one mantissa bit on top. A result below the normal range is zero (XLA flushes subnormals, as
-    `mxfp4.decode` does), one above it infinite (scale 255)."""
-    integer, mantissa_bits = _FLOAT_BITS[jnp.dtype(dtype)]
-    exponent, mantissa = (codes >> 1) & 3, codes & 1
-    normal = exponent > 0
-    field = jnp.where(normal, exponent - 1, -1) + scales
-    top_bit = jnp.where(normal & (field < 255), mantissa << (mantissa_bits - 1), 0)
-    magnitude = (jnp.minimum(field, 255) << mantissa_bits) | top_bit
-    magnitude = jnp.where((codes & 7 == 0) | (field <= 0), 0, magnitude)
-    bits = magnitude | ((codes & 8) << (jnp.dtype(integer).itemsize * 8 - 4))
-    return jax.lax.bitcast_convert_type(bits.astype(integer), dtype)

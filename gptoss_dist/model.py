@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_dist import mxfp4
+from gptoss_dist import grouped_matmul, mxfp4, tpu_grouped_matmul
 from gptoss_dist.attention import DEFAULT_BLOCK, KeySpan, attend, pair
 from gptoss_dist.config import ModelConfig
-from gptoss_dist.grouped_matmul import grouped_matmul
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_formats
 
 F32 = jnp.float32
@@ -28,8 +27,8 @@ F32 = jnp.float32
 # A stack of expert matrices [E, in, out]: dense, or MXFP4 as the checkpoint stores them.
 Matrices = jax.Array | mxfp4.PackedMatrices
 # How the experts run (`experts_function`): the platform's best, XLA's grouped matmul, a loop over row blocks,
-# or the Pallas kernel.
-EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "kernel")
+# or a Pallas kernel (the GPU's, the TPU's).
+EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "gpu_kernel", "tpu_kernel")
 
 
 def _param(
@@ -291,17 +290,26 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+# The Pallas expert kernels by implementation name: the platform each is built for, and its grouped matmul.
+EXPERTS_KERNELS = {
+    "gpu_kernel": ("gpu", grouped_matmul.grouped_matmul),
+    "tpu_kernel": ("tpu", tpu_grouped_matmul.grouped_matmul),
+}
+
+
 def experts_function(implementation: str, gate_up: Matrices) -> Callable:
     """The function that runs the experts on rows sorted by expert, by name (`EXPERTS_IMPLEMENTATIONS`):
-    `ragged` XLA's grouped matmul, `blocked` a loop over row blocks, `kernel` the Pallas kernel (in Pallas'
-    interpreter where the target is not a GPU), and `auto` the target platform's best: the kernel on GPUs,
-    the grouped matmul on TPUs (dense weights), else the loop."""
+    `ragged` XLA's grouped matmul, `blocked` a loop over row blocks, `gpu_kernel` and `tpu_kernel` the Pallas
+    kernels (Triton, `grouped_matmul`; Mosaic, `tpu_grouped_matmul`), each in Pallas' interpreter where the
+    target is not its platform, and `auto` the target platform's best: the GPU kernel on GPUs; on TPUs the TPU
+    kernel for packed weights and the grouped matmul for dense ones (XLA's own Mosaic kernel); else the loop."""
     platform = target_platform()
     if implementation == "auto":
         tpu_ragged = platform == "tpu" and not isinstance(gate_up, mxfp4.PackedMatrices)
-        implementation = "kernel" if platform == "gpu" else "ragged" if tpu_ragged else "blocked"
-    if implementation == "kernel":
-        return partial(experts_kernel, interpret=platform != "gpu")
+        implementation = "ragged" if tpu_ragged else f"{platform}_kernel" if platform in ("gpu", "tpu") else "blocked"
+    if implementation in EXPERTS_KERNELS:
+        own_platform, matmul = EXPERTS_KERNELS[implementation]
+        return partial(experts_kernel, matmul=matmul, interpret=platform != own_platform)
     return {"ragged": experts_ragged, "blocked": experts_blocked}[implementation]
 
 
@@ -387,14 +395,16 @@ def experts_blocked(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bi
 
 
 def experts_kernel(
-    rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha, interpret: bool = False
-):
-    """The experts on rows sorted by expert as two grouped matmuls (`gptoss_dist.grouped_matmul`), each a
-    kernel that reads only the used experts' weights, in place, dequantizing packed ones a tile at a time."""
+    rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha, matmul: Callable,
+    interpret: bool = False,
+):  # fmt: skip
+    """The experts on rows sorted by expert as two grouped matmuls, each a kernel (`matmul`: the GPU's
+    `grouped_matmul` or the TPU's `tpu_grouped_matmul`) that reads only the used experts' weights, in place,
+    dequantizing packed ones a tile at a time; `interpret` runs it with Pallas' interpreter."""
     blocks = row_blocks(row_group, sizes, gate_up.shape[0], smallest=16)
-    matmul = partial(grouped_matmul, block_expert=blocks.expert, block_rows=blocks.size, interpret=interpret)
-    hidden = matmul(blocks.pad(rows), gate_up, gate_up_bias)
-    out = matmul(clamped_swiglu(hidden, limit, alpha), down, down_bias)
+    blocks_times = partial(matmul, block_expert=blocks.expert, block_rows=blocks.size, interpret=interpret)
+    hidden = blocks_times(blocks.pad(rows), gate_up, gate_up_bias)
+    out = blocks_times(clamped_swiglu(hidden, limit, alpha), down, down_bias)
     return blocks.unpad(out)
 
 

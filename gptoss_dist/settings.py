@@ -35,8 +35,9 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             # directory as published, or converted with --packed_experts); mesh.tensor must divide
             # intermediate_size / 32
             "packed_experts": False,
-            # how the experts run: "auto" (the platform's best: the Pallas kernel on GPUs, XLA's grouped matmul
-            # on TPUs with dense experts, else a loop over row blocks), "ragged", "blocked" or "kernel"
+            # how the experts run: "auto" (the platform's best: the GPU kernel on GPUs; on TPUs the TPU kernel for
+            # packed experts, XLA's grouped matmul for dense ones; else a loop over row blocks), "ragged",
+            # "blocked", "gpu_kernel" or "tpu_kernel" (a kernel off its platform runs in Pallas' interpreter)
             "experts_implementation": "auto",
             "mesh": {"data": 1, "tensor": 1, "expert": 1},
             "checkpoint": "",

@@ -8,7 +8,7 @@ from flax import nnx
 
 from gptoss_dist import model as model_module
 from gptoss_dist import mxfp4
-from gptoss_dist.grouped_matmul import Tiles, default_tiles, fp4_to_float, grouped_matmul
+from gptoss_dist.grouped_matmul import Tiles, default_tiles, grouped_matmul
 from gptoss_dist.model import row_blocks
 from conftest import small_config
 
@@ -25,8 +25,8 @@ def test_fp4_codes_built_bit_by_bit_equal_the_decoder(dtype):
     expected = np.asarray(mxfp4.decode(jnp.asarray(blocks), jnp.asarray(scales), dtype))
     scale_of_code = jnp.broadcast_to(jnp.asarray(scales, jnp.int32), (256, 16))
     for nibble, column in ((codes, slice(0, None, 2)), (codes[::-1], slice(1, None, 2))):
-        built = np.asarray(fp4_to_float(jnp.broadcast_to(jnp.asarray(nibble, jnp.int32), (256, 16)), scale_of_code,
-                                        dtype))  # fmt: skip
+        nibbles = jnp.broadcast_to(jnp.asarray(nibble, jnp.int32), (256, 16))
+        built = np.asarray(mxfp4.fp4_to_float(nibbles, scale_of_code, dtype))
         bits = np.uint16 if dtype == jnp.bfloat16 else np.uint32
         np.testing.assert_array_equal(built.view(bits), expected[:, column].view(bits))
 
@@ -111,10 +111,10 @@ def test_model_logits_through_the_kernel_equal_the_block_loop(packed):
     cfg = small_config(num_layers=1, layer_types=("full_attention",))
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (2, 12)))
     logits = {}
-    for implementation in ("blocked", "kernel"):
+    for implementation in ("blocked", "gpu_kernel"):
         model = model_module.random_model(
             cfg, dtype=jnp.float32, packed_experts=packed, seed=3, experts_implementation=implementation
         )
         logits[implementation] = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
-    blocked, through_kernel = logits["blocked"], logits["kernel"]
+    blocked, through_kernel = logits["blocked"], logits["gpu_kernel"]
     np.testing.assert_allclose(through_kernel, blocked, atol=1e-4 * np.abs(blocked).max())

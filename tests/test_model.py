@@ -113,7 +113,7 @@ def test_blocked_experts_equal_ragged_dot_experts(num_tokens):
 def test_experts_implementation_is_one_of_the_named_ones():
     with pytest.raises(ValueError, match=r"experts_implementation must be one of \('auto', 'ragged'"):
         nnx.eval_shape(lambda: GptOss(small_config(), experts_implementation="dense"))
-    assert EXPERTS_IMPLEMENTATIONS == ("auto", "ragged", "blocked", "kernel")
+    assert EXPERTS_IMPLEMENTATIONS == ("auto", "ragged", "blocked", "gpu_kernel", "tpu_kernel")
 
 
 def test_the_model_stages_are_named_in_the_compiled_program():

@@ -1,0 +1,114 @@
+"""The TPU expert kernel (`gptoss_dist.tpu_grouped_matmul`), run by Pallas' interpreter on the CPU."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import small_config
+from jax.sharding import NamedSharding, PartitionSpec
+from reference import load_reference, reference_logits
+from test_compile import small_settings
+
+from gptoss_dist import compile as tpu_compile
+from gptoss_dist import from_pretrained, mxfp4
+from gptoss_dist.model import forward, row_blocks
+from gptoss_dist.sharding import make_mesh, put
+from gptoss_dist.tpu_grouped_matmul import KERNEL_NAME, grouped_matmul
+
+# 9 scale groups of inputs (decoded 8, then 1); 200 outputs in tiles of 128: the last tile is partial, as at 2880.
+EXPERTS, FAN_IN, FAN_OUT, TILE_OUT = 4, 288, 200, 128
+DTYPES = pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+PACKED = pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+
+
+def _weights(rng, packed: bool):
+    """(the kernel's weights, the same matrices dense [E, in, out] float32, and biases [E, out])."""
+    bias = rng.standard_normal((EXPERTS, FAN_OUT)).astype(np.float32)
+    if packed:
+        blocks = rng.integers(0, 256, (EXPERTS, FAN_OUT, FAN_IN // 32, 16), dtype=np.uint8)
+        scales = rng.integers(120, 130, (EXPERTS, FAN_OUT, FAN_IN // 32), dtype=np.uint8)
+        dense = mxfp4.decode_np(blocks, scales).transpose(0, 2, 1)
+        return mxfp4.PackedMatrices(jnp.asarray(blocks), jnp.asarray(scales)), dense, bias
+    dense = rng.standard_normal((EXPERTS, FAN_IN, FAN_OUT)).astype(np.float32)
+    return jnp.asarray(dense), dense, bias
+
+
+def _check_routing(group: np.ndarray, packed: bool, dtype) -> None:
+    """Rows routed by `group` (sorted; EXPERTS for rows held elsewhere) through the kernel give each row times
+    its expert's matrix plus bias, and zero for rows held elsewhere."""
+    rng = np.random.default_rng(len(group))
+    weights, dense, bias = _weights(rng, packed)
+    sizes = np.bincount(group, minlength=EXPERTS + 1)[:EXPERTS]
+    x = np.asarray(jnp.asarray(rng.standard_normal((len(group), FAN_IN)), dtype), np.float32)  # as the kernel sees it
+    blocks = row_blocks(jnp.asarray(group), jnp.asarray(sizes), EXPERTS, smallest=16)
+    out = grouped_matmul(
+        blocks.pad(jnp.asarray(x, dtype)), weights, jnp.asarray(bias, dtype), blocks.expert, blocks.size,
+        tile_out=TILE_OUT, interpret=True,
+    )  # fmt: skip
+    out = np.asarray(blocks.unpad(out), np.float32)
+
+    held = group < EXPERTS
+    expected = np.einsum("ri,rio->ro", x[held], dense[group[held]]) + bias[group[held]]
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(out[held] / scale, expected / scale, atol=tolerance)
+    assert not np.any(out[~held]), "rows held elsewhere must read back as zero"
+
+
+@PACKED
+@DTYPES
+def test_experts_of_no_row_one_row_and_more_than_a_block(packed, dtype):
+    """Expert 0 has no row, 1 one row, 2 more rows than a block (16), 3 a few; 3 rows are held elsewhere (an
+    uneven shard over `expert`), and the block left over is unused."""
+    group = np.repeat(np.arange(EXPERTS + 1), [0, 1, 20, 5, 3])
+    _check_routing(group, packed, dtype)
+
+
+@PACKED
+def test_every_row_on_one_expert(packed):
+    _check_routing(np.full(40, 2), packed, jnp.bfloat16)
+
+
+PROMPTS = np.random.default_rng(0).integers(0, small_config().vocab_size, (2, 12))
+
+
+def packed_model(checkpoint, experts_implementation: str, mesh=None):
+    return from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh, packed_experts=True,
+                           experts_implementation=experts_implementation)  # fmt: skip
+
+
+def test_model_through_the_kernel_matches_transformers_on_a_packed_checkpoint(small_checkpoint):
+    """The whole model with the TPU expert path (interpreted), packed experts, gives transformers' logits
+    within the tolerance the model meets on its own path (`test_model`)."""
+    logits = np.asarray(forward(packed_model(small_checkpoint, "tpu_kernel"), jnp.asarray(PROMPTS)))
+    reference = load_reference(small_checkpoint)
+    for row, prompt in enumerate(PROMPTS):
+        expected = reference_logits(reference, prompt)
+        assert np.abs(logits[row] - expected).max() <= 1e-4 * np.abs(expected).max(), f"prompt {row}"
+
+
+def test_expert_parallel_through_the_kernel_equals_the_unsharded_model(small_checkpoint):
+    """On 2 tensor x 2 expert shards (3 experts each, the rows routed to the other shard's experts held
+    elsewhere), the kernel's logits are the unsharded model's on the CPU's path."""
+    unsharded_logits = np.asarray(forward(packed_model(small_checkpoint, "blocked"), jnp.asarray(PROMPTS)))
+    mesh = make_mesh({"data": 1, "tensor": 2, "expert": 2}, small_config(), jax.devices()[:4], packed_experts=True)
+    sharded = packed_model(small_checkpoint, "tpu_kernel", mesh)
+    with jax.set_mesh(mesh):
+        got = np.asarray(forward(sharded, put(PROMPTS.astype(np.int32), NamedSharding(mesh, PartitionSpec("data")))))
+    scale = np.abs(unsharded_logits).max()
+    np.testing.assert_allclose(got, unsharded_logits, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[tpu]'")
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2"])
+def test_packed_decode_and_prefill_compile_with_the_kernel(topology):
+    """The job's decode and prefill calls with packed experts, compiled for a TPU topology (mesh: 2 tensor
+    shards x 2 expert shards), run the experts in the Mosaic kernel and fit."""
+    config = small_settings((1, 2, 2))
+    config.packed_experts = True
+    engine = tpu_compile.abstract_engine(config, tpu_compile.load_topology(topology))
+    for name, lower in tpu_compile.job_programs(engine, all_buckets=False).items():
+        compiled = lower().compile()
+        assert KERNEL_NAME in compiled.as_text(), f"{name}: no expert kernel in the compiled program"
