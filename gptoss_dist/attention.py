@@ -30,12 +30,12 @@ class KeySpan:
     `first[b] + s`, real for `start[b] <= s < end[b]`; or, for a `ring`, the key of the one position p < end[b]
     with p % length == s among the last `length`, real if p >= 0.
 
-    Without `pages`, k and v are [B, length, kv_heads, head_dim] and row b's span is row b. With `pages`
-    [B, W], k and v are a pool [P, page, kv_heads, head_dim] of pages and row b's span is its pages
-    `pages[b]` one after the other (length W * page): a page table (a ring is one page)."""
+    Keys and values are side by side in kv (`pair`). Without `pages`, kv is [B, length, kv_heads,
+    2 * head_dim] and row b's span is row b. With `pages` [B, W], kv is a pool [P, page, kv_heads, 2 * head_dim]
+    of pages and row b's span is its pages `pages[b]` one after the other (length W * page): a page table (a
+    ring is one page)."""
 
-    k: jax.Array
-    v: jax.Array
+    kv: jax.Array
     end: jax.Array  # [B] int32
     first: jax.Array | int = 0  # [B] int32
     start: jax.Array | int = 0  # [B] int32
@@ -44,13 +44,13 @@ class KeySpan:
 
     @property
     def length(self) -> int:
-        return self.k.shape[1] * (1 if self.pages is None else self.pages.shape[1])
+        return self.kv.shape[1] * (1 if self.pages is None else self.pages.shape[1])
 
     def block_size(self, block: int) -> int:
         """The size of the blocks the span is read in, about `block`: at most its length, and through a page
         table whole pages or a part of a page that divides it, so that no block straddles two pages (a table
         of one page, as a slot's whole context or ring, has no second page to straddle)."""
-        page = self.k.shape[1]
+        page = self.kv.shape[1]
         if self.pages is None or self.pages.shape[1] == 1:
             return min(block, self.length)
         if block >= page:
@@ -65,10 +65,10 @@ class KeySpan:
         length = self.length
         offset = jnp.minimum(index, length - size)
         if self.pages is None:
-            k = jax.lax.dynamic_slice_in_dim(self.k, offset, size, axis=1)
-            v = jax.lax.dynamic_slice_in_dim(self.v, offset, size, axis=1)
+            kv = jax.lax.dynamic_slice_in_dim(self.kv, offset, size, axis=1)
         else:
-            k, v = self._paged_block(offset, size)
+            kv = self._paged_block(offset, size)
+        k, v = unpair(kv)
         at = offset + jnp.arange(size)
         if self.ring:
             last = self.end[:, None] - 1
@@ -77,23 +77,32 @@ class KeySpan:
         real = (at >= index) & (at >= _column(self.start)) & (at < self.end[:, None])
         return k, v, jnp.broadcast_to(_column(self.first) + at, real.shape), real
 
-    def _paged_block(self, offset: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    def _paged_block(self, offset: jax.Array, size: int) -> jax.Array:
         """The block of `size` keys and values from `offset` read through the page table, in pieces of at most
         a page, each within one page."""
-        page = self.k.shape[1]
+        page = self.kv.shape[1]
         piece = min(size, page)
         starts = offset + jnp.arange(size // piece) * piece  # [n] indices into the span
         pages = jnp.take(self.pages, starts // page, axis=1)  # [B, n]
         within = starts % page
 
-        def gather(pool: jax.Array) -> jax.Array:
-            def one(index, at):
-                return jax.lax.dynamic_slice(pool, (index, at, 0, 0), (1, piece, *pool.shape[2:]))[0]
+        def one(index, at):
+            return jax.lax.dynamic_slice(self.kv, (index, at, 0, 0), (1, piece, *self.kv.shape[2:]))[0]
 
-            pieces = jax.vmap(jax.vmap(one), in_axes=(0, None))(pages, within)  # [B, n, piece, kv, D]
-            return pieces.reshape(pages.shape[0], size, *pool.shape[2:])
+        pieces = jax.vmap(jax.vmap(one), in_axes=(0, None))(pages, within)  # [B, n, piece, kv_heads, 2 * D]
+        return pieces.reshape(pages.shape[0], size, *self.kv.shape[2:])
 
-        return gather(self.k), gather(self.v)
+
+def pair(k: jax.Array, v: jax.Array) -> jax.Array:
+    """Keys and values [..., head_dim] side by side in one array [..., 2 * head_dim]. A cache row of GPT-OSS's
+    64-wide heads is then 128 wide, a TPU's lane width: the TPU compiler neither pads it nor, to avoid padding,
+    stores it sequence-minor and re-lays it for every decode call (see BENCHMARKS.md)."""
+    return jnp.concatenate([k, v], axis=-1)
+
+
+def unpair(kv: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The keys and values of `pair`."""
+    return jnp.split(kv, 2, axis=-1)
 
 
 def _column(x: jax.Array | int) -> jax.Array | int:
@@ -126,7 +135,7 @@ def attend(
     keys when one is set, to the real keys of `spans`; sinks [Hq]. Returns [B, T, Hq, D] in q's dtype.
     """
     batch, length, num_heads, head_dim = q.shape
-    num_kv = spans[0].k.shape[2]
+    num_kv = spans[0].kv.shape[2]
     q_block = min(block, length)
     num_q_blocks = math.ceil(length / q_block)
     padded = jnp.pad(q, ((0, 0), (0, num_q_blocks * q_block - length), (0, 0), (0, 0)))

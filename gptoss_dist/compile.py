@@ -41,7 +41,7 @@ from gptoss_dist.config import ConfigError
 from gptoss_dist.engine import Engine
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_DOES_NOT_FIT
 from gptoss_dist.model import abstract_model
-from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes, param_shardings
+from gptoss_dist.sharding import MeshError, make_mesh, mesh_sizes, param_formats
 
 GiB = plan.GiB
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -156,14 +156,15 @@ def load_topology(name: str) -> Topology:
 
 
 def sharded_abstract_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> nnx.Module:
-    """The settings' model with every weight a ShapeDtypeStruct in its sharding on `mesh`: nothing allocated."""
+    """The settings' model with every weight a ShapeDtypeStruct in its sharding and layout on `mesh`: nothing
+    allocated."""
     model = abstract_model(settings.model_config(config), dtype=settings.dtype(config),
                            packed_experts=config.packed_experts,
                            experts_implementation=config.experts_implementation)  # fmt: skip
     graphdef, state = nnx.split(model)
     state = jax.tree.map(
-        lambda var, sharding: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)),
-        state, param_shardings(state, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable),
+        lambda var, place: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=place)),
+        state, param_formats(state, mesh), is_leaf=lambda x: isinstance(x, nnx.Variable),
     )  # fmt: skip
     return nnx.merge(graphdef, state)
 

@@ -1,7 +1,8 @@
 """Batched decoding: a paged KV cache, prefill in bucketed pieces of bounded size, many decode steps per host
 round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
 
-The cache keeps, per layer, keys and values in pages [pages, page, kv_heads, head_dim] (`model.LayerCache`).
+The cache keeps, per layer, keys and values side by side in pages [pages, page, kv_heads, 2 * head_dim]
+(`model.LayerCache`).
 Full-attention layers share one pool of `kv_pages` pages of `page_size` positions: a sequence takes pages as it
 grows (its page table says which) and gives them back when it ends, so the pool's memory follows the live
 tokens, and decoding reads only the pages up to each sequence's length. By default a page holds `max_len`
@@ -564,7 +565,7 @@ class Engine:
         for layer in range(cfg.num_layers):
             shape = cache_shape(cfg, layer, count, self.max_len, pool, rings)
             ring = rings and cfg.window(layer) is not None
-            cache.append(LayerCache(*(_Blank(shape, self.dtype, CACHE_AXES) for _ in range(2)), ring=ring))
+            cache.append(LayerCache(_Blank(shape, self.dtype, CACHE_AXES), ring=ring))
         per_slot = partial(_Blank, (count,), axes=SLOT_AXES)
         return Slots(
             cache=cache, token=per_slot(jnp.int32), length=per_slot(jnp.int32), generated=per_slot(jnp.int32),

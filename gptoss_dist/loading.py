@@ -21,13 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Format
+from jax.sharding import SingleDeviceSharding
 
 from gptoss_dist import converted
 from gptoss_dist.checkpoint import HfCheckpoint, check_names, check_shapes, hf_tensors, read_box, read_config
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.model import GptOss, abstract_model
 from gptoss_dist.paths import join
-from gptoss_dist.sharding import param_shardings
+from gptoss_dist.sharding import param_formats
 
 READ_AHEAD_BYTES = 1 << 30  # a converted checkpoint: bytes of reads in flight
 Box = tuple[slice, ...]  # the elements of one shard, each slice with a start and a stop
@@ -116,29 +118,29 @@ def shard_boxes(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list
     return list(boxes.values())
 
 
-def fill(state: nnx.State, shardings: dict[tuple, jax.sharding.Sharding], source: Source) -> None:
-    """Sets every parameter of the abstract `state` from `source`, each shard read once and put on its devices."""
+def fill(state: nnx.State, formats: dict[tuple, Format], source: Source) -> None:
+    """Sets every parameter of the abstract `state` from `source`, each shard read once and put on its devices
+    in the parameter's sharding and layout (`formats`)."""
     in_flight = converted.InFlight(READ_AHEAD_BYTES)
     for param, var in nnx.to_flat_state(state):
         shape, dtype = var.get_value().shape, np.dtype(var.get_value().dtype)
-        boxes = shard_boxes(shardings[param], shape)
+        boxes = shard_boxes(formats[param].sharding, shape)
         reads = [(source.start_read(param, shape, box, dtype), devices) for box, devices in boxes]
         for read, _ in reads:
             in_flight.add(read.futures, read.nbytes, what=read.what)
-        in_flight.add([], then=functools.partial(_place, var, shardings[param], reads))
+        in_flight.add([], then=functools.partial(_place, var, formats[param], reads))
     in_flight.drain()
 
 
-def _place(
-    var: nnx.Variable, sharding: jax.sharding.Sharding, reads: list[tuple[ShardRead, list[jax.Device]]]
-) -> None:
-    """Puts each shard on its devices as it is read, so that the host holds one shard at a time."""
+def _place(var: nnx.Variable, target: Format, reads: list[tuple[ShardRead, list[jax.Device]]]) -> None:
+    """Puts each shard on its devices, in the target's layout, as it is read, so that the host holds one shard
+    at a time."""
     shards = []
     for read, devices in reads:
         values = read.values()
-        shards += [jax.device_put(values, device) for device in devices]
+        shards += [jax.device_put(values, Format(target.layout, SingleDeviceSharding(device))) for device in devices]
         del values
-    var.set_value(jax.make_array_from_single_device_arrays(var.get_value().shape, sharding, shards))
+    var.set_value(jax.make_array_from_single_device_arrays(var.get_value().shape, target.sharding, shards))
 
 
 def from_pretrained(
@@ -165,9 +167,9 @@ def from_pretrained(
     graphdef, state = nnx.split(model)
     source.check(state)
     if mesh is not None:
-        shardings = dict(nnx.to_flat_state(param_shardings(state, mesh)))
+        formats = dict(nnx.to_flat_state(param_formats(state, mesh)))
     else:
-        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = {param: one_device for param, _ in nnx.to_flat_state(state)}
-    fill(state, shardings, source)
+        one_device = Format(None, SingleDeviceSharding(jax.devices()[0]))
+        formats = {param: one_device for param, _ in nnx.to_flat_state(state)}
+    fill(state, formats, source)
     return nnx.merge(graphdef, state)

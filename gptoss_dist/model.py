@@ -18,22 +18,25 @@ import numpy as np
 from flax import nnx
 
 from gptoss_dist import grouped_matmul, mxfp4, tpu_grouped_matmul
-from gptoss_dist.attention import DEFAULT_BLOCK, KeySpan, attend
+from gptoss_dist.attention import DEFAULT_BLOCK, KeySpan, attend, pair
 from gptoss_dist.config import ModelConfig
-from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_shardings
+from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_formats
 
 F32 = jnp.float32
 
 # A stack of expert matrices [E, in, out]: dense, or MXFP4 as the checkpoint stores them.
 Matrices = jax.Array | mxfp4.PackedMatrices
 # How the experts run (`experts_function`): the platform's best, XLA's grouped matmul, a loop over row blocks,
-# or the Pallas kernel.
+# or a Pallas kernel (the GPU's, the TPU's).
 EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "gpu_kernel", "tpu_kernel")
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stddev: float) -> nnx.Param:
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, stddev: float, *, row_major: bool = False
+) -> nnx.Param:
+    """A random weight; `row_major` pins its layout on the device (`sharding.param_formats`)."""
     value = (jax.random.normal(rngs.params(), shape, F32) * stddev).astype(dtype)
-    return nnx.Param(value, logical_axes=axes)
+    return nnx.Param(value, logical_axes=axes, row_major=row_major)
 
 
 def _mxfp4_params(
@@ -136,31 +139,27 @@ CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """One layer's keys and values [pages, page, kv_heads, head_dim] (`CACHE_AXES`). A sequence's keys are
+    """One layer's keys and values side by side, kv [pages, page, kv_heads, 2 * head_dim] (`CACHE_AXES`,
+    `attention.pair`). A sequence's keys are
     in the pages of its page table [W] one after the other, position p in page `table[p // page % W]` at
     p % page: a pool holds the whole context in pages taken as it grows (the full-attention layers'; a
     sliding layer's too where prefixes are shared, so that a sequence that starts from a cached prefix finds
     the window before it); a `ring` holds a sliding layer's window per slot, one page per slot."""
 
-    k: jax.Array
-    v: jax.Array
+    kv: jax.Array
     ring: bool = dataclasses.field(default=False, metadata={"static": True})
 
-    def write(self, k: jax.Array, v: jax.Array, span: Span, pages: jax.Array) -> LayerCache:
-        """The cache with the real tokens' keys and values [B, T, kv, D] stored through the page table pages
-        [B, W] (of more than W pages' worth, the last ones)."""
-        page, count = self.k.shape[1], pages.shape[1]
-        t = jnp.arange(k.shape[1])
+    def write(self, kv: jax.Array, span: Span, pages: jax.Array) -> LayerCache:
+        """The cache with the real tokens' keys and values kv [B, T, kv_heads, 2 * D] stored through the page
+        table pages [B, W] (of more than W pages' worth, the last ones)."""
+        page, count = self.kv.shape[1], pages.shape[1]
+        t = jnp.arange(kv.shape[1])
         kept = (t >= jnp.maximum(span.start, span.end - page * count)[:, None]) & (t < span.end[:, None])
-        positions = span.positions(k.shape[1])
+        positions = span.positions(kv.shape[1])
         index = jnp.take_along_axis(pages, positions // page % count, axis=1)
-        index = jnp.where(kept, index, self.k.shape[0])  # out of range: dropped
+        index = jnp.where(kept, index, self.kv.shape[0])  # out of range: dropped
         offset = positions % page
-        return LayerCache(
-            self.k.at[index, offset].set(k.astype(self.k.dtype), mode="drop"),
-            self.v.at[index, offset].set(v.astype(self.v.dtype), mode="drop"),
-            self.ring,
-        )
+        return LayerCache(self.kv.at[index, offset].set(kv.astype(self.kv.dtype), mode="drop"), self.ring)
 
 
 def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:
@@ -177,7 +176,7 @@ def cache_shape(
     pages, page = (slots, max_len) if pool is None else pool
     if rings and cfg.window(layer) is not None:
         pages, page = slots, cache_length(cfg, layer, max_len)
-    return (pages, page, cfg.num_kv_heads, cfg.head_dim)
+    return (pages, page, cfg.num_kv_heads, 2 * cfg.head_dim)
 
 
 class Attention(nnx.Module):
@@ -217,16 +216,17 @@ class Attention(nnx.Module):
         """Attends the tokens x [B, T, hidden] at `span` to what they may see: each other and, with a cache,
         their sequences' earlier tokens. Returns the output and the cache holding the new keys too."""
         q, k, v = self.qkv(x, cos, sin)
-        own = KeySpan(k, v, first=span.first, start=span.start, end=span.end)
+        kv = pair(k, v)
+        own = KeySpan(kv, first=span.first, start=span.start, end=span.end)
         if cache is None:
             spans = [own]
         elif not cache.ring:  # the cache holds the whole context: store, then read it
-            cache = cache.write(k, v, span, span.page_table())
-            spans = [KeySpan(cache.k, cache.v, end=span.first + span.end, pages=span.page_table())]
+            cache = cache.write(kv, span, span.page_table())
+            spans = [KeySpan(cache.kv, end=span.first + span.end, pages=span.page_table())]
         else:  # a ring as long as the window: read what it held before the new keys replace it
             ring = span.slots()[:, None]
-            spans = [KeySpan(cache.k, cache.v, end=span.first + span.start, pages=ring, ring=True), own]
-            cache = cache.write(k, v, span, ring)
+            spans = [KeySpan(cache.kv, end=span.first + span.start, pages=ring, ring=True), own]
+            cache = cache.write(kv, span, ring)
         out = attend(q, span.first, self.sinks[...], spans, self.window, block=block)
         return self.project_out(out), cache
 
@@ -432,8 +432,11 @@ class MoE(nnx.Module):
             self.down_blocks, self.down_scales = _mxfp4_params(rngs, (num, hidden, inter), down_axes, inter**-0.5)
         else:
             gate_up_axes, down_axes = ("experts", "embed", "expert_mlp"), ("experts", "expert_mlp", "embed")
-            self.gate_up = _param(rngs, (num, hidden, 2 * inter), gate_up_axes, param_dtype, hidden**-0.5)
-            self.down = _param(rngs, (num, inter, hidden), down_axes, param_dtype, inter**-0.5)
+            # row-major, as the TPU's grouped matmul reads them (see `sharding.param_formats`)
+            self.gate_up = _param(
+                rngs, (num, hidden, 2 * inter), gate_up_axes, param_dtype, hidden**-0.5, row_major=True
+            )
+            self.down = _param(rngs, (num, inter, hidden), down_axes, param_dtype, inter**-0.5, row_major=True)
         self.gate_up_bias = _constant((num, 2 * inter), ("experts", "expert_mlp"), param_dtype, 0.0)
         self.down_bias = _constant((num, hidden), ("experts", "embed"), param_dtype, 0.0)
         self.packed, self.implementation = packed, implementation
@@ -577,7 +580,10 @@ class GptOss(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = cfg
         self.compute_dtype = compute_dtype or param_dtype
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, 1.0)
+        # row-major, as the lookup reads it (see `sharding.param_formats`)
+        self.embed = _param(
+            rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype, 1.0, row_major=True
+        )
         self.layers = nnx.List(
             [
                 DecoderLayer(
@@ -680,5 +686,5 @@ def random_model(
 def _initializer(build: Callable[..., nnx.Module], mesh) -> Callable[[jax.Array], nnx.State]:
     """A compiled maker of the parameters of `build(rngs=...)` from a key, on the devices of their shardings."""
     abstract = nnx.state(nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0))))
-    shardings = param_shardings(abstract, mesh) if mesh is not None else None
-    return jax.jit(lambda key: nnx.state(build(rngs=nnx.Rngs(params=key))), out_shardings=shardings)
+    formats = param_formats(abstract, mesh) if mesh is not None else None
+    return jax.jit(lambda key: nnx.state(build(rngs=nnx.Rngs(params=key))), out_shardings=formats)

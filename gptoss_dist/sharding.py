@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental.layout import Format, Layout
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from gptoss_dist import mxfp4
@@ -146,9 +147,19 @@ def param_specs(state: nnx.State, sizes: Mapping[str, int]) -> nnx.State:
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def param_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+def param_formats(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Where every parameter goes on `mesh`: its sharding, and for a weight marked `row_major` its layout too
+    (else the device's default). A TPU's default layout puts the dimension that pads least minor (the experts'
+    [E, hidden, 720] hidden-minor); the grouped matmul and the embedding lookup read theirs row-major, so
+    each decode call copied every layer's expert weights before its step loop (see BENCHMARKS.md)."""
+
+    def place(var: nnx.Variable, spec: PartitionSpec) -> Format:
+        row_major = var.get_metadata().get("row_major")
+        layout = Layout(major_to_minor=tuple(range(len(var.get_value().shape)))) if row_major else None
+        return Format(layout, NamedSharding(mesh, spec))
+
     specs = param_specs(state, mesh_sizes(mesh))
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(place, state, specs, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -159,6 +170,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes, x.shape, mesh_sizes(mesh)))
 
 
-def put(value: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """Places a host array into its sharding; each process transfers only its own devices' shards."""
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+def put(value: np.ndarray, where: NamedSharding | Format) -> jax.Array:
+    """Places a host array into its sharding (and layout); each process transfers only its own devices' shards."""
+    return jax.make_array_from_callback(value.shape, where, lambda index: value[index])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_dist.attention import KeySpan, attend
+from gptoss_dist.attention import KeySpan, attend, pair
 
 
 def dense_attention(q, k, v, sinks, q_pos, k_pos, k_real, window):
@@ -46,7 +46,7 @@ def test_prefill_equals_dense(window, block):
     q, k, v, sinks = random_qkv(rng, 4, 23, 23)
     start, end = np.array([0, 5, 0, 0]), np.array([23, 23, 11, 0])
     first = -start
-    got = blockwise(q, first, sinks, [KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray(end),
+    got = blockwise(q, first, sinks, [KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray(end),
                                               first=jnp.asarray(first), start=jnp.asarray(start))], window, block)
     positions = first[:, None] + np.arange(23)
     real = (np.arange(23) >= start[:, None]) & (np.arange(23) < end[:, None])
@@ -59,7 +59,7 @@ def test_prefill_equals_dense(window, block):
 def test_a_query_that_sees_no_key_returns_zeros():
     rng = np.random.default_rng(1)
     q, k, v, sinks = random_qkv(rng, 1, 3, 6)
-    span = KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray([6]), first=jnp.asarray([10]))
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray([6]), first=jnp.asarray([10]))
     got = blockwise(q, np.array([0]), sinks, [span], None, 4)  # every key is in the queries' future
     assert np.all(got == 0)
     assert np.all(dense_attention(q, k, v, sinks, np.arange(3)[None], 10 + np.arange(6)[None],
@@ -83,7 +83,7 @@ def test_a_chunk_against_a_cache_equals_dense(window):
     for p in range(start - 8, start):
         ring_k[rows, p % 8], ring_v[rows, p % 8] = history_k[:, p], history_v[:, p]
     first = np.full(2, start)
-    new = KeySpan(jnp.asarray(new_k), jnp.asarray(new_v), end=jnp.full(2, chunk), first=jnp.asarray(first))
+    new = KeySpan(pair(jnp.asarray(new_k), jnp.asarray(new_v)), end=jnp.full(2, chunk), first=jnp.asarray(first))
     whole = np.concatenate([history_k, new_k], 1), np.concatenate([history_v, new_v], 1)
     positions = np.broadcast_to(np.arange(start + chunk), (2, start + chunk))
     expected = dense_attention(q, *whole, sinks, first[:, None] + np.arange(chunk), positions,
@@ -94,9 +94,10 @@ def test_a_chunk_against_a_cache_equals_dense(window):
         page = page_table[row, p // 4]
         pool_k[page, p % 4], pool_v[page, p % 4] = history_k[row, p], history_v[row, p]
     held = jnp.full(2, start)
-    contiguous = KeySpan(jnp.asarray(cache_k), jnp.asarray(cache_v), end=held, pages=jnp.asarray(rows)[:, None])
-    paged = KeySpan(jnp.asarray(pool_k), jnp.asarray(pool_v), end=held, pages=jnp.asarray(page_table))
-    ring = KeySpan(jnp.asarray(ring_k), jnp.asarray(ring_v), end=held, pages=jnp.asarray(rows)[:, None], ring=True)
+    contiguous = KeySpan(pair(jnp.asarray(cache_k), jnp.asarray(cache_v)), end=held, pages=jnp.asarray(rows)[:, None])
+    paged = KeySpan(pair(jnp.asarray(pool_k), jnp.asarray(pool_v)), end=held, pages=jnp.asarray(page_table))
+    ring = KeySpan(pair(jnp.asarray(ring_k), jnp.asarray(ring_v)), end=held, pages=jnp.asarray(rows)[:, None],
+                   ring=True)  # fmt: skip
     for cached in (contiguous, paged, ring) if window else (contiguous, paged):
         for block in (2, 4, 12, 16):
             got = blockwise(q, first, sinks, [cached, new], window, block)
@@ -109,7 +110,7 @@ def test_decode_equals_dense(window):
     rng = np.random.default_rng(3)
     lengths = np.array([1, 7, 8, 9, 40])
     q, k, v, sinks = random_qkv(rng, 5, 1, 41)
-    span = KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray(lengths + 1))
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray(lengths + 1))
     got = blockwise(q, lengths, sinks, [span], window, 4)
     real = np.arange(41) <= lengths[:, None]
     expected = dense_attention(q, k, v, sinks, lengths[:, None], np.broadcast_to(np.arange(41), (5, 41)), real, window)
@@ -123,7 +124,7 @@ def test_sliding_window_sees_exactly_its_keys():
     v = np.zeros((1, length, 1, length), np.float32)
     v[0, :, 0] = np.eye(length)
     k = np.zeros((1, length, 1, length), np.float32)
-    span = KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray([length]))
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray([length]))
     out = blockwise(np.pad(q, ((0, 0), (0, 0), (0, 0), (0, length - 4))), np.array([0]), np.array([-1e30]),
                     [span], 8, 3)[0, :, 0]  # fmt: skip
     for t in range(length):
@@ -138,7 +139,7 @@ def test_a_one_page_table_is_read_in_blocks_of_the_block_size():
 
     def span(page: int, width: int) -> KeySpan:
         pool = jnp.zeros((8, page, 1, 4))
-        return KeySpan(pool, pool, end=jnp.ones(2, jnp.int32), pages=jnp.zeros((2, width), jnp.int32))
+        return KeySpan(pair(pool, pool), end=jnp.ones(2, jnp.int32), pages=jnp.zeros((2, width), jnp.int32))
 
     assert span(1000, 1).block_size(512) == 512
     assert span(128, 4).block_size(512) == 512 and span(128, 4).block_size(96) == 32
@@ -150,7 +151,7 @@ def test_blocks_outside_the_window_and_the_future_are_skipped():
     q, k, v, sinks = random_qkv(rng, 1, 4, 64)
     k[:, :40], v[:, :40] = np.nan, np.nan  # before the window of queries 48..51
     k[:, 52:], v[:, 52:] = np.nan, np.nan  # their future
-    span = KeySpan(jnp.asarray(k), jnp.asarray(v), end=jnp.asarray([64]))
+    span = KeySpan(pair(jnp.asarray(k), jnp.asarray(v)), end=jnp.asarray([64]))
     got = blockwise(q, np.array([48]), sinks, [span], 8, 4)
     positions = np.arange(64)[None]
     k[:, :40], v[:, :40], k[:, 52:], v[:, 52:] = 0, 0, 0, 0

@@ -94,7 +94,7 @@ def test_sliding_layers_keep_only_their_window(model):
     slots = engine.empty_slots()
     for layer, cache in enumerate(slots.cache):
         expected = CONFIG.sliding_window if CONFIG.window(layer) else 64
-        assert cache.k.shape == cache.v.shape == (4, expected, CONFIG.num_kv_heads, CONFIG.head_dim)
+        assert cache.kv.shape == (4, expected, CONFIG.num_kv_heads, 2 * CONFIG.head_dim)
     assert [cache_length(CONFIG, layer, 64) for layer in range(3)] == [8, 64, 8]
     per_position = 2 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
     assert engine.cache_bytes_per_sequence() == per_position * (8 + 64 + 8)
@@ -109,7 +109,7 @@ def test_with_prefix_caching_every_layer_keeps_its_keys_in_the_pool(model):
     the pool of pages too, and the cache's bytes count them."""
     engine = Engine(model, max_slots=4, max_len=64, page_size=16, kv_pages=10, prefix_caching=True)
     for cache in engine.abstract_slots().cache:
-        assert cache.k.shape == (10, 16, CONFIG.num_kv_heads, CONFIG.head_dim) and not cache.ring
+        assert cache.kv.shape == (10, 16, CONFIG.num_kv_heads, 2 * CONFIG.head_dim) and not cache.ring
     per_position = 2 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
     assert cache_bytes(CONFIG, 4, 64, 160, np.float32, rings=False) == per_position * 160 * CONFIG.num_layers
     assert cache_bytes(CONFIG, 4, 64, 160, np.float32) == per_position * (160 + 2 * 4 * 8)
@@ -192,7 +192,7 @@ def test_paged_engine_gives_the_unpaged_tokens(model, mixed):
     each greedy and seeded request the tokens of a page of max_len per slot."""
     requests, expected = mixed
     engine = mixed_engine(model, page_size=8)
-    assert engine.empty_slots().cache[1].k.shape == (4 * 96 // 8, 8, CONFIG.num_kv_heads, CONFIG.head_dim)
+    assert engine.empty_slots().cache[1].kv.shape == (4 * 96 // 8, 8, CONFIG.num_kv_heads, 2 * CONFIG.head_dim)
     assert {result.id: result for result in engine.generate(requests)} == expected
     assert engine.preemptions == 0
 

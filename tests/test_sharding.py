@@ -13,11 +13,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from conftest import small_config
 from gptoss_dist import from_pretrained
-from gptoss_dist.model import forward
+from gptoss_dist.model import GptOss, forward
 from gptoss_dist.placements import describe
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import (
-    MESH_AXES, MeshError, logical_to_spec, make_mesh, mesh_shape, put, spec_divisor,
+    MESH_AXES, MeshError, logical_to_spec, make_mesh, mesh_shape, param_formats, put, spec_divisor,
 )  # fmt: skip
 from reference import load_reference, reference_logits
 
@@ -91,6 +91,18 @@ def test_each_device_holds_its_share_of_each_weight(checkpoint, shape):
         assert layer.mlp.down[...].addressable_shards[0].data.shape[0] == CONFIG.num_experts // sizes["expert"]
     if sizes["tensor"] > 1:
         assert layer.attn.q[...].addressable_shards[0].data.shape[1] == CONFIG.num_heads // sizes["tensor"]
+
+
+def test_the_expert_matrices_and_the_embedding_are_placed_row_major_and_the_rest_in_the_default_layout():
+    mesh = mesh_of((1, 2, 4))
+    _, state = nnx.split(nnx.eval_shape(lambda: GptOss(CONFIG)))
+    shapes = {path: var.get_value().shape for path, var in nnx.to_flat_state(state)}
+    formats = dict(nnx.to_flat_state(param_formats(state, mesh)))
+    assert {path[-1] for path, place in formats.items() if place.layout is not None} == {"gate_up", "down", "embed"}
+    for path, place in formats.items():
+        if place.layout is not None:
+            assert place.layout.major_to_minor == tuple(range(len(shapes[path]))), path
+        assert place.sharding.mesh is mesh
 
 
 def test_kv_heads_are_replicated_where_tensor_does_not_divide_them():
