@@ -4,11 +4,9 @@ and memory that stays bounded for a 16,384-token prompt."""
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import jax
@@ -92,19 +90,26 @@ def long_context_checkpoint(tmp_path_factory) -> Path:
     return write_random_checkpoint(tmp_path_factory.mktemp("long-hf"), cfg, seed=6)
 
 
-def run_measuring_peak_rss(command: list[str], stderr_path: Path, timeout_s: float) -> tuple[int, int]:
-    """Runs `command` and gives its exit code and its own peak RSS in bytes. RUSAGE_CHILDREN would give the
-    largest of every child this test process ever waited for (an earlier test's compile, under xdist)."""
-    with open(stderr_path, "w") as stderr:
-        child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
-    killer = threading.Timer(timeout_s, child.kill)
-    killer.start()
-    try:
-        _, status, usage = os.wait4(child.pid, 0)
-    finally:
-        killer.cancel()
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return child.returncode, usage.ru_maxrss * 1024  # KiB on Linux
+# Runs argv[2:] and writes its peak RSS (KiB) to argv[1]; exits with its exit code. A small process between the
+# test and the job: a child's peak RSS counts the memory of the process it was forked from until it execs, and
+# a pytest worker's is gigabytes.
+MEASURE_PEAK_RSS = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def run_measuring_peak_rss(
+    command: list[str], directory: Path, timeout_s: float
+) -> tuple[subprocess.CompletedProcess, int]:
+    """Runs `command`; gives its outcome and its own peak RSS in bytes (0 if it did not start)."""
+    peak = directory / "peak_rss_kib"
+    done = subprocess.run([sys.executable, "-c", MEASURE_PEAK_RSS, str(peak), *command], capture_output=True,
+                          text=True, timeout=timeout_s)  # fmt: skip
+    return done, int(peak.read_text()) * 1024 if peak.exists() else 0
 
 
 def test_a_16k_token_prompt_runs_in_bounded_memory_and_pieces_do_not_change_tokens(long_context_checkpoint, tmp_path):
@@ -119,8 +124,8 @@ def test_a_16k_token_prompt_runs_in_bounded_memory_and_pieces_do_not_change_toke
         f"--config.checkpoint={long_context_checkpoint}", f"--config.input={source}", f"--config.output={output}",
         "--config.max_slots=1", "--config.max_len=16640", "--config.prefill_tokens=512",
     ]  # fmt: skip
-    returncode, peak_bytes = run_measuring_peak_rss(command, tmp_path / "stderr.txt", timeout_s=600)
-    assert returncode == 0, (tmp_path / "stderr.txt").read_text()[-3000:]
+    done, peak_bytes = run_measuring_peak_rss(command, tmp_path, timeout_s=600)
+    assert done.returncode == 0, done.stderr[-3000:]
     assert peak_bytes < 3e9, f"peak RSS {peak_bytes / 1e9:.2f} GB"
     result = json.loads((output / "results.jsonl").read_text())
     assert result["usage"]["prompt_tokens"] == 16384 and result["tokens"]
