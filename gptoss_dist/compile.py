@@ -177,11 +177,7 @@ def abstract_engine(config: ml_collections.ConfigDict, topology: Topology) -> En
     model_config.check_max_len(config.max_len)
     mesh = make_mesh(config.mesh, model_config, topology.devices, packed_experts=config.packed_experts)
     try:
-        return Engine(sharded_abstract_model(config, mesh), mesh, max_slots=config.max_slots,
-                      max_len=config.max_len, steps_per_call=config.steps_per_call,
-                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
-                      page_size=config.page_size, kv_pages=config.kv_pages,
-                      prefix_caching=config.prefix_caching)  # fmt: skip
+        return Engine(sharded_abstract_model(config, mesh), mesh, **settings.engine_options(config))
     except ValueError as err:
         raise CompileSettingsError(str(err)) from None
 

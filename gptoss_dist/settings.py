@@ -86,6 +86,18 @@ def model_config(settings: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig(**settings.model.to_dict())
 
 
+# The settings that `engine.Engine` takes as keyword arguments of the same names.
+ENGINE_SETTINGS = (
+    "max_slots", "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens", "page_size", "kv_pages",
+    "prefix_caching",
+)  # fmt: skip
+
+
+def engine_options(settings: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The engine's keyword arguments from the run's settings."""
+    return {name: settings[name] for name in ENGINE_SETTINGS}
+
+
 def dtype(settings: ml_collections.ConfigDict) -> jnp.dtype:
     if settings.dtype not in DTYPES:
         raise SettingsError(f"dtype {settings.dtype!r} is not one of {sorted(DTYPES)}")

@@ -86,10 +86,6 @@ def make_engine(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mesh: j
                             packed_experts=config.packed_experts,
                             experts_implementation=config.experts_implementation)  # fmt: skip
     try:
-        return Engine(model, mesh, max_slots=config.max_slots, max_len=config.max_len,
-                      steps_per_call=config.steps_per_call, stop_tokens=tokenizer.stop_token_ids,
-                      min_prefill_len=config.min_prefill_len, prefill_tokens=config.prefill_tokens,
-                      page_size=config.page_size, kv_pages=config.kv_pages,
-                      prefix_caching=config.prefix_caching)  # fmt: skip
+        return Engine(model, mesh, stop_tokens=tokenizer.stop_token_ids, **settings.engine_options(config))
     except ValueError as err:
         raise StartError(str(err)) from None
