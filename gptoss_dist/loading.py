@@ -1,5 +1,6 @@
 """`from_pretrained`: a model from a checkpoint directory in either format, the published Hugging Face layout
-(`gptoss_dist.checkpoint`) or converted by `gptoss-convert` (`gptoss_dist.converted`), local or on `gs://`.
+(`gptoss_dist.checkpoint`) or converted by `gptoss-convert` into an orbax checkpoint (`gptoss_dist.converted`),
+local or on `gs://`.
 
 One skeleton fills every parameter, shard by shard, straight into its sharding; a source per format reads the
 shards. Each process reads only the shards its devices hold, and replicated shards once. `HfSource` reads a
@@ -80,9 +81,9 @@ class ConvertedSource:
 
     def __init__(self, directory: str | Path, *, packed_experts: bool):
         self._directory = str(directory).rstrip("/")
-        record = converted.read_marker(self._directory)
-        converted.check_packing(self._directory, record, packed_experts)
-        self._specs = converted.specs_of(record)
+        plan = converted.read_plan(self._directory)
+        converted.check_packing(self._directory, plan, packed_experts)
+        self._specs = converted.specs_of(plan)
         self.config = read_config(self._directory)
         self._open: tuple[str, Any] | None = None  # one array open at a time: its shards are read in turn
 
@@ -98,7 +99,7 @@ class ConvertedSource:
         name = converted.array_name(param)
         future = self._array(name)[box].read()
         elements = ", ".join(f"{part.start}:{part.stop}" for part in box)
-        where = f"{join(self._directory, converted.ARRAYS_DIR)}/{name}, elements [{elements}]"
+        where = f"{join(self._directory, name)}, elements [{elements}]"
         nbytes = math.prod(part.stop - part.start for part in box) * np.dtype(self._specs[name].dtype).itemsize
         return ShardRead((future,), nbytes, where, lambda: future.result().astype(dtype, copy=False))
 
