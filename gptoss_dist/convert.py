@@ -29,6 +29,7 @@ from tqdm import tqdm
 from gptoss_dist import converted
 from gptoss_dist.checkpoint import (
     CONFIG_FILE,
+    READ_BLOCK_BYTES,
     CheckpointError,
     HfCheckpoint,
     HfTensor,
@@ -121,16 +122,18 @@ def convert(
     overwrite: bool = False,
     show_progress: bool = True,
     write_chunk_bytes: int = converted.WRITE_CHUNK_BYTES,
+    read_block_bytes: int = READ_BLOCK_BYTES,
 ) -> None:
     """Converts the Hugging Face checkpoint at `src` into `dst` (local paths or `gs://` URLs), weights in `dtype`;
     with `packed_experts`, expert weights as the source's MXFP4 blocks and scales. Each write chunk (one stored
-    object) holds at most `write_chunk_bytes`, or one read chunk.
+    object) holds at most `write_chunk_bytes`, or one read chunk; the source is read in blocks of about
+    `read_block_bytes` counted in float32 (`checkpoint.read_row_blocks`).
 
     Raises CheckpointError, naming the file, tensor or directory, for a bad source (or one without MXFP4
     experts, for `packed_experts`) or a destination that already holds a complete checkpoint (unless
     `overwrite`).
     """
-    ckpt = HfCheckpoint(src)
+    ckpt = HfCheckpoint(src, read_block_bytes=read_block_bytes)
     cfg = ckpt.config()
     tensors = hf_tensors(cfg, packed_experts=packed_experts)
     _check_source(ckpt, tensors)

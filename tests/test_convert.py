@@ -104,9 +104,7 @@ def test_converted_checkpoint_gives_the_logits_of_the_hugging_face_one(request, 
 
 def test_bfloat16_conversion_in_the_smallest_pieces_holds_the_weights_a_direct_load_holds(source, tmp_path):
     """One read chunk per write chunk and per block read from the source: every slicing path at work."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("gptoss_dist.checkpoint.READ_BLOCK_BYTES", 1)
-        convert(str(source), str(tmp_path / "bf16"), show_progress=False, write_chunk_bytes=1)
+    convert(str(source), str(tmp_path / "bf16"), show_progress=False, write_chunk_bytes=1, read_block_bytes=1)
     specs = specs_of(read_plan(str(tmp_path / "bf16")))
     assert specs["unembed"].write_chunk == (64, 128 // 8) and specs["layers.0.mlp.gate_up"].write_chunk[0] == 3
     restored = nnx.to_flat_state(nnx.state(from_pretrained(tmp_path / "bf16")))

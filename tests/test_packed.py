@@ -31,7 +31,8 @@ from gptoss_dist.sharding import (
     put,
     spec_divisor,
 )
-from gptoss_dist.startup import checkpoint_tokenizer, make_engine, planned_mesh
+from gptoss_dist.startup import make_engine, planned_mesh
+from gptoss_dist.tokenizer import load_tokenizer
 
 CONFIG = small_config()  # intermediate 64: 2 MXFP4 groups, so mesh.tensor may be 1 or 2
 EXPERT_TENSORS = {"gate_up": "gate_up_proj", "down": "down_proj"}
@@ -133,7 +134,7 @@ def test_greedy_generations_equal_the_dequantized_models_on_the_tiny_config(tmp_
     config = tiny_settings()
     config.max_slots, config.max_len, config.min_prefill_len, config.steps_per_call = 4, 64, 32, 2
     config.checkpoint = str(write_random_checkpoint(tmp_path / "tiny-hf", settings.model_config(config), seed=2))
-    tokenizer = checkpoint_tokenizer(config.checkpoint)
+    tokenizer = load_tokenizer(config.checkpoint)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 17, 2, 30)]
 
