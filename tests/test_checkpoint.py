@@ -86,7 +86,7 @@ def rewrite_without(directory, name: str, replacement=None):
     kept = [(n, source.read(n)) for n in source.tensors if n != name]
     if replacement is not None:
         kept.append(replacement)
-    write_safetensors(path, [(n, a.shape, a.dtype, lambda a=a: a) for n, a in kept])
+    write_safetensors(path, [(n, a.shape, a.dtype, lambda a=a: [a]) for n, a in kept])
 
 
 def test_missing_tensor_is_named(checkpoint):
