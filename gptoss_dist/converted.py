@@ -247,11 +247,12 @@ def tree_metadata(specs: dict[str, ArraySpec], custom_metadata: dict[str, Any]) 
     }  # fmt: skip
 
 
-def _temporary_path(directory: str) -> ocp.path.atomicity_types.TemporaryPath:
-    """orbax's temporary path for a checkpoint at `directory`: where it is written, and how it is committed."""
+def _temporary_path(directory: str, *, writing: bool = False) -> ocp.path.atomicity_types.TemporaryPath:
+    """orbax's temporary path for a checkpoint at `directory`: where it is written, and how it is committed
+    (locally a rename, on `gs://` a commit file); `writing`, with orbax's `_CHECKPOINT_METADATA` kept."""
     final = epath.Path(directory)
+    store = ocp.metadata.metadata_store(enable_write=True, blocking_write=True) if writing else None
     kind = ocp.path.atomicity_defaults.get_default_temporary_path_class(final)
-    store = ocp.metadata.metadata_store(enable_write=True, blocking_write=True)
     return kind.from_final(final, checkpoint_metadata_store=store)
 
 
@@ -263,9 +264,8 @@ def working_directory(directory: str | Path) -> str:
 
 def _uncommitted(directory: str) -> str | None:
     """Why `directory` is not a committed orbax checkpoint (orbax's own check), or None where it is."""
-    final = epath.Path(directory)
     try:
-        asyncio.run(ocp.path.atomicity_defaults.get_default_temporary_path_class(final).validate_final(final))
+        asyncio.run(type(_temporary_path(directory)).validate_final(epath.Path(directory)))
     except ocp.path.atomicity_types.ValidationError as err:
         return str(err)
     return None
@@ -294,7 +294,7 @@ class Conversion:
     ):  # fmt: skip
         self.directory, self.specs, self.source = str(directory).rstrip("/"), specs, source
         self.packed_experts = packed_experts
-        self._commit = _temporary_path(self.directory)
+        self._commit = _temporary_path(self.directory, writing=True)
         self.working = str(self._commit.get())
         self._fs = filesystem(self.directory)
         progress = join(self.working, PROGRESS_FILE)
@@ -305,7 +305,7 @@ class Conversion:
                     f"{self.directory}: already holds a complete converted checkpoint; pass --overwrite to replace it"
                 )
             self._fs.rm(self.directory, recursive=True)
-        elif not previous and self._holds_files():
+        elif self._holds_files() and not (previous and self.working == self.directory):  # gs://: written in place
             raise CheckpointError(f"{self.directory}: not empty and not a converted checkpoint; choose another --dst")
         # packed and dequantized experts name different arrays, so equal specs also mean the same packing
         resumable = not overwrite and previous.get("source") == source and specs_of(previous) == specs
