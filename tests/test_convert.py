@@ -116,7 +116,8 @@ def test_bfloat16_conversion_in_the_smallest_pieces_holds_the_weights_a_direct_l
 
 # Restores converted checkpoints with orbax alone (argv: JSON {where: path}, JSON {array: partition spec}, the
 # .npz to write): the tree and dtypes from orbax's metadata, the shardings from the given specs, on meshes
-# (1, 1, 1) and (2, 2, 2) of the 8 CPU devices.
+# (1, 1, 1) and (2, 2, 2) of the 8 CPU devices, with StandardCheckpointer and (on the larger mesh) v1's
+# load_pytree.
 PLAIN_ORBAX_RESTORE = """
 import json, sys
 import jax
@@ -124,6 +125,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
+from orbax.checkpoint import v1
 
 paths, specs, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 specs = {name: PartitionSpec(*(tuple(a) if isinstance(a, list) else a for a in spec)) for name, spec in specs.items()}
@@ -136,15 +138,18 @@ for where, path in paths.items():
         target = jax.tree_util.tree_map_with_path(
             lambda keys, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, specs[name(keys)])),
             tree)
-        for keys, array in jax.tree_util.tree_flatten_with_path(ocp.StandardCheckpointer().restore(path, target))[0]:
-            assert array.sharding == NamedSharding(mesh, specs[name(keys)]), name(keys)
-            restored[f"{where} {shape} {name(keys)}"] = np.asarray(array)
+        restores = {"standard": ocp.StandardCheckpointer().restore} | ({"v1": v1.load_pytree} if shape[0] > 1 else {})
+        for how, restore in restores.items():
+            for keys, array in jax.tree_util.tree_flatten_with_path(restore(path, target))[0]:
+                assert array.sharding == NamedSharding(mesh, specs[name(keys)]), name(keys)
+                restored[f"{how} {where} {shape} {name(keys)}"] = np.asarray(array)
 np.savez(out, **restored)
 """
 
 
 def test_plain_orbax_restores_the_converted_arrays_on_a_mesh(local_converted, gcs_converted, tmp_path):
-    """orbax, jax and numpy alone (no gptoss_dist) restore what from_pretrained loads, locally and on gs://."""
+    """orbax, jax and numpy alone (no gptoss_dist) restore what from_pretrained loads, locally and on gs://, with
+    StandardCheckpointer and with v1's load_pytree."""
     _, state = nnx.split(abstract_model(CONFIG, dtype=jnp.float32))
     specs = {array_name(path): list(spec) for path, spec in
              nnx.to_flat_state(param_specs(state, {"data": 2, "tensor": 2, "expert": 2}))}  # fmt: skip
@@ -155,7 +160,7 @@ def test_plain_orbax_restores_the_converted_arrays_on_a_mesh(local_converted, gc
     restored = np.load(tmp_path / "r.npz")
     expected = {array_name(path): np.asarray(var.get_value()) for path, var in
                 nnx.to_flat_state(nnx.state(from_pretrained(local_converted, dtype=jnp.float32)))}  # fmt: skip
-    assert len(restored.files) == 4 * len(expected)
+    assert len(restored.files) == 6 * len(expected)  # 2 places, 2 meshes, and v1 on one mesh in each place
     for key in restored.files:
         np.testing.assert_array_equal(restored[key], expected[key.rsplit(" ", 1)[1]], err_msg=key)
 
