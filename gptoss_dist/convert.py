@@ -8,8 +8,8 @@ written. Weights then stream one at a time, and the large ones (experts, embeddi
 time, so host memory stays near 1.5 GB whatever the model's size; writes go out in parallel, up to
 IN_FLIGHT_BYTES at once. Everything goes into orbax's temporary directory, which orbax commits only after
 every array has landed; a rerun after an interruption (kill -9 included) resumes there with the arrays not
-yet recorded as written. With `--packed_experts` the experts'
-MXFP4 blocks and scales are copied as stored, for runs with `packed_experts` (`gptoss_dist.converted`).
+yet recorded as written. With `--packed_experts` the experts' MXFP4 blocks and scales are copied as stored,
+for runs with `packed_experts` (`gptoss_dist.converted`).
 """
 
 from __future__ import annotations
@@ -166,12 +166,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--write_chunk_bytes", type=int, default=converted.WRITE_CHUNK_BYTES,
         help="the most bytes in one stored object (a write chunk), unless one read chunk is larger",
     )  # fmt: skip
+    parser.add_argument(
+        "--read_block_bytes", type=int, default=READ_BLOCK_BYTES,
+        help="about how many bytes (counted in float32) of a source tensor's rows are read and decoded at a time",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         convert(args.src, args.dst, dtype=args.dtype, packed_experts=args.packed_experts, overwrite=args.overwrite,
-                show_progress=not args.no_progress, write_chunk_bytes=args.write_chunk_bytes)  # fmt: skip
+                show_progress=not args.no_progress, write_chunk_bytes=args.write_chunk_bytes,
+                read_block_bytes=args.read_block_bytes)  # fmt: skip
     except CheckpointError as err:
         raise SystemExit(f"gptoss-convert: error: {err}") from err
 
