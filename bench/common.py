@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmarks: loading a config file, timing, and the machine's description."""
+"""Helpers shared by the benchmarks: loading a config file, timing, the machine's description, random MXFP4
+codes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
+
+from gptoss_dist import mxfp4
 
 
 def load_settings(path: str, overrides: dict | None = None):
@@ -47,3 +51,12 @@ def machine() -> str:
     device = jax.devices()[0]
     kind = device.device_kind if device.platform != "cpu" else platform.processor() or platform.machine()
     return f"{device.platform} ({kind}), {os.cpu_count()} host cores, jax {jax.__version__}"
+
+
+def random_mxfp4(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Random MXFP4 codes of `values`' shape. Encoding a 20B expert weight for real holds 16 float32 copies
+    of it (34 GB) and takes about 5 s per expert; converting and loading cost the same whatever the codes."""
+    rng = np.random.default_rng(0)
+    groups = (*values.shape[:-1], values.shape[-1] // mxfp4.VALUES_PER_BLOCK)
+    blocks = rng.integers(0, 256, (*groups, mxfp4.VALUES_PER_BLOCK // 2), dtype=np.uint8)
+    return blocks, rng.integers(mxfp4.SCALE_BIAS - 8, mxfp4.SCALE_BIAS - 2, groups, dtype=np.uint8)

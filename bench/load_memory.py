@@ -2,8 +2,9 @@
 
     python bench/load_memory.py --experts=128 --against=/tmp/gptoss-before
 
-Writes a random checkpoint in the published layout (MXFP4 experts) of one GPT-OSS-120B-shaped layer (hidden
-2880, intermediate 2880, --experts experts, the full vocabulary), then loads it in bfloat16 onto one device in
+Writes a random checkpoint in the published layout (MXFP4 experts, random codes: `common.random_mxfp4`) of
+one GPT-OSS-120B-shaped layer (hidden 2880, intermediate 2880, --experts experts, the full vocabulary), in a
+process of its own, then loads it in bfloat16 onto one device in
 a fresh process per code tree: this checkout and, with --against, another checkout of the package (say an
 earlier commit, unpacked with `git archive`), so that both run on the same checkpoint in the same run. On the
 CPU the device memory is the process's own, so each child reports its peak RSS (`resource.getrusage`) before
@@ -52,12 +53,25 @@ def measure(checkpoint: str) -> dict:
             "rss_loaded": loaded, "beyond_params": loaded - started - param_bytes}  # fmt: skip
 
 
+def write_here(directory: str, experts: int) -> None:
+    """The checkpoint, written in this (fresh) process."""
+    from unittest import mock
+
+    from common import load_settings, random_mxfp4
+    from gptoss_dist import mxfp4
+    from gptoss_dist.random_checkpoint import write_random_checkpoint
+    from gptoss_dist.settings import model_config
+
+    overrides = {"model.num_layers": 1, "model.layer_types": ("sliding_attention",), "model.num_experts": experts}
+    cfg = model_config(load_settings(str(ROOT / "configs" / "gpt_oss_120b.py"), overrides))
+    with mock.patch.object(mxfp4, "encode_np", random_mxfp4):
+        write_random_checkpoint(directory, cfg)
+
+
 def write_checkpoint(directory: Path, experts: int) -> None:
-    config = ROOT / "configs" / "gpt_oss_120b.py"
-    command = [sys.executable, "-m", "gptoss_dist.random_checkpoint", f"--config={config}", f"--out={directory}",
-               "--config.model.num_layers=1", "--config.model.layer_types=('sliding_attention',)",
-               f"--config.model.num_experts={experts}"]  # fmt: skip
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    env = os.environ | {"PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'bench'}", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, __file__, f"--write={directory}", f"--experts={experts}"]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 def load_with(code: Path, checkpoint: Path) -> dict:
@@ -74,7 +88,11 @@ def main() -> None:
     parser.add_argument("--against", help="another checkout of the package to load the same checkpoint with")
     parser.add_argument("--workdir", default=None, help="where the checkpoint goes (default: the system temp dir)")
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)  # set in the child processes
+    parser.add_argument("--write", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.write:
+        write_here(args.write, args.experts)
+        return
     if args.checkpoint:
         print(json.dumps(measure(args.checkpoint)))
         return

@@ -54,8 +54,8 @@ from gptoss_dist.harmony import (
 from gptoss_dist.paths import filesystem
 from gptoss_dist.settings import SettingsError
 from gptoss_dist.sharding import MeshError, mesh_shape
-from gptoss_dist.startup import StartError, check_engine_settings, checkpoint_tokenizer, make_engine, planned_mesh
-from gptoss_dist.tokenizer import Tokenizer
+from gptoss_dist.startup import StartError, check_engine_settings, make_engine, planned_mesh
+from gptoss_dist.tokenizer import Tokenizer, load_tokenizer
 
 PROMPT = "you> "
 STOPPED = "[stopped]"
@@ -372,7 +372,7 @@ def open_chat(config: ml_collections.ConfigDict) -> Chat:
     check_settings(config)
     config.max_slots = mesh_shape(config.mesh, jax.device_count())["data"]
     mesh = planned_mesh(config, None)
-    tokenizer = checkpoint_tokenizer(config.checkpoint)
+    tokenizer = load_tokenizer(config.checkpoint)
     return Chat(make_engine(config, tokenizer, mesh), tokenizer, config)
 
 

@@ -103,10 +103,12 @@ class SafetensorsFile:
 
 class HfCheckpoint:
     """The tensors of a Hugging Face checkpoint directory (a local path or a `gs://` URL), by name, each
-    read on demand."""
+    read on demand; weights read in row blocks (`read_row_blocks`) of about `read_block_bytes` counted in
+    float32."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, read_block_bytes: int = READ_BLOCK_BYTES):
         self.directory = str(directory).rstrip("/")
+        self.read_block_bytes = read_block_bytes
         self._fs = filesystem(self.directory)
         if not self._fs.isdir(self.directory):
             raise CheckpointError(f"{self.directory}: no such checkpoint directory")
@@ -302,9 +304,9 @@ def read_row_blocks(
     ckpt: HfCheckpoint, tensor: HfTensor, shape: tuple[int, ...], rows: range, granule: int = 1
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, block in our layout) over `rows` of the `rows_axis` of a weight (our `shape`), a multiple
-    of `granule` rows and about READ_BLOCK_BYTES (counted in float32, what MXFP4 decodes to) at a time."""
+    of `granule` rows and about `ckpt.read_block_bytes` (counted in float32, what MXFP4 decodes to) at a time."""
     axis = rows_axis(tensor, shape)
-    step = granule * max(1, READ_BLOCK_BYTES // (granule * math.prod(shape) // shape[axis] * 4))
+    step = granule * max(1, ckpt.read_block_bytes // (granule * math.prod(shape) // shape[axis] * 4))
     for first in range(rows.start, rows.stop, step):
         block = slice(first, min(first + step, rows.stop))
         block_shape = (*shape[:axis], block.stop - first, *shape[axis + 1 :])

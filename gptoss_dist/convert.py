@@ -1,4 +1,4 @@
-"""`gptoss-convert`: a Hugging Face checkpoint to a converted checkpoint (`gptoss_dist.converted`), local or on GCS.
+"""`gptoss-convert`: a Hugging Face checkpoint to an orbax checkpoint (`gptoss_dist.converted`), local or on GCS.
 
     python -m gptoss_dist.convert --src=gs://bucket/gpt-oss-20b --dst=gs://bucket/gpt-oss-20b-bf16
     python -m gptoss_dist.convert --src=gs://bucket/gpt-oss-20b --dst=gs://bucket/gpt-oss-20b-mxfp4 --packed_experts
@@ -6,9 +6,10 @@
 The source is checked whole first (every file, name and shape), so bad input fails before anything is
 written. Weights then stream one at a time, and the large ones (experts, embeddings) a block of rows at a
 time, so host memory stays near 1.5 GB whatever the model's size; writes go out in parallel, up to
-IN_FLIGHT_BYTES at once. The checkpoint is marked complete only after every array has landed; a rerun after
-an interruption resumes with the arrays not yet recorded as written. With `--packed_experts` the experts'
-MXFP4 blocks and scales are copied as stored, for runs with `packed_experts` (`gptoss_dist.converted`).
+IN_FLIGHT_BYTES at once. Everything goes into orbax's temporary directory, which orbax commits only after
+every array has landed; a rerun after an interruption (kill -9 included) resumes there with the arrays not
+yet recorded as written. With `--packed_experts` the experts' MXFP4 blocks and scales are copied as stored,
+for runs with `packed_experts` (`gptoss_dist.converted`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tqdm import tqdm
 from gptoss_dist import converted
 from gptoss_dist.checkpoint import (
     CONFIG_FILE,
+    READ_BLOCK_BYTES,
     CheckpointError,
     HfCheckpoint,
     HfTensor,
@@ -105,7 +107,7 @@ def _write_arrays(
         for tensor in tensors:
             name = converted.array_name(tensor.param)
             if name not in conversion.done:
-                array = converted.create_array(conversion.directory, name, specs[name])
+                array = converted.create_array(conversion.working, name, specs[name])
                 _write_weight(ckpt, tensor, array, specs[name], in_flight, bar)
                 in_flight.add([], then=functools.partial(conversion.record, name))
         in_flight.drain()
@@ -119,25 +121,29 @@ def convert(
     packed_experts: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    write_chunk_bytes: int = converted.WRITE_CHUNK_BYTES,
+    read_block_bytes: int = READ_BLOCK_BYTES,
 ) -> None:
     """Converts the Hugging Face checkpoint at `src` into `dst` (local paths or `gs://` URLs), weights in `dtype`;
-    with `packed_experts`, expert weights as the source's MXFP4 blocks and scales.
+    with `packed_experts`, expert weights as the source's MXFP4 blocks and scales. Each write chunk (one stored
+    object) holds at most `write_chunk_bytes`, or one read chunk; the source is read in blocks of about
+    `read_block_bytes` counted in float32 (`checkpoint.read_row_blocks`).
 
     Raises CheckpointError, naming the file, tensor or directory, for a bad source (or one without MXFP4
     experts, for `packed_experts`) or a destination that already holds a complete checkpoint (unless
     `overwrite`).
     """
-    ckpt = HfCheckpoint(src)
+    ckpt = HfCheckpoint(src, read_block_bytes=read_block_bytes)
     cfg = ckpt.config()
     tensors = hf_tensors(cfg, packed_experts=packed_experts)
     _check_source(ckpt, tensors)
     _, state = nnx.split(abstract_model(cfg, dtype=jnp.dtype(dtype), packed_experts=packed_experts))
-    specs = converted.array_specs(state)
+    specs = converted.array_specs(state, write_chunk_bytes)
     source = os.path.abspath(src) if is_local(src) else src  # the same source however it is spelt
     conversion = converted.Conversion(dst, specs, source=source, overwrite=overwrite, packed_experts=packed_experts)
     if conversion.done:
         log.info("resuming: %d of %d arrays already written", len(conversion.done), len(specs))
-    _copy_side_files(src, dst)
+    _copy_side_files(src, conversion.working)
     _write_arrays(ckpt, tensors, conversion, show_progress)
     conversion.complete()
     experts = "MXFP4" if packed_experts else dtype
@@ -147,7 +153,7 @@ def convert(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="gptoss-convert", description="Convert a Hugging Face GPT-OSS checkpoint to a sharded tensorstore one."
+        prog="gptoss-convert", description="Convert a Hugging Face GPT-OSS checkpoint to an orbax checkpoint."
     )
     parser.add_argument("--src", required=True, help="Hugging Face checkpoint directory, local or gs://")
     parser.add_argument("--dst", required=True, help="where to write the converted checkpoint, local or gs://")
@@ -156,12 +162,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--packed_experts", action="store_true", help="keep the experts' MXFP4 blocks and scales as stored"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a complete checkpoint at --dst")
+    parser.add_argument(
+        "--write_chunk_bytes", type=int, default=converted.WRITE_CHUNK_BYTES,
+        help="the most bytes in one stored object (a write chunk), unless one read chunk is larger",
+    )  # fmt: skip
+    parser.add_argument(
+        "--read_block_bytes", type=int, default=READ_BLOCK_BYTES,
+        help="about how many bytes (counted in float32) of a source tensor's rows are read and decoded at a time",
+    )  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         convert(args.src, args.dst, dtype=args.dtype, packed_experts=args.packed_experts, overwrite=args.overwrite,
-                show_progress=not args.no_progress)  # fmt: skip
+                show_progress=not args.no_progress, write_chunk_bytes=args.write_chunk_bytes,
+                read_block_bytes=args.read_block_bytes)  # fmt: skip
     except CheckpointError as err:
         raise SystemExit(f"gptoss-convert: error: {err}") from err
 

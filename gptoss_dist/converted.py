@@ -1,13 +1,39 @@
-"""The converted checkpoint: every weight one tensorstore zarr3 array, in our layout, chunked for any mesh.
-
-`gptoss-convert` (`gptoss_dist.convert`) writes it into a local directory or a `gs://` URL:
+"""The converted checkpoint: an orbax checkpoint (orbax's PyTree layout, one zarr3 array per weight, no OCDBT),
+chunked for any mesh, that `gptoss-convert` (`gptoss_dist.convert`) writes into a local directory or a `gs://` URL:
 
     config.json, tokenizer files   copied from the Hugging Face checkpoint
-    arrays/<weight>/               one zarr3 array per weight, named by its parameter path
-                                   (`arrays/layers.3.mlp.gate_up/`), in `model.py`'s shapes (already transposed)
-    gptoss_progress.json           while a conversion runs: its plan and the arrays fully written so far
-    gptoss_checkpoint.json         written last, once every array is: the completion marker, naming each array
-                                   and whether the experts are packed
+    <weight>/                      one zarr3 array per weight, named as orbax names a leaf, by its path in the
+                                   model's state joined with dots (`layers.3.mlp.gate_up/`), in `model.py`'s shapes
+    _METADATA                      orbax's tree metadata: the nested dict of weights, zarr3, no OCDBT; its
+                                   `custom_metadata["gptoss_dist"]` records each array's shape, dtype and chunks,
+                                   the source and whether the experts are packed
+    _CHECKPOINT_METADATA           orbax's, written by orbax when the conversion starts and when it commits
+    commit_success.txt             orbax's commit file
+
+Plain orbax restores it: `orbax.checkpoint.StandardCheckpointer().restore(path, target)`, or orbax's v1
+`load_pytree(path, target)`, with `target` the nested dict of `jax.ShapeDtypeStruct`s (with their shardings)
+of the model's state (`nnx.to_pure_dict(nnx.state(model))`, or the tree of
+`StandardCheckpointer().metadata(path)`); each process reads only the chunks of its shards. `from_pretrained`
+reads the same arrays with tensorstore, in the skeleton it shares with the Hugging Face layout.
+
+What orbax does, and what is done beside it where orbax cannot:
+- The commit is orbax's, made by orbax's own code (`orbax.checkpoint.path.atomicity`): a conversion writes
+  into orbax's temporary directory for the destination (locally `<dst>.orbax-checkpoint-tmp`, renamed to
+  `<dst>` to commit; on `gs://`, `<dst>` itself, committed by writing `commit_success.txt`). The loader checks
+  the commit as orbax does (`validate_final`) and refuses a checkpoint without it, naming the path.
+- Streaming with bounded memory: orbax saves whole in-memory arrays (its partial save too: a whole leaf at a
+  time), so tensorstore writes each array a block at a time, in the layout orbax itself writes with
+  `use_ocdbt=False, use_zarr3=True` (zarr3 sharding codec, one object per write chunk); orbax reads any zarr3
+  chunking. orbax has no public callable for `_METADATA`, so it is written to orbax's schema here
+  (`tree_metadata`), pinned by a test that restores with plain orbax.
+- Resume: orbax discards an unfinished temporary directory (its partial save cannot be read back either).
+  Ours holds `gptoss_progress.json` (the plan and the arrays fully written), and a rerun with the same source
+  and plan continues there; the file goes once the checkpoint is committed.
+- Not written: orbax's `_sharding` and `array_metadatas/` (the shardings of the save): a conversion has no
+  mesh, and a restore given target shardings does not read them.
+- Multi-host: a conversion runs in one process; restore reads only each process's chunks either way.
+- The previous format (`gptoss-dist/zarr3/1`, arrays under `arrays/` and a `gptoss_checkpoint.json` marker)
+  has no reader: convert the Hugging Face checkpoint again.
 
 Packed experts (`gptoss-convert --packed_experts`): each expert weight is two uint8 arrays, its MXFP4 blocks
 and scales exactly as the Hugging Face checkpoint stores them (`layers.3.mlp.gate_up_blocks`, `..._scales`).
@@ -17,8 +43,8 @@ each device's chunks straight into its shard, and the two layouts do not shard a
 loads either way.
 
 Chunks. Each array has read chunks, the smallest piece a reader fetches, grouped into write chunks of up to
-64 MiB, one object each (zarr3's sharding codec). Read chunks split every axis as finely as any mesh can: a
-mesh axis must divide each dimension that `sharding.RULES` maps onto it, so its size divides the gcd of those
+`write_chunk_bytes` (64 MiB by default), one object each (zarr3's sharding codec). Read chunks split every
+axis as finely as any mesh can: a mesh axis must divide each dimension that `sharding.RULES` maps onto it, so its size divides the gcd of those
 dimensions, and an array axis is never split more ways than the gcd of its size and the product of the
 limits of its mesh axes. For GPT-OSS-20B that is one expert along `experts`, one head along the heads, 1/64
 of the experts' intermediate dimension and 1/128 of the vocabulary. So whatever mesh a job picks, each
@@ -29,6 +55,7 @@ corrupt chunk), naming the array and the elements read: a partial copy of a chec
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import itertools
@@ -39,18 +66,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorstore as ts
+from etils import epath
 from flax import nnx
 
 from gptoss_dist.checkpoint import CheckpointError
 from gptoss_dist.paths import filesystem, is_local, join, write_atomically
 from gptoss_dist.sharding import REPLICATE_IF_INDIVISIBLE, RULES
 
-FORMAT = "gptoss-dist/zarr3/1"
-MARKER_FILE = "gptoss_checkpoint.json"
+FORMAT = "gptoss-dist/orbax/1"  # in _METADATA's custom metadata: how the arrays are named, chunked and packed
+CUSTOM_METADATA_KEY = "gptoss_dist"
+METADATA_FILE = ocp.path.format_utils.PYTREE_METADATA_FILE
 PROGRESS_FILE = "gptoss_progress.json"
-ARRAYS_DIR = "arrays"
 WRITE_CHUNK_BYTES = 64 << 20
+_DICT_KEY = 2  # orbax's KeyType.DICT: every level of the tree is a dict
 _CONTEXT = ts.Context()  # one set of connection pools and concurrency limits for every array
 
 
@@ -87,8 +117,9 @@ def _mesh_axes(logical_axis: str | None) -> tuple[str, ...]:
     return (RULES[logical_axis] or ()) if logical_axis is not None else ()
 
 
-def array_specs(state: nnx.State) -> dict[str, ArraySpec]:
-    """How each parameter of an abstract model state is stored (see the module docstring for the chunks)."""
+def array_specs(state: nnx.State, write_chunk_bytes: int = WRITE_CHUNK_BYTES) -> dict[str, ArraySpec]:
+    """How each parameter of an abstract model state is stored: read chunks fine enough for any mesh, grouped
+    into write chunks of at most `write_chunk_bytes` (see the module docstring)."""
     weights = [
         (array_name(path), var.get_value().shape, np.dtype(var.get_value().dtype), var.get_metadata()["logical_axes"])
         for path, var in nnx.to_flat_state(state)
@@ -103,18 +134,18 @@ def array_specs(state: nnx.State) -> dict[str, ArraySpec]:
     for name, shape, dtype, axes in weights:
         splits = [math.gcd(dim, math.prod(limits[a] for a in _mesh_axes(ax))) for ax, dim in zip(axes, shape)]
         read_chunk = tuple(dim // split for dim, split in zip(shape, splits, strict=True))
-        write_chunk = _group_chunks(shape, read_chunk, dtype.itemsize)
+        write_chunk = _group_chunks(shape, read_chunk, dtype.itemsize, write_chunk_bytes)
         specs[name] = ArraySpec(tuple(shape), dtype.name, read_chunk, write_chunk)
     return specs
 
 
-def _group_chunks(shape: Sequence[int], read_chunk: Sequence[int], itemsize: int) -> tuple[int, ...]:
-    """Read chunks grouped, last axis first, into a write chunk of at most WRITE_CHUNK_BYTES (or one read chunk)."""
+def _group_chunks(shape: Sequence[int], read_chunk: Sequence[int], itemsize: int, limit: int) -> tuple[int, ...]:
+    """Read chunks grouped, last axis first, into a write chunk of at most `limit` bytes (or one read chunk)."""
     chunk = list(read_chunk)
     for axis in reversed(range(len(shape))):
         others = math.prod(chunk) // chunk[axis] * itemsize
         count = shape[axis] // read_chunk[axis]
-        fits = [k for k in range(1, count + 1) if count % k == 0 and others * read_chunk[axis] * k <= WRITE_CHUNK_BYTES]
+        fits = [k for k in range(1, count + 1) if count % k == 0 and others * read_chunk[axis] * k <= limit]
         chunk[axis] = read_chunk[axis] * max(fits, default=1)
         if chunk[axis] < shape[axis]:
             break
@@ -125,7 +156,7 @@ def _group_chunks(shape: Sequence[int], read_chunk: Sequence[int], itemsize: int
 
 
 def _kvstore(directory: str, name: str) -> str | dict[str, str]:
-    url = join(directory, f"{ARRAYS_DIR}/{name}/")
+    url = join(directory, f"{name}/")
     return {"driver": "file", "path": f"{Path(url).absolute()}/"} if is_local(url) else url
 
 
@@ -148,7 +179,7 @@ def open_array(directory: str, name: str, spec: ArraySpec) -> ts.TensorStore:
             open=True, read=True, dtype=ts.dtype(spec.dtype), shape=spec.shape, context=_CONTEXT,
         ).result()  # fmt: skip
     except ValueError as err:
-        raise CheckpointError(f"{join(directory, ARRAYS_DIR)}/{name}: unreadable: {err}") from err
+        raise CheckpointError(f"{join(directory, name)}: unreadable: {err}") from err
 
 
 class InFlight:
@@ -186,7 +217,7 @@ class InFlight:
             then()
 
 
-# ------------------------------------------------------------------------- progress and completion
+# ------------------------------------------------------------------------------- orbax's metadata and commit
 
 
 def _read_json(path: str) -> Any:
@@ -200,20 +231,61 @@ def _write_json(path: str, record: Any) -> None:
     write_atomically(path, json.dumps(record).encode())
 
 
+def tree_metadata(specs: dict[str, ArraySpec], custom_metadata: dict[str, Any]) -> dict[str, Any]:
+    """orbax's `_METADATA` for the arrays `specs`: a nested dict of `jax.Array` leaves, one zarr3 array each
+    (no OCDBT), named by their paths; `custom_metadata` rides along as orbax's custom metadata."""
+    tree = {}
+    for name, spec in specs.items():
+        keys = name.split(".")
+        tree[str(tuple(keys))] = {
+            "key_metadata": [{"key": key, "key_type": _DICT_KEY} for key in keys],
+            "value_metadata": {"value_type": "jax.Array", "skip_deserialize": False, "write_shape": list(spec.write_chunk)},
+        }  # fmt: skip
+    return {
+        "tree_metadata": tree, "use_ocdbt": False, "use_zarr3": True, "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": custom_metadata,
+    }  # fmt: skip
+
+
+def _temporary_path(directory: str, *, writing: bool = False) -> ocp.path.atomicity_types.TemporaryPath:
+    """orbax's temporary path for a checkpoint at `directory`: where it is written, and how it is committed
+    (locally a rename, on `gs://` a commit file); `writing`, with orbax's `_CHECKPOINT_METADATA` kept."""
+    final = epath.Path(directory)
+    store = ocp.metadata.metadata_store(enable_write=True, blocking_write=True) if writing else None
+    kind = ocp.path.atomicity_defaults.get_default_temporary_path_class(final)
+    return kind.from_final(final, checkpoint_metadata_store=store)
+
+
+def working_directory(directory: str | Path) -> str:
+    """Where a conversion into `directory` writes until orbax's commit (locally `<directory>` plus orbax's
+    temporary suffix; on `gs://`, `directory` itself)."""
+    return str(_temporary_path(str(directory).rstrip("/")).get())
+
+
+def _uncommitted(directory: str) -> str | None:
+    """Why `directory` is not a committed orbax checkpoint (orbax's own check), or None where it is."""
+    try:
+        asyncio.run(type(_temporary_path(directory)).validate_final(epath.Path(directory)))
+    except ocp.path.atomicity_types.ValidationError as err:
+        return str(err)
+    return None
+
+
 def specs_of(record: dict[str, Any]) -> dict[str, ArraySpec] | None:
-    """The arrays a marker or progress record names; None for another format."""
+    """The arrays a plan (progress file or custom metadata) names; None for another format."""
     if record.get("format") != FORMAT:
         return None
     return {name: ArraySpec.from_json(spec) for name, spec in record["arrays"].items()}
 
 
 class Conversion:
-    """A conversion of `source` into `directory`: the arrays it writes (`specs`), those written so far
-    (`done`), kept in the progress file until the completion marker replaces it.
+    """A conversion of `source` into `directory`: the arrays it writes (`specs`) into orbax's temporary
+    directory (`working`), those written so far (`done`), kept in the progress file there until orbax's commit.
 
-    A directory with a progress file for the same source and plan resumes (`done` holds what it wrote); one
-    with another, or any directory with `overwrite`, starts afresh. A complete checkpoint is refused without
-    `overwrite`, and so is a non-empty directory that is not a converted checkpoint.
+    A temporary directory whose progress file has the same source and plan resumes (`done` holds what it
+    wrote); any other, or any with `overwrite`, starts afresh, through orbax (which clears it). A committed
+    checkpoint is refused without `overwrite`, and so is a non-empty directory that is not a converted
+    checkpoint.
     """
 
     def __init__(
@@ -222,25 +294,25 @@ class Conversion:
     ):  # fmt: skip
         self.directory, self.specs, self.source = str(directory).rstrip("/"), specs, source
         self.packed_experts = packed_experts
+        self._commit = _temporary_path(self.directory, writing=True)
+        self.working = str(self._commit.get())
         self._fs = filesystem(self.directory)
-        marker, progress = join(self.directory, MARKER_FILE), join(self.directory, PROGRESS_FILE)
-        if self._fs.exists(marker) and not overwrite:
-            raise CheckpointError(
-                f"{self.directory}: already holds a complete converted checkpoint; pass --overwrite to replace it"
-            )
-        if not self._fs.exists(marker) and not self._fs.exists(progress) and self._holds_files():
-            raise CheckpointError(f"{self.directory}: not empty and not a converted checkpoint; choose another --dst")
+        progress = join(self.working, PROGRESS_FILE)
         previous = _read_json(progress) if self._fs.exists(progress) else {}
+        if is_committed(self.directory):
+            if not overwrite:
+                raise CheckpointError(
+                    f"{self.directory}: already holds a complete converted checkpoint; pass --overwrite to replace it"
+                )
+            self._fs.rm(self.directory, recursive=True)
+        elif self._holds_files() and not (previous and self.working == self.directory):  # gs://: written in place
+            raise CheckpointError(f"{self.directory}: not empty and not a converted checkpoint; choose another --dst")
         # packed and dequantized experts name different arrays, so equal specs also mean the same packing
         resumable = not overwrite and previous.get("source") == source and specs_of(previous) == specs
         self.done: set[str] = set(previous["done"]) if resumable else set()
-        self._fs.makedirs(self.directory, exist_ok=True)
-        self._save()  # before the marker goes: the directory always holds one or the other
-        if self._fs.exists(marker):
-            self._fs.rm(marker)
-        arrays = join(self.directory, ARRAYS_DIR)
-        if not self.done and self._fs.exists(arrays):
-            self._fs.rm(arrays, recursive=True)
+        if not resumable:
+            asyncio.run(self._commit.create())  # orbax's: clears the directory, writes _CHECKPOINT_METADATA
+        self._save()
 
     def _holds_files(self) -> bool:
         return self._fs.exists(self.directory) and bool(self._fs.ls(self.directory))
@@ -250,7 +322,7 @@ class Conversion:
         return {"format": FORMAT, "source": self.source, "packed_experts": self.packed_experts, "arrays": arrays}
 
     def _save(self) -> None:
-        _write_json(join(self.directory, PROGRESS_FILE), self._plan() | {"done": sorted(self.done)})
+        _write_json(join(self.working, PROGRESS_FILE), self._plan() | {"done": sorted(self.done)})
 
     def record(self, name: str) -> None:
         """Notes that every write of array `name` has landed."""
@@ -258,45 +330,57 @@ class Conversion:
         self._save()
 
     def complete(self) -> None:
-        """Marks the checkpoint complete; every array must be written."""
+        """Writes orbax's tree metadata and commits the checkpoint, through orbax; every array must be written."""
         if missing := sorted(set(self.specs) - self.done):
             raise CheckpointError(f"{self.directory}: arrays not written: {', '.join(missing[:8])}")
-        _write_json(join(self.directory, MARKER_FILE), self._plan())
+        _write_json(join(self.working, METADATA_FILE), tree_metadata(self.specs, {CUSTOM_METADATA_KEY: self._plan()}))
+        asyncio.run(self._commit.finalize())
         self._fs.rm(join(self.directory, PROGRESS_FILE))
 
 
 # ---------------------------------------------------------------------------------------- restore
 
 
+def is_committed(directory: str | Path) -> bool:
+    """Whether `directory` holds a committed orbax checkpoint."""
+    directory = str(directory).rstrip("/")
+    return filesystem(directory).exists(join(directory, METADATA_FILE)) and _uncommitted(directory) is None
+
+
 def is_converted(path: str | Path) -> bool:
-    """Whether `path` holds a converted checkpoint, complete or not (else it is in the Hugging Face layout)."""
+    """Whether `path` holds an orbax checkpoint or a conversion into it has begun, committed or not (else it is
+    in the Hugging Face layout)."""
     fs = filesystem(path)
-    return any(fs.exists(join(path, file)) for file in (MARKER_FILE, PROGRESS_FILE))
+    places = (str(path).rstrip("/"), working_directory(path))
+    return any(fs.exists(join(place, file)) for place in places for file in (METADATA_FILE, PROGRESS_FILE))
 
 
-def read_specs(directory: str) -> dict[str, ArraySpec]:
-    """The arrays of a complete converted checkpoint; refuses an incomplete one."""
-    return specs_of(read_marker(directory))
-
-
-def read_marker(directory: str) -> dict[str, Any]:
-    """The completion marker of a complete converted checkpoint; refuses an incomplete one or another format."""
-    marker = join(directory, MARKER_FILE)
-    if not filesystem(marker).exists(marker):
-        progress = _read_json(join(directory, PROGRESS_FILE))
+def read_plan(directory: str) -> dict[str, Any]:
+    """What a committed converted checkpoint holds (its custom metadata); refuses a checkpoint without orbax's
+    commit, or one that `gptoss-convert` did not write."""
+    if reason := _uncommitted(directory):
+        progress, written = join(working_directory(directory), PROGRESS_FILE), ""
+        if filesystem(progress).exists(progress):
+            record = _read_json(progress)
+            written = f"{len(record['done'])} of {len(record['arrays'])} arrays written; "
         raise CheckpointError(
-            f"{directory}: an incomplete converted checkpoint ({len(progress['done'])} of "
-            f"{len(progress['arrays'])} arrays written, no {MARKER_FILE}); run gptoss-convert again to finish it"
+            f"{directory}: a converted checkpoint without orbax's commit ({written}{reason}); run gptoss-convert "
+            "again to finish it"
         )
-    record = _read_json(marker)
-    if record.get("format") != FORMAT:
-        raise CheckpointError(f"{marker}: format {record.get('format')!r}, expected {FORMAT!r}")
-    return record
+    metadata = join(directory, METADATA_FILE)
+    plan = (_read_json(metadata).get("custom_metadata") or {}).get(CUSTOM_METADATA_KEY, {})
+    if plan.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{metadata}: an orbax checkpoint that gptoss-convert did not write (custom metadata "
+            f"{CUSTOM_METADATA_KEY!r} of format {plan.get('format')!r}, expected {FORMAT!r}); convert the Hugging "
+            "Face checkpoint with gptoss-convert"
+        )
+    return plan
 
 
-def check_packing(directory: str, record: dict[str, Any], packed_experts: bool) -> None:
+def check_packing(directory: str, plan: dict[str, Any], packed_experts: bool) -> None:
     """Refuses to load a converted checkpoint's experts in the other layout (see the module docstring)."""
-    if record.get("packed_experts", False) == packed_experts:  # absent: converted before packed experts
+    if plan["packed_experts"] == packed_experts:
         return
     if packed_experts:
         raise CheckpointError(
@@ -310,13 +394,12 @@ def check_packing(directory: str, record: dict[str, Any], packed_experts: bool) 
 
 
 def check_arrays(directory: str, stored: dict[str, ArraySpec], state: nnx.State) -> None:
+    metadata = join(directory, METADATA_FILE)
     expected = {array_name(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
     if names := sorted(set(expected) ^ set(stored)):
-        marker = join(directory, MARKER_FILE)
-        raise CheckpointError(f"{marker}: arrays differ from those config.json implies: {', '.join(names[:8])}")
+        raise CheckpointError(f"{metadata}: arrays differ from those config.json implies: {', '.join(names[:8])}")
     for name, shape in expected.items():
         if stored[name].shape != shape:
             raise CheckpointError(
-                f"{join(directory, MARKER_FILE)}: array {name} has shape {stored[name].shape}, "
-                f"but config.json implies {shape}"
+                f"{metadata}: array {name} has shape {stored[name].shape}, but config.json implies {shape}"
             )

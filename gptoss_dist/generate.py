@@ -57,11 +57,10 @@ from gptoss_dist.startup import (
     StartError,
     check_engine_settings,
     check_given,
-    checkpoint_tokenizer,
     make_engine,
     planned_mesh,
 )
-from gptoss_dist.tokenizer import Tokenizer
+from gptoss_dist.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclasses.dataclass
@@ -339,7 +338,7 @@ def run_job(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | N
     made_by = job_files.Manifest(result_settings(config, defaults), job_files.read_fingerprints(config.input))
     with lock_output(config) as lock:
         output = open_output(config, made_by, lock)
-        tokenizer = checkpoint_tokenizer(config.checkpoint)
+        tokenizer = load_tokenizer(config.checkpoint)
         engine = make_engine(config, tokenizer, mesh)
         summary = Summary(output.describe(), failed_before=output.failed_before)
         bar = tqdm(total=len(made_by.lines), initial=len(output.done_lines), unit="request", desc="generating",

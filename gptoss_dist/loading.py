@@ -1,5 +1,6 @@
 """`from_pretrained`: a model from a checkpoint directory in either format, the published Hugging Face layout
-(`gptoss_dist.checkpoint`) or converted by `gptoss-convert` (`gptoss_dist.converted`), local or on `gs://`.
+(`gptoss_dist.checkpoint`) or converted by `gptoss-convert` into an orbax checkpoint (`gptoss_dist.converted`),
+local or on `gs://`.
 
 One skeleton fills every parameter, shard by shard, straight into its sharding; a source per format reads the
 shards. Each process reads only the shards its devices hold, and replicated shards once. `HfSource` reads a
@@ -25,7 +26,15 @@ from jax.experimental.layout import Format
 from jax.sharding import SingleDeviceSharding
 
 from gptoss_dist import converted
-from gptoss_dist.checkpoint import HfCheckpoint, check_names, check_shapes, hf_tensors, read_box, read_config
+from gptoss_dist.checkpoint import (
+    READ_BLOCK_BYTES,
+    HfCheckpoint,
+    check_names,
+    check_shapes,
+    hf_tensors,
+    read_box,
+    read_config,
+)
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.model import GptOss, abstract_model
 from gptoss_dist.paths import join
@@ -59,8 +68,8 @@ class Source(Protocol):
 class HfSource:
     """The shards of a Hugging Face checkpoint, each read on demand."""
 
-    def __init__(self, directory: str | Path, *, packed_experts: bool):
-        self._ckpt = HfCheckpoint(directory)
+    def __init__(self, directory: str | Path, *, packed_experts: bool, read_block_bytes: int):
+        self._ckpt = HfCheckpoint(directory, read_block_bytes=read_block_bytes)
         self.config = self._ckpt.config()
         self._tensors = {tensor.param: tensor for tensor in hf_tensors(self.config, packed_experts=packed_experts)}
 
@@ -80,9 +89,9 @@ class ConvertedSource:
 
     def __init__(self, directory: str | Path, *, packed_experts: bool):
         self._directory = str(directory).rstrip("/")
-        record = converted.read_marker(self._directory)
-        converted.check_packing(self._directory, record, packed_experts)
-        self._specs = converted.specs_of(record)
+        plan = converted.read_plan(self._directory)
+        converted.check_packing(self._directory, plan, packed_experts)
+        self._specs = converted.specs_of(plan)
         self.config = read_config(self._directory)
         self._open: tuple[str, Any] | None = None  # one array open at a time: its shards are read in turn
 
@@ -98,15 +107,16 @@ class ConvertedSource:
         name = converted.array_name(param)
         future = self._array(name)[box].read()
         elements = ", ".join(f"{part.start}:{part.stop}" for part in box)
-        where = f"{join(self._directory, converted.ARRAYS_DIR)}/{name}, elements [{elements}]"
+        where = f"{join(self._directory, name)}, elements [{elements}]"
         nbytes = math.prod(part.stop - part.start for part in box) * np.dtype(self._specs[name].dtype).itemsize
         return ShardRead((future,), nbytes, where, lambda: future.result().astype(dtype, copy=False))
 
 
-def open_source(path: str | Path, *, packed_experts: bool) -> Source:
-    """The source of a checkpoint directory in either format."""
-    kind = ConvertedSource if converted.is_converted(path) else HfSource
-    return kind(path, packed_experts=packed_experts)
+def open_source(path: str | Path, *, packed_experts: bool, read_block_bytes: int = READ_BLOCK_BYTES) -> Source:
+    """The source of a checkpoint directory in either format (`read_block_bytes`: a Hugging Face one's)."""
+    if converted.is_converted(path):
+        return ConvertedSource(path, packed_experts=packed_experts)
+    return HfSource(path, packed_experts=packed_experts, read_block_bytes=read_block_bytes)
 
 
 def shard_boxes(sharding: jax.sharding.Sharding, shape: tuple[int, ...]) -> list[tuple[Box, list[jax.Device]]]:
@@ -151,6 +161,7 @@ def from_pretrained(
     mesh: jax.sharding.Mesh | None = None,
     packed_experts: bool = False,
     experts_implementation: str = "auto",
+    read_block_bytes: int = READ_BLOCK_BYTES,
 ) -> GptOss:
     """Loads a model from a checkpoint directory in the published Hugging Face layout, or converted by
     `gptoss-convert`; either may be local or on `gs://`.
@@ -159,9 +170,11 @@ def from_pretrained(
     it. With a `mesh`, each weight goes straight into its sharding (run the model under `jax.set_mesh(mesh)`);
     without, onto the default device. With `packed_experts` the expert weights stay MXFP4 (uint8 blocks and
     scales, copied as the checkpoint stores them); the checkpoint must store them so.
-    `experts_implementation` names how the experts run (`model.EXPERTS_IMPLEMENTATIONS`).
+    `experts_implementation` names how the experts run (`model.EXPERTS_IMPLEMENTATIONS`). From a Hugging Face
+    directory, weights are read in row blocks of about `read_block_bytes` (counted in float32): the host's
+    memory while loading holds one block and one shard.
     """
-    source = open_source(path, packed_experts=packed_experts)
+    source = open_source(path, packed_experts=packed_experts, read_block_bytes=read_block_bytes)
     model = abstract_model(source.config, dtype=dtype, compute_dtype=compute_dtype, packed_experts=packed_experts,
                            experts_implementation=experts_implementation)  # fmt: skip
     graphdef, state = nnx.split(model)

@@ -2,8 +2,10 @@
 
 The layout is openai/gpt-oss-*'s: `config.json`, one safetensors file per layer plus one for the embeddings,
 `model.safetensors.index.json`, bfloat16 weights and MXFP4 experts (or dequantized experts with
-`packed=False`, as transformers saves them). Files are written one tensor at a time, so a checkpoint with
-the true 20B layer shapes never needs more host memory than its largest tensor.
+`packed=False`, as transformers saves them). Files are written one tensor at a time and each tensor a block
+of rows (experts, vocabulary entries) at a time, about BLOCK_BYTES of float32, so host memory stays near a
+block whatever the shapes (a 120B layer of 128 experts included). The values are those of one draw of the
+whole tensor: a block's draw continues the tensor's random stream.
 
 Where the vocabulary has room, a `tokenizer.json` comes along: byte-level, one token per byte and no merges,
 plus the harmony control tokens, so text round-trips and harmony prompts render (the real o200k_harmony
@@ -14,10 +16,10 @@ vocabulary cannot be built without test-only packages).
 
 from __future__ import annotations
 
-import functools
 import json
+import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -41,12 +43,13 @@ MXFP4_QUANTIZATION = {
 # The byte tokenizer's control tokens, with ids 256, 257, ... in this order.
 CONTROL_TOKENS = ("<|startoftext|>", END_OF_TEXT, RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL)
 BYTE_TOKENIZER_SIZE = 256 + len(CONTROL_TOKENS)
-# A stored tensor: its name, shape, dtype and a function that makes its value.
-StoredTensor = tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]
+BLOCK_BYTES = 256 << 20  # float32 values drawn at a time
+# A stored tensor: its name, shape, dtype and a function that makes its value, in blocks of rows.
+StoredTensor = tuple[str, tuple[int, ...], np.dtype, Callable[[], Iterable[np.ndarray]]]
 
 
 def write_safetensors(path: Path, tensors: list[StoredTensor]) -> None:
-    """Writes a safetensors file whose tensors are made and written one at a time."""
+    """Writes a safetensors file whose tensors are made and written one at a time, a block of rows at a time."""
     header, offset = {}, 0
     for name, shape, dtype, _ in tensors:
         size = int(np.prod(shape)) * dtype.itemsize
@@ -57,9 +60,12 @@ def write_safetensors(path: Path, tensors: list[StoredTensor]) -> None:
     with path.open("wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for name, shape, dtype, make in tensors:
-            value = make()
-            assert value.shape == shape and value.dtype == dtype, (name, value.shape, value.dtype)
-            f.write(np.ascontiguousarray(value).tobytes())
+            rows = 0
+            for block in make():
+                assert block.shape[1:] == shape[1:] and block.dtype == dtype, (name, block.shape, block.dtype)
+                f.write(np.ascontiguousarray(block).tobytes())
+                rows += block.shape[0]
+            assert rows == shape[0], (name, rows, shape)
 
 
 def _stddev(tensor: HfTensor, cfg: ModelConfig) -> tuple[float, float]:
@@ -80,19 +86,29 @@ def _stddev(tensor: HfTensor, cfg: ModelConfig) -> tuple[float, float]:
 def _stored(tensor: HfTensor, cfg: ModelConfig, rng_seed: list[int], packed: bool) -> list[StoredTensor]:
     mean, std = _stddev(tensor, cfg)
 
-    def values() -> np.ndarray:
-        return np.random.default_rng(rng_seed).normal(mean, std, tensor.shape).astype(np.float32)
+    def values() -> Iterator[np.ndarray]:
+        rng, shape = np.random.default_rng(rng_seed), tensor.shape
+        rows = max(1, BLOCK_BYTES // (math.prod(shape[1:]) * 4))
+        for first in range(0, shape[0], rows):
+            yield rng.normal(mean, std, (min(rows, shape[0] - first), *shape[1:])).astype(np.float32)
 
     if not (tensor.mxfp4 and packed):
         bf16 = np.dtype(ml_dtypes.bfloat16)
-        return [(tensor.name, tensor.shape, bf16, lambda: values().astype(bf16))]
+        return [(tensor.name, tensor.shape, bf16, lambda: (block.astype(bf16) for block in values()))]
     blocks_shape, scales_shape = packed_shapes(tensor)
     u8 = np.dtype(np.uint8)
-    # (E, in, out) is stored as (E, out, in), quantized along `in`.
-    encoded = functools.cache(lambda: mxfp4.encode_np(values().transpose(0, 2, 1)))
+    scales: list[np.ndarray] = []  # the scales (1/16 of the codes' bytes), kept as the codes are written
+
+    def codes() -> Iterator[np.ndarray]:
+        for block in values():
+            # (E, in, out) is stored as (E, out, in), quantized along `in`.
+            block_codes, block_scales = mxfp4.encode_np(block.transpose(0, 2, 1))
+            scales.append(block_scales)
+            yield block_codes
+
     return [
-        (tensor.name + "_blocks", blocks_shape, u8, lambda: encoded()[0]),
-        (tensor.name + "_scales", scales_shape, u8, lambda: encoded()[1]),
+        (tensor.name + "_blocks", blocks_shape, u8, codes),
+        (tensor.name + "_scales", scales_shape, u8, lambda: scales),
     ]
 
 

@@ -1,6 +1,7 @@
 """What both front ends, the batch job (`gptoss_dist.generate`) and the chat (`gptoss_dist.chat`), start with:
 the settings that loading the model and generating read, checked; the mesh, checked against the chips'
-memory before any weight is read; the checkpoint's tokenizer; the engine over the checkpoint's model."""
+memory before any weight is read; the engine over the checkpoint's model (stopping on the stop tokens of the
+checkpoint's tokenizer, which both load with `tokenizer.load_tokenizer`)."""
 
 from __future__ import annotations
 
@@ -9,33 +10,18 @@ from collections.abc import Sequence
 import jax
 import ml_collections
 import numpy as np
-import tokenizers
 
 from gptoss_dist import plan, records, settings
 from gptoss_dist.checkpoint import read_config
 from gptoss_dist.engine import Engine, page_pool
 from gptoss_dist.loading import from_pretrained
 from gptoss_dist.model import EXPERTS_IMPLEMENTATIONS
-from gptoss_dist.paths import filesystem, join
 from gptoss_dist.sharding import make_mesh, mesh_sizes
-from gptoss_dist.tokenizer import TOKENIZER_FILE, Tokenizer
+from gptoss_dist.tokenizer import Tokenizer
 
 
 class StartError(Exception):
     """A front end that cannot start: the message names the setting or the file."""
-
-
-def checkpoint_tokenizer(checkpoint: str) -> Tokenizer:
-    """The tokenizer in the checkpoint directory (local or a URL)."""
-    path = join(checkpoint, TOKENIZER_FILE)
-    try:
-        text = filesystem(path).cat_file(path).decode()
-        return Tokenizer(tokenizers.Tokenizer.from_str(text))
-    except FileNotFoundError:
-        raise StartError(f"{path}: missing; the checkpoint must hold its tokenizer") from None
-    except Exception as err:  # tokenizers raises plain Exceptions
-        raise StartError(f"{path}: not a readable tokenizer: {err}") from err
-
 
 
 def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from os import PathLike
-from pathlib import Path
 
 import tokenizers
+
+from gptoss_dist.checkpoint import CheckpointError
+from gptoss_dist.paths import filesystem, join
 
 #: The tokenizer's file in a checkpoint directory.
 TOKENIZER_FILE = "tokenizer.json"
@@ -71,8 +73,15 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | PathLike[str]) -> Tokenizer:
-    """Load :data:`TOKENIZER_FILE` from a checkpoint directory (or that file itself)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / TOKENIZER_FILE
-    return Tokenizer(tokenizers.Tokenizer.from_file(str(path)))
+    """The tokenizer in a checkpoint directory (its :data:`TOKENIZER_FILE`), or in that file itself, a local
+    path or a ``gs://`` URL. CheckpointError, naming the file, if it is missing or not a tokenizer."""
+    path = str(path).rstrip("/")
+    fs = filesystem(path)
+    if fs.isdir(path):
+        path = join(path, TOKENIZER_FILE)
+    try:
+        return Tokenizer(tokenizers.Tokenizer.from_str(fs.cat_file(path).decode()))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing; the checkpoint must hold its tokenizer") from None
+    except Exception as err:  # tokenizers raises plain Exceptions
+        raise CheckpointError(f"{path}: not a readable tokenizer: {err}") from err

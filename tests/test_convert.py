@@ -1,6 +1,7 @@
-"""gptoss-convert: a Hugging Face checkpoint to a sharded tensorstore checkpoint, locally and on GCS (a real
-GCS API on loopback), restored on meshes with the same logits as the Hugging Face directory; chunks that
-suit every mesh; clear errors for bad input; a killed conversion that resumes."""
+"""gptoss-convert: a Hugging Face checkpoint to an orbax checkpoint, locally and on GCS (a real GCS API on
+loopback), restored by plain orbax and by from_pretrained on meshes with the arrays and logits of the Hugging
+Face directory; chunks that suit every mesh; clear errors for bad input; a killed conversion that resumes,
+and a checkpoint without orbax's commit refused."""
 
 import dataclasses
 import json
@@ -12,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +26,14 @@ from conftest import small_config
 from gptoss_dist import CheckpointError, ModelConfig, from_pretrained
 from gptoss_dist.config import FULL, SLIDING
 from gptoss_dist.convert import convert, main
-from gptoss_dist.converted import MARKER_FILE, PROGRESS_FILE, array_name, array_specs, read_specs
+from gptoss_dist.converted import (
+    PROGRESS_FILE,
+    array_name,
+    array_specs,
+    read_plan,
+    specs_of,
+    working_directory,
+)
 from gptoss_dist.model import abstract_model, forward
 from gptoss_dist.paths import filesystem
 from gptoss_dist.random_checkpoint import write_random_checkpoint
@@ -75,11 +84,18 @@ def gcs_converted(source, gcs_bucket):
     return f"{gcs_bucket}/converted"
 
 
+@pytest.fixture(scope="module")
+def hugging_face_logits(source) -> dict[tuple[int, ...], np.ndarray]:
+    """The Hugging Face directory's logits on each mesh, computed once for both places."""
+    return {shape: logits_on(source, shape) for shape in MESHES}
+
+
 @pytest.mark.parametrize("shape", MESHES, ids=str)
 @pytest.mark.parametrize("where", ["local", "gcs"])
-def test_converted_checkpoint_gives_the_logits_of_the_hugging_face_one(request, source, where, shape):
+def test_converted_checkpoint_gives_the_logits_of_the_hugging_face_one(request, source, hugging_face_logits, where,
+                                                                       shape):  # fmt: skip
     converted = request.getfixturevalue(f"{where}_converted")
-    np.testing.assert_array_equal(logits_on(converted, shape), logits_on(source, shape))
+    np.testing.assert_array_equal(logits_on(converted, shape), hugging_face_logits[shape])
     fs = filesystem(converted)
     assert fs.cat_file(f"{converted}/tokenizer.json") == TOKENIZER
     assert fs.cat_file(f"{converted}/config.json") == (source / "config.json").read_bytes()
@@ -88,17 +104,65 @@ def test_converted_checkpoint_gives_the_logits_of_the_hugging_face_one(request, 
 
 def test_bfloat16_conversion_in_the_smallest_pieces_holds_the_weights_a_direct_load_holds(source, tmp_path):
     """One read chunk per write chunk and per block read from the source: every slicing path at work."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("gptoss_dist.converted.WRITE_CHUNK_BYTES", 1)
-        patch.setattr("gptoss_dist.checkpoint.READ_BLOCK_BYTES", 1)
-        convert(str(source), str(tmp_path / "bf16"), show_progress=False)
-    specs = read_specs(str(tmp_path / "bf16"))
+    convert(str(source), str(tmp_path / "bf16"), show_progress=False, write_chunk_bytes=1, read_block_bytes=1)
+    specs = specs_of(read_plan(str(tmp_path / "bf16")))
     assert specs["unembed"].write_chunk == (64, 128 // 8) and specs["layers.0.mlp.gate_up"].write_chunk[0] == 3
     restored = nnx.to_flat_state(nnx.state(from_pretrained(tmp_path / "bf16")))
     direct = dict(nnx.to_flat_state(nnx.state(from_pretrained(source))))
     for path, var in restored:
         assert var.get_value().dtype == jnp.bfloat16, path
         np.testing.assert_array_equal(var.get_value(), direct[path].get_value(), err_msg=str(path))
+
+
+# Restores converted checkpoints with orbax alone (argv: JSON {where: path}, JSON {array: partition spec}, the
+# .npz to write): the tree and dtypes from orbax's metadata, the shardings from the given specs, on meshes
+# (1, 1, 1) and (2, 2, 2) of the 8 CPU devices, with StandardCheckpointer and (on the larger mesh) v1's
+# load_pytree.
+PLAIN_ORBAX_RESTORE = """
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+from orbax.checkpoint import v1
+
+paths, specs, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
+specs = {name: PartitionSpec(*(tuple(a) if isinstance(a, list) else a for a in spec)) for name, spec in specs.items()}
+restored = {}
+for where, path in paths.items():
+    tree = ocp.StandardCheckpointer().metadata(path).item_metadata.tree
+    for shape in ((1, 1, 1), (2, 2, 2)):
+        mesh = jax.make_mesh(shape, ("data", "tensor", "expert"), devices=jax.devices()[: int(np.prod(shape))])
+        name = lambda keys: ".".join(key.key for key in keys)
+        target = jax.tree_util.tree_map_with_path(
+            lambda keys, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=NamedSharding(mesh, specs[name(keys)])),
+            tree)
+        restores = {"standard": ocp.StandardCheckpointer().restore} | ({"v1": v1.load_pytree} if shape[0] > 1 else {})
+        for how, restore in restores.items():
+            for keys, array in jax.tree_util.tree_flatten_with_path(restore(path, target))[0]:
+                assert array.sharding == NamedSharding(mesh, specs[name(keys)]), name(keys)
+                restored[f"{how} {where} {shape} {name(keys)}"] = np.asarray(array)
+np.savez(out, **restored)
+"""
+
+
+def test_plain_orbax_restores_the_converted_arrays_on_a_mesh(local_converted, gcs_converted, tmp_path):
+    """orbax, jax and numpy alone (no gptoss_dist) restore what from_pretrained loads, locally and on gs://, with
+    StandardCheckpointer and with v1's load_pytree."""
+    _, state = nnx.split(abstract_model(CONFIG, dtype=jnp.float32))
+    specs = {array_name(path): list(spec) for path, spec in
+             nnx.to_flat_state(param_specs(state, {"data": 2, "tensor": 2, "expert": 2}))}  # fmt: skip
+    paths = {"local": local_converted, "gcs": gcs_converted}
+    command = [sys.executable, "-c", PLAIN_ORBAX_RESTORE, json.dumps(paths), json.dumps(specs), str(tmp_path / "r.npz")]
+    done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    restored = np.load(tmp_path / "r.npz")
+    expected = {array_name(path): np.asarray(var.get_value()) for path, var in
+                nnx.to_flat_state(nnx.state(from_pretrained(local_converted, dtype=jnp.float32)))}  # fmt: skip
+    assert len(restored.files) == 6 * len(expected)  # 2 places, 2 meshes, and v1 on one mesh in each place
+    for key in restored.files:
+        np.testing.assert_array_equal(restored[key], expected[key.rsplit(" ", 1)[1]], err_msg=key)
 
 
 GPT_OSS_120B = dataclasses.replace(ModelConfig(), num_layers=36, num_experts=128, layer_types=(SLIDING, FULL) * 18)
@@ -174,7 +238,8 @@ def test_each_process_reads_only_the_chunks_its_devices_hold(source, tmp_path):
     assert [process.returncode for process in processes] == [0, 0], outputs
     lines = [line for output in outputs for line in output.splitlines() if line.startswith("RESULT ")]
     reads = [json.loads(line.removeprefix("RESULT "))["bytes_read"] for line in lines]
-    stored = sum(file.stat().st_size for file in (converted / "arrays").rglob("*") if file.is_file())
+    arrays = [array for array in converted.iterdir() if (array / "zarr.json").exists()]
+    stored = sum(file.stat().st_size for array in arrays for file in array.rglob("*") if file.is_file())
     assert len(reads) == 2 and sum(reads) >= stored  # between them, they read every chunk...
     assert max(reads) < 0.6 * stored, (reads, stored)  # ...each about half: what its devices hold
 
@@ -219,7 +284,7 @@ def test_bad_input_fails_clearly_and_marks_nothing_complete(source, tmp_path, da
     with pytest.raises(SystemExit, match=message) as exit:
         main([f"--src={broken}", f"--dst={tmp_path / 'out'}", "--no-progress"])
     assert str(exit.value.code).startswith("gptoss-convert: error: ")  # printed to stderr, exit status 1
-    assert not (tmp_path / "out" / MARKER_FILE).exists()
+    assert not (tmp_path / "out").exists()
 
 
 def delete_chunk(fs, path: str) -> None:
@@ -245,9 +310,28 @@ def test_a_missing_or_damaged_chunk_fails_the_load_naming_the_array(request, whe
     fs = filesystem(converted)
     copy = str(tmp_path / "copy") if where == "local" else f"{converted}-{damage.__name__}"
     fs.copy(f"{converted}/", copy, recursive=True)
-    array = f"{copy}/arrays/layers.1.mlp.gate_up"
+    array = f"{copy}/layers.1.mlp.gate_up"
     damage(fs, f"{array}/c/0/0/0")
     with pytest.raises(CheckpointError, match=rf"{array}, elements \[0:6, 0:64, 0:128\]: {says}"):
+        from_pretrained(copy)
+
+
+def uncommitted_copy(fs, converted: str, copy: str) -> None:
+    """A copy as orbax leaves a checkpoint before its commit: locally its temporary directory, not yet renamed;
+    on gs:// the checkpoint without commit_success.txt."""
+    fs.copy(f"{converted}/", working_directory(copy), recursive=True)
+    if fs.exists(f"{copy}/commit_success.txt"):
+        fs.rm(f"{copy}/commit_success.txt")
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_checkpoint_without_orbaxs_commit_is_refused_naming_it(request, where, tmp_path):
+    converted = request.getfixturevalue(f"{where}_converted")
+    fs = filesystem(converted)
+    copy = str(tmp_path / "copy") if where == "local" else f"{converted}-uncommitted"
+    uncommitted_copy(fs, converted, copy)
+    message = rf"{copy}: a converted checkpoint without orbax's commit \(Expected .*\); run gptoss-convert again"
+    with pytest.raises(CheckpointError, match=message):
         from_pretrained(copy)
 
 
@@ -259,7 +343,7 @@ def test_complete_destination_is_refused_unless_overwrite(source, tmp_path):
     assert refused.returncode == 1
     assert "already holds a complete converted checkpoint; pass --overwrite" in refused.stderr
     convert(str(source), str(destination), dtype="float32", overwrite=True, show_progress=False)
-    assert json.loads((destination / MARKER_FILE).read_text())["arrays"]["embed"]["dtype"] == "float32"
+    assert read_plan(str(destination))["arrays"]["embed"]["dtype"] == "float32"
 
 
 def test_destination_holding_other_files_is_refused(source, tmp_path):
@@ -294,25 +378,27 @@ def wait_for_an_array(progress_path, process, timeout_s=60.0) -> None:
 
 def test_conversion_killed_and_run_again_ends_complete_and_correct(larger_source, tmp_path, caplog):
     destination = tmp_path / "out"
+    working = Path(working_directory(destination))  # orbax's temporary directory, renamed at the commit
     command = [sys.executable, "-m", "gptoss_dist.convert", f"--src={larger_source}", f"--dst={destination}",
                "--dtype=float32", "--no-progress"]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for_an_array(destination / PROGRESS_FILE, process)
+        wait_for_an_array(working / PROGRESS_FILE, process)
     finally:
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-    assert not (destination / MARKER_FILE).exists(), "the converter finished before it was killed"
-    with pytest.raises(CheckpointError, match=r"an incomplete converted checkpoint \(\d+ of \d+ arrays written"):
+    assert not destination.exists(), "the converter committed the checkpoint before it was killed"
+    with pytest.raises(CheckpointError, match=rf"{destination}: a converted checkpoint without orbax's commit "
+                                              r"\(\d+ of \d+ arrays written; .*\); run gptoss-convert again"):  # fmt: skip
         from_pretrained(destination)
 
-    done = json.loads((destination / PROGRESS_FILE).read_text())["done"]
-    kept = destination / "arrays" / done[0] / "zarr.json"
-    kept_mtime = kept.stat().st_mtime_ns
+    done = json.loads((working / PROGRESS_FILE).read_text())["done"]
+    kept_mtime = (working / done[0] / "zarr.json").stat().st_mtime_ns
     with caplog.at_level("INFO", logger="gptoss_dist.convert"):
         convert(str(larger_source), str(destination), dtype="float32", show_progress=False)
     assert f"resuming: {len(done)} of" in caplog.text
-    assert kept.stat().st_mtime_ns == kept_mtime  # written by the killed run, not again
+    assert (destination / done[0] / "zarr.json").stat().st_mtime_ns == kept_mtime  # the killed run's, kept
+    assert not working.exists() and not (destination / PROGRESS_FILE).exists()
 
     restored = dict(nnx.to_flat_state(nnx.state(from_pretrained(destination, dtype=jnp.float32))))
     for path, var in nnx.to_flat_state(nnx.state(from_pretrained(larger_source, dtype=jnp.float32))):

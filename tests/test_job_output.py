@@ -287,11 +287,11 @@ def test_records_without_a_record_of_what_made_them_are_refused(config_only_chec
 
 def test_job_on_a_checkpoint_with_a_missing_chunk_exits_2_naming_it(converted, tmp_path):
     broken = shutil.copytree(converted, tmp_path / "broken")
-    (broken / "arrays" / "embed" / "c" / "0" / "0").unlink()
+    (broken / "embed" / "c" / "0" / "0").unlink()
     done = run_cli(cli(broken, write_jsonl(tmp_path / "in.jsonl", GOOD), tmp_path / "out"))
     assert done.returncode == 2, done.stderr[-3000:]
     (error,) = [line for line in done.stderr.splitlines() if line.startswith("gptoss-generate: error: ")]
-    assert f"{broken}/arrays/embed, elements [0:512, 0:64]: NOT_FOUND: chunk" in error and "is missing" in error
+    assert f"{broken}/embed, elements [0:512, 0:64]: NOT_FOUND: chunk" in error and "is missing" in error
     assert "Traceback" not in done.stderr
 
 

@@ -2,7 +2,6 @@
 Hugging Face directory or a converted checkpoint, sharded, and giving the dequantized model's logits and
 greedy tokens; clear errors where a checkpoint or a mesh cannot hold them."""
 
-import json
 import math
 import runpy
 from pathlib import Path
@@ -18,7 +17,7 @@ from conftest import small_config
 from gptoss_dist import CheckpointError, ModelConfig, from_pretrained, mxfp4, plan, settings
 from gptoss_dist.checkpoint import HfCheckpoint
 from gptoss_dist.convert import convert
-from gptoss_dist.converted import MARKER_FILE, PROGRESS_FILE, array_name, array_specs
+from gptoss_dist.converted import Conversion, array_name, array_specs, read_plan
 from gptoss_dist.engine import Request
 from gptoss_dist.model import abstract_model, forward
 from gptoss_dist.placements import weight_placements
@@ -32,7 +31,8 @@ from gptoss_dist.sharding import (
     put,
     spec_divisor,
 )
-from gptoss_dist.startup import checkpoint_tokenizer, make_engine, planned_mesh
+from gptoss_dist.startup import make_engine, planned_mesh
+from gptoss_dist.tokenizer import load_tokenizer
 
 CONFIG = small_config()  # intermediate 64: 2 MXFP4 groups, so mesh.tensor may be 1 or 2
 EXPERT_TENSORS = {"gate_up": "gate_up_proj", "down": "down_proj"}
@@ -134,7 +134,7 @@ def test_greedy_generations_equal_the_dequantized_models_on_the_tiny_config(tmp_
     config = tiny_settings()
     config.max_slots, config.max_len, config.min_prefill_len, config.steps_per_call = 4, 64, 32, 2
     config.checkpoint = str(write_random_checkpoint(tmp_path / "tiny-hf", settings.model_config(config), seed=2))
-    tokenizer = checkpoint_tokenizer(config.checkpoint)
+    tokenizer = load_tokenizer(config.checkpoint)
     rng = np.random.default_rng(1)
     prompts = [rng.integers(0, 256, n).tolist() for n in (5, 17, 2, 30)]
 
@@ -155,9 +155,9 @@ def test_greedy_generations_equal_the_dequantized_models_on_the_tiny_config(tmp_
 
 
 def test_converted_packed_checkpoint_records_and_holds_the_checkpoints_bytes(converted_packed, packed):
-    marker = json.loads((converted_packed / MARKER_FILE).read_text())
-    assert marker["packed_experts"] is True
-    assert marker["arrays"]["layers.0.mlp.down_blocks"]["dtype"] == "uint8"
+    plan = read_plan(str(converted_packed))
+    assert plan["packed_experts"] is True
+    assert plan["arrays"]["layers.0.mlp.down_blocks"]["dtype"] == "uint8"
     restored = flat_params(from_pretrained(converted_packed, dtype=jnp.float32, packed_experts=True))
     direct = flat_params(packed)
     assert restored.keys() == direct.keys()
@@ -176,21 +176,17 @@ def test_packed_on_a_mesh_equals_unsharded(converted_packed, packed):
     np.testing.assert_allclose(logits(sharded, mesh), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-def test_interrupted_packed_conversion_resumes_as_packed(small_checkpoint, tmp_path, caplog):
-    destination = tmp_path / "out"
+def test_a_conversion_resumes_only_with_its_own_expert_layout(tmp_path):
+    """Packed and dequantized experts are different plans: a rerun in the other layout starts afresh."""
 
-    def interrupted(self):
-        raise KeyboardInterrupt("killed before the marker")
+    def conversion(packed: bool) -> Conversion:
+        _, state = nnx.split(abstract_model(CONFIG, packed_experts=packed))
+        specs = array_specs(state)
+        return Conversion(tmp_path / "out", specs, source="hf", overwrite=False, packed_experts=packed)
 
-    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr("gptoss_dist.converted.Conversion.complete", interrupted)
-        convert(str(small_checkpoint), str(destination), packed_experts=True, show_progress=False)
-    progress = json.loads((destination / PROGRESS_FILE).read_text())
-    assert progress["packed_experts"] is True and len(progress["done"]) == len(progress["arrays"])
-    with caplog.at_level("INFO", logger="gptoss_dist.convert"):
-        convert(str(small_checkpoint), str(destination), packed_experts=True, show_progress=False)
-    assert f"resuming: {len(progress['done'])} of" in caplog.text
-    assert json.loads((destination / MARKER_FILE).read_text())["packed_experts"] is True
+    conversion(True).record("layers.0.mlp.down_blocks")
+    assert conversion(True).done == {"layers.0.mlp.down_blocks"}
+    assert conversion(False).done == set()
 
 
 def test_every_packed_shard_on_every_mesh_is_made_of_whole_read_chunks():
