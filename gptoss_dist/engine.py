@@ -705,9 +705,9 @@ class Engine:
                pool: _PagePool) -> None:  # fmt: skip
         """Fills free slots, first with preempted sequences, then with requests drawn from `pending`, while
         the pool has the pages of their prompts. With prefix caching, a sequence maps the cached pages its
-        context starts with and prefills only the rest (all of it where it asks for its prompt's scores, which
-        need the prompt's logits); one whose next page a sequence now prefilling is about to write waits for
-        it (so a request's n samples share their prompt's pages and their prefill)."""
+        context starts with and prefills only the rest (`_mappable_pages`); one whose next page a sequence now
+        prefilling is about to write waits for it (so a request's n samples share their prompt's pages and their
+        prefill)."""
         for slot in [s for s in range(self.max_slots) if s not in running]:
             if not waiting:
                 request = next(pending, None)
