@@ -9,9 +9,18 @@
     python bench/paged_batch.py lengths --config=configs/tiny.py
     python bench/paged_batch.py prefix --config=configs/tiny.py
 
+At the issue's sizes (prompts of 128-2048 tokens, outputs up to 2048, max_len 8192, 64 and 256 sequences;
+1,000 requests of a 1,024-token system prompt):
+
+    python bench/paged_batch.py lengths --config=configs/tiny.py --max_len=8192 --prompt_range=128,2049 \
+        --max_output=2048 --concurrency=64,256 --warmup=8
+    python bench/paged_batch.py prefix --config=configs/tiny.py --requests=1000 --warmup=64
+
 Each row: the batch's wall time and process CPU time (all threads; other processes' load on the cores disturbs
-it less), generated tokens per wall second, and the prompt tokens that prefill calls ran; after a run of the
-same engine that compiles, and whether the tokens equal those of the first engine of the pair (greedy).
+it less), generated tokens per wall second, the prompt tokens that prefill calls ran and the preemptions; after
+a run of the same engine on the first --warmup requests that compiles (all of them by default; with fewer, a
+prefill shape that run did not meet compiles in the timed run: `new_prefill_shapes` counts them), and whether
+the tokens equal those of the first engine of the pair (greedy).
 """
 
 from __future__ import annotations
@@ -29,23 +38,25 @@ from gptoss_dist.engine import Engine, Request
 from gptoss_dist.model import random_model
 
 
-def timed(engine: Engine, requests: list[Request]) -> tuple[dict, list[list[int]]]:
-    engine.generate(requests)  # compiles
-    engine.prefilled_tokens = 0
+def timed(engine: Engine, requests: list[Request], warmup: int) -> tuple[dict, list[list[int]]]:
+    engine.generate(requests[: warmup or len(requests)])  # compiles
+    compiled = set(engine.prefill_shapes)
+    engine.prefilled_tokens = engine.preemptions = 0
     wall, cpu = time.perf_counter(), time.process_time()
     results = engine.generate(requests)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     generated = sum(len(result.tokens) for result in results)
     row = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "tok_per_s": round(generated / wall, 1),
-           "generated": generated, "prefilled": engine.prefilled_tokens}  # fmt: skip
+           "generated": generated, "prefilled": engine.prefilled_tokens, "preemptions": engine.preemptions,
+           "new_prefill_shapes": len(set(engine.prefill_shapes) - compiled)}  # fmt: skip
     return row, [result.tokens for result in results]
 
 
-def compare(name: str, engines: dict[str, Engine], requests: list[Request], **fields) -> None:
+def compare(name: str, engines: dict[str, Engine], requests: list[Request], warmup: int, **fields) -> None:
     """One row per engine; `same_tokens`: whether its tokens equal the first engine's."""
     first = None
     for label, engine in engines.items():
-        row, tokens = timed(engine, requests)
+        row, tokens = timed(engine, requests, warmup)
         first = first or tokens
         print(json.dumps({"bench": name, "engine": label, **fields, **row, "same_tokens": tokens == first}), flush=True)
 
@@ -59,7 +70,7 @@ def lengths(model, args, rng) -> None:
         common = {"max_slots": concurrency, "max_len": args.max_len, "stop_tokens": (),
                   "prefill_tokens": args.prefill_tokens}  # fmt: skip
         engines = {"paged": Engine(model, page_size=args.page_size, **common), "default": Engine(model, **common)}
-        compare("lengths", engines, requests, concurrency=concurrency, max_len=args.max_len,
+        compare("lengths", engines, requests, args.warmup, concurrency=concurrency, max_len=args.max_len,
                 n_requests=len(requests))  # fmt: skip
 
 
@@ -71,7 +82,7 @@ def prefix(model, args, rng) -> None:
     common = {"max_slots": args.slots, "max_len": args.max_len, "stop_tokens": (), "page_size": args.page_size,
               "prefill_tokens": args.prefill_tokens}  # fmt: skip
     engines = {"cached": Engine(model, prefix_caching=True, **common), "uncached": Engine(model, **common)}
-    compare("prefix", engines, requests, system=args.system, slots=args.slots, n_requests=len(requests))
+    compare("prefix", engines, requests, args.warmup, system=args.system, slots=args.slots, n_requests=len(requests))
 
 
 def main() -> None:
@@ -83,6 +94,8 @@ def main() -> None:
     parser.add_argument("--page_size", type=int, default=64)
     parser.add_argument("--prefill_tokens", type=int, default=2048)
     parser.add_argument("--requests", type=int, default=0, help="0: twice the concurrency (lengths), 64 (prefix)")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="requests of the run that compiles, from the first (0: all of them)")
     parser.add_argument("--concurrency", default="8,32", help="lengths: slots")
     parser.add_argument("--prompt_range", default="32,512", help="lengths: prompt lengths, low,high")
     parser.add_argument("--max_output", type=int, default=512, help="lengths: the longest output")

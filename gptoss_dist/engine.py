@@ -705,9 +705,9 @@ class Engine:
                pool: _PagePool) -> None:  # fmt: skip
         """Fills free slots, first with preempted sequences, then with requests drawn from `pending`, while
         the pool has the pages of their prompts. With prefix caching, a sequence maps the cached pages its
-        context starts with and prefills only the rest (all of it where it asks for its prompt's scores, which
-        need the prompt's logits); one whose next page a sequence now prefilling is about to write waits for
-        it (so a request's n samples share their prompt's pages and their prefill)."""
+        context starts with and prefills only the rest (`_mappable_pages`); one whose next page a sequence now
+        prefilling is about to write waits for it (so a request's n samples share their prompt's pages and their
+        prefill)."""
         for slot in [s for s in range(self.max_slots) if s not in running]:
             if not waiting:
                 request = next(pending, None)
@@ -718,12 +718,11 @@ class Engine:
                     sequence = _Sequence(request, list(request.prompt), index)
                     waiting.append(self._with_keys(sequence))
             sequence = waiting[0]
-            if sequence.keys and not sequence.request.prompt_logprobs:
+            mappable = sequence.keys[: self._mappable_pages(sequence)]
+            if mappable:
                 if self._written_soon(sequence, running, pool):
                     return
-                # at least the context's last token is prefilled, for the logits of the next one
-                shared = pool.share(slot, sequence.keys[: (len(sequence.context) - 1) // self.page_size])
-                sequence.prefilled = shared * self.page_size
+                sequence.prefilled = pool.share(slot, mappable) * self.page_size
             if not pool.take(slot, len(sequence.context)):
                 pool.release(slot)
                 sequence.prefilled = 0
@@ -735,6 +734,16 @@ class Engine:
         if self.prefix_caching:
             sequence.keys = _page_keys(sequence.context, self.page_size)
         return sequence
+
+    def _mappable_pages(self, sequence: _Sequence) -> int:
+        """How many of its context's first pages a sequence may map from the cache instead of prefilling them: at
+        least the context's last token is prefilled, for the logits of the next one, and the positions whose
+        logits score prompt tokens it has not scored yet (a request asking for its prompt's scores scores them
+        all, but after a preemption only those it lacks)."""
+        pages = (len(sequence.context) - 1) // self.page_size
+        if sequence.request.prompt_logprobs and len(sequence.prompt_logprobs) < len(sequence.request.prompt) - 1:
+            pages = min(pages, len(sequence.prompt_logprobs) // self.page_size)
+        return pages
 
     def _written_soon(self, sequence: _Sequence, running: dict[int, _Sequence], pool: _PagePool) -> bool:
         """Whether the first page of `sequence` not cached yet is one that a sequence now prefilling writes."""

@@ -65,7 +65,9 @@ from gptoss_dist.tokenizer import Tokenizer, load_tokenizer
 
 @dataclasses.dataclass
 class Summary:
-    """What a run did: requests that succeeded and failed, those an earlier run had done, tokens generated."""
+    """What a run did: requests that succeeded and failed, those an earlier run had done, tokens generated, and
+    the prompt tokens of the samples run beside the context tokens that prefill calls ran for them (fewer where
+    prefixes came from cached pages; more where preempted sequences ran again)."""
 
     output: str
     ok: int = 0
@@ -74,6 +76,8 @@ class Summary:
     failed_before: int = 0
     tokens: int = 0
     seconds: float = 0.0
+    prompt_tokens: int = 0
+    prefilled: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -84,7 +88,8 @@ class Summary:
         before = f" ({self.done_before} done by an earlier run, {self.failed_before} of them failed)"
         return (
             f"{self.ok} requests ok, {self.failed} failed{before if self.done_before else ''}; "
-            f"{self.tokens} tokens in {self.seconds:.1f} s ({rate:.1f} tokens/s); {self.output}"
+            f"{self.tokens} tokens in {self.seconds:.1f} s ({rate:.1f} tokens/s), "
+            f"{self.prefilled} tokens prefilled for {self.prompt_tokens} prompt tokens; {self.output}"
         )
 
 
@@ -249,6 +254,8 @@ class Job:
             if result.index not in self.output.result_samples.get(record.line, {}):  # else an earlier run wrote it
                 self.output.write_result(result_record(record, result, self.tokenizer))
                 self.summary.tokens += result.completion_tokens
+            self.summary.prompt_tokens += result.prompt_tokens  # of every sample run, written before or not
+            self.summary.prefilled = self.engine.prefilled_tokens
             self.samples_left[request.id] -= 1
             if not self.samples_left[request.id]:
                 del self.in_flight[request.id], self.samples_left[request.id]

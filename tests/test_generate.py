@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -491,20 +492,32 @@ def test_parts_are_uploaded_whole_and_numbered_on(tmp_path):
     ]  # fmt: skip
 
 
-# every tenth asks for 3 samples, sampled: each (id, index) must end up written once
-KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [1 + i % 200, 2 + i % 50, 3]}
-                 | ({"n": 3, "temperature": 1.0, "seed": i} if i % 10 == 3 else {}) for i in range(150)]  # fmt: skip
+# Every prompt starts with one system prefix (two pages of KILL_PAGE) and one of five group prefixes (a third
+# page), so that with prefix caching the requests share full cached pages; every tenth asks for 3 samples,
+# sampled: each (id, index) must end up written once, and equal to a run without caching.
+KILL_PAGE = 16
+KILL_PREFIXES = [[*range(10, 42), *range(100 + 16 * group, 116 + 16 * group)] for group in range(5)]
+KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [*KILL_PREFIXES[i % 5], 1 + i % 200, 2 + i % 50, 3]}
+                 | ({"n": 3, "temperature": 1.0, "seed": i} if i % 10 == 3 else {}) for i in range(100)]  # fmt: skip
 KILL_SAMPLES = sorted((r["id"], index) for r in KILL_REQUESTS for index in range(r.get("n", 1)))
 KILL_LINES = [*KILL_REQUESTS[:10], {"id": "k005", "prompt": "duplicate"}, *KILL_REQUESTS[10:]]
 
 
+def prefill_counts(summary: str) -> tuple[int, int]:
+    """(tokens prefilled, prompt tokens) from a job's summary line."""
+    prefilled, prompt = re.search(r"(\d+) tokens prefilled for (\d+) prompt tokens", summary).groups()
+    return int(prefilled), int(prompt)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(hf_checkpoint, compilation_cache, tmp_path_factory):
-    """Results and errors of the kill test's input, from a job run through in one go."""
+    """Results and errors of the kill test's input, from a job run through in one go, without prefix caching."""
     directory = tmp_path_factory.mktemp("uninterrupted")
     command = cli(hf_checkpoint, write_jsonl(directory / "in.jsonl", KILL_LINES), directory / "out")
     process = run_cli(command, compilation_cache)
     assert process.returncode == 1, process.stderr  # the duplicate failed
+    prefilled, prompt = prefill_counts(process.stdout)
+    assert prefilled == prompt == sum(len(r["prompt_tokens"]) * r.get("n", 1) for r in KILL_REQUESTS)
     return by_sample(read_output(directory / "out", job_files.RESULTS)), read_output(directory / "out", job_files.ERRORS)
 
 
@@ -532,7 +545,8 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
     base = str(tmp_path) if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/kill-test"
     input_path, output = write_jsonl(f"{base}/in.jsonl", KILL_LINES), f"{base}/out"
     # the killed job's lock is never released: the rerun takes it over once lock_timeout_s has passed
-    command = cli(hf_checkpoint, input_path, output, part_records=2, lock_timeout_s=1)
+    command = cli(hf_checkpoint, input_path, output, part_records=2, lock_timeout_s=1, page_size=KILL_PAGE,
+                  prefix_caching=True)  # fmt: skip
     log_path = tmp_path / "killed.log"
     with log_path.open("wb") as log:
         env = os.environ | compilation_cache
@@ -549,11 +563,13 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
     done = len(whole) + len(read_output(output, job_files.ERRORS))  # the error waits in memory on gs://
     if where == "local":  # a line cut off by the kill, as a write interrupted midway leaves it
         with open(Path(output) / "results.jsonl", "ab") as results:
-            results.write(b'{"line": 151, "id": "k149", "text": "cut o')
+            results.write(f'{{"line": {len(KILL_LINES)}, "id": "{KILL_REQUESTS[-1]["id"]}", "text": "cut o'.encode())
     time.sleep(1)
     again = run_cli(command, compilation_cache)
     assert again.returncode == 1, again.stderr
     assert f"({done} done by an earlier run" in again.stdout
+    prefilled, prompt = prefill_counts(again.stdout)  # the rerun ran the lines not done, from cached prefixes
+    assert 0 < 4 * prefilled < prompt, again.stdout
     results, errors = by_sample(read_output(output, job_files.RESULTS)), read_output(output, job_files.ERRORS)
     expected_results, expected_errors = uninterrupted
     assert sorted(results) == KILL_SAMPLES

@@ -1,5 +1,6 @@
 """The paged KV cache: pages taken as sequences grow give the unpaged tokens, a pool too small preempts and
-recomputes without changing a token, shared prefixes are prefilled once, and n samples per request."""
+recomputes without changing a token, shared prefixes are prefilled once (and a preempted request's scored
+prompt too), and n samples per request."""
 
 import dataclasses
 
@@ -109,6 +110,23 @@ def test_a_preempted_sequence_keeps_its_scores(model, mixed):
         assert [token for token, _ in result.prompt_logprobs] == prompt[1:]
         np.testing.assert_allclose([lp for _, lp in result.prompt_logprobs],
                                    [lp for _, lp in unpreempted.prompt_logprobs], rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_a_preempted_request_maps_its_scored_prompts_cached_pages_again(model):
+    """A request that scores its prompt prefills all of it, cached or not (its positions' logits are the scores),
+    but once preempted it has them: it maps its prompt's pages, still cached, and prefills only the rest, with
+    the tokens and scores it has unpreempted."""
+    requests = [Request(prompt, max_new_tokens=30, id=i, prompt_logprobs=i == 1)
+                for i, prompt in enumerate(prompts((8, 40), seed=7))]  # fmt: skip
+    expected = mixed_engine(model).generate(requests)
+    engine = cached_engine(model)
+    results = engine.generate(requests)
+    assert engine.preemptions > 0
+    # both prompts, then less than the scored prompt's 40 tokens (5 full pages) again
+    assert engine.prefilled_tokens < 8 + 40 + 40
+    assert [result.tokens for result in results] == [result.tokens for result in expected]
+    np.testing.assert_allclose([lp for _, lp in results[1].prompt_logprobs],
+                               [lp for _, lp in expected[1].prompt_logprobs], rtol=0, atol=1e-5)  # fmt: skip
 
 
 def test_n_samples_are_the_requests_seeded_seed_plus_index(model, mixed):
