@@ -2,6 +2,7 @@
 topology and (max_slots, max_len), compiled one at a time, each program's figures appended as a JSON line.
 
     python bench/compile_table.py --out=bench/results/compile_table.jsonl [--programs=decode,prefill]
+    python bench/compile_table.py --out=bench/results/compile_table.jsonl --replan   # the plan's figures only
 
 All decode calls are compiled before any prefill call (decode is the one whose memory grows with the batch).
 A case already in `--out` is skipped, so a stopped run resumes. The mesh puts 8 devices (the KV heads) on

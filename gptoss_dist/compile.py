@@ -11,8 +11,9 @@ v5p:2x2x2, tpu7x:2x2x1, ...), with abstract weights, cache and inputs in their s
 allocated. Per program and per chip it prints XLA's `memory_analysis()` (arguments: the weights and the
 cache; aliases: the donated cache; temporaries), the total (arguments + outputs - aliases + temporaries)
 against the chip's HBM, the compile time, the collectives in the optimized program by kind (a loop body's
-once) with the bytes they produce, and `gptoss_dist.plan`'s estimate beside XLA's. `--json` prints one JSON
-object instead. Exits 1 if a program does not fit (XLA's RESOURCE_EXHAUSTED included), 2 on bad settings.
+once) with the bytes they produce, and `gptoss_dist.plan`'s working memory for the program beside XLA's
+temporaries. `--json` prints one JSON object instead. Exits 1 if a program does not fit (XLA's
+RESOURCE_EXHAUSTED included), 2 on bad settings.
 """
 
 from __future__ import annotations
