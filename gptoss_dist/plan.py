@@ -92,11 +92,13 @@ def pool_layer_per_chip(
 
 
 def decode_working_per_chip(
-    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, pool: tuple[int, int], dtype, chip: str
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, pool: tuple[int, int], dtype,
+    chip: str, rings: bool = True,
 ) -> int:  # fmt: skip
-    """The decode call's largest temporaries on one chip, the larger of two phases that are not live together.
-    Sampling: float32 logits [slots of a data shard, vocabulary] whole (noised for the draw), and twice the
-    size of a chip's shard of them (the logits' shard, and the sort's indices for a shard of the slots).
+    """The decode call's largest temporaries on one chip: the sliding layers' rings (`rings`) re-laid, once for
+    the whole call, and the larger of two phases that are not live together. Sampling: float32 logits [slots
+    of a data shard, vocabulary] whole (noised for the draw), and twice the size of a chip's shard of them
+    (the logits' shard, and the sort's indices for a shard of the slots).
     Attention: a block of keys (64-wide heads padded to the 128 lanes) and, on a chip in RELAYOUT_POOL_CHIPS,
     a full-attention layer's pool re-laid for the step's attention loop; both with the KV heads second-minor,
     padded to whole 32-bit rows."""
@@ -108,7 +110,8 @@ def decode_working_per_chip(
     attention = rows * min(DEFAULT_BLOCK, pool[0]) * kv_heads * _round_up(cfg.head_dim, LANES) * itemsize
     if chip in RELAYOUT_POOL_CHIPS:
         attention += pool_layer_per_chip(cfg, sizes, pool, itemsize, F32 // itemsize)
-    return max(sampling, attention)
+    relaid_rings = kv_cache_per_chip(cfg, sizes, max_slots, max_len, 0, dtype) if rings else 0
+    return relaid_rings + max(sampling, attention)
 
 
 def prefill_working_per_chip(
@@ -154,7 +157,7 @@ def plan_memory(
     return MemoryPlan(
         weights=weights,
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, page_size * kv_pages, dtype, rings),
-        decode_working=decode_working_per_chip(cfg, sizes, max_slots, pool, dtype, chip),
+        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, pool, dtype, chip, rings),
         prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, pool, dtype,
                                                  packed_experts),
         pool_tokens=page_size * kv_pages // sizes["data"],
