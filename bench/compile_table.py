@@ -2,6 +2,7 @@
 topology and (max_slots, max_len), compiled one at a time, each program's figures appended as a JSON line.
 
     python bench/compile_table.py --out=bench/results/compile_table.jsonl [--programs=decode,prefill]
+    python bench/compile_table.py --out=bench/results/compile_table.jsonl --replan   # the plan's figures only
 
 All decode calls are compiled before any prefill call (decode is the one whose memory grows with the batch).
 A case already in `--out` is skipped, so a stopped run resumes. The mesh puts 8 devices (the KV heads) on
@@ -50,27 +51,58 @@ def key(record: dict) -> tuple:
 
 
 def run_case(model: str, packed: bool, topology: tpu_compile.Topology, slots: int, length: int, program: str):
-    config = load_settings(str(ROOT / MODELS[model]), {"packed_experts": packed, "max_slots": slots,
-                                                        "max_len": length})  # fmt: skip
-    config.mesh.update(mesh_for(len(topology.devices), packed))
+    config = case_settings(model, packed, len(topology.devices), slots, length)
     engine = tpu_compile.abstract_engine(config, topology)
     programs = tpu_compile.job_programs(engine, all_buckets=False)
     name, lower = next((name, lower) for name, lower in programs.items() if name.startswith(program))
     compiled = tpu_compile.compile_program(name, lower, topology.hbm_bytes)
-    plan = tpu_compile.plan_for(config, engine)
     return {"model": model, "packed": packed, "topology": topology.name, "chip": topology.chip,
             "max_slots": slots, "max_len": length, "program": program, "mesh": tpu_compile.mesh_sizes(engine.mesh),
-            "libtpu": tpu_compile.libtpu_version(), "plan_weights_bytes": plan.weights,
-            "plan_kv_cache_bytes": plan.kv_cache, "plan_working_bytes": plan.working, **compiled.to_json()}  # fmt: skip
+            "libtpu": tpu_compile.libtpu_version(), **plan_fields(engine, config, topology.chip, name),
+            **compiled.to_json()}  # fmt: skip
+
+
+def case_settings(model: str, packed: bool, devices: int, slots: int, length: int):
+    config = load_settings(str(ROOT / MODELS[model]), {"packed_experts": packed, "max_slots": slots,
+                                                        "max_len": length})  # fmt: skip
+    config.mesh.update(mesh_for(devices, packed))
+    return config
+
+
+def plan_fields(engine, config, chip: str, name: str) -> dict[str, int]:
+    """The plan's figures for a case's program: weights, cache, and its working memory beside XLA's
+    temporaries."""
+    plan = tpu_compile.plan_for(config, engine, chip)
+    return {"plan_weights_bytes": plan.weights, "plan_kv_cache_bytes": plan.kv_cache,
+            "plan_working_bytes": tpu_compile.planned_working(plan, name)}  # fmt: skip
+
+
+def replan(out: Path) -> None:
+    """Recomputes the plan's figures of every record in `out` (no compile), rewriting it atomically."""
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    for record in records:
+        topology = tpu_compile.load_topology(record["topology"])
+        config = case_settings(record["model"], record["packed"], len(topology.devices), record["max_slots"],
+                               record["max_len"])  # fmt: skip
+        engine = tpu_compile.abstract_engine(config, topology)
+        name = record.get("name") or record["program"]
+        record.update(plan_fields(engine, config, topology.chip, name))
+    temporary = out.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
+    os.replace(temporary, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--programs", default="decode,prefill")
+    parser.add_argument("--replan", action="store_true", help="recompute the plan's figures in --out; no compile")
     args = parser.parse_args()
     jax.config.update("jax_platforms", "cpu")
     out = Path(args.out)
+    if args.replan:
+        replan(out)
+        return
     done = {key(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
     for program in args.programs.split(","):
         for model, packed, topology_name, slots, length in cases():

@@ -11,8 +11,9 @@ v5p:2x2x2, tpu7x:2x2x1, ...), with abstract weights, cache and inputs in their s
 allocated. Per program and per chip it prints XLA's `memory_analysis()` (arguments: the weights and the
 cache; aliases: the donated cache; temporaries), the total (arguments + outputs - aliases + temporaries)
 against the chip's HBM, the compile time, the collectives in the optimized program by kind (a loop body's
-once) with the bytes they produce, and `gptoss_dist.plan`'s estimate beside XLA's. `--json` prints one JSON
-object instead. Exits 1 if a program does not fit (XLA's RESOURCE_EXHAUSTED included), 2 on bad settings.
+once) with the bytes they produce, and `gptoss_dist.plan`'s working memory for the program beside XLA's
+temporaries. `--json` prints one JSON object instead. Exits 1 if a program does not fit (XLA's
+RESOURCE_EXHAUSTED included), 2 on bad settings.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ class Report:
             "topology": topology.name, "chip": topology.chip, "devices": len(topology.devices),
             "hosts": topology.hosts, "mesh": self.mesh, "fits": self.fits, "libtpu": libtpu_version(),
             "plan": {"weights_bytes": self.plan.weights, "kv_cache_bytes": self.plan.kv_cache,
-                     "working_bytes": self.plan.working, "total_bytes": self.plan.total},
+                     "decode_working_bytes": self.plan.decode_working,
+                     "prefill_working_bytes": self.plan.prefill_working, "working_bytes": self.plan.working,
+                     "total_bytes": self.plan.total},
             "programs": [program.to_json() for program in self.programs],
         }  # fmt: skip
 
@@ -193,8 +196,8 @@ def job_programs(engine: Engine, all_buckets: bool) -> dict[str, Callable[[], ja
     return programs
 
 
-def plan_for(config: ml_collections.ConfigDict, engine: Engine) -> plan.MemoryPlan:
-    return plan.plan_memory(engine.config, mesh_sizes(engine.mesh), max_slots=config.max_slots,
+def plan_for(config: ml_collections.ConfigDict, engine: Engine, chip: str) -> plan.MemoryPlan:
+    return plan.plan_memory(engine.config, mesh_sizes(engine.mesh), chip=chip, max_slots=config.max_slots,
                             max_len=config.max_len, prefill_tokens=config.prefill_tokens,
                             dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
                             pool=(engine.page_size, engine.kv_pages), rings=not engine.prefix_caching)  # fmt: skip
@@ -225,6 +228,11 @@ def shape_bytes(shape: str) -> int:
     return bits // 8
 
 
+def planned_working(estimate: plan.MemoryPlan, program: str) -> int:
+    """The plan's working memory for the program named `program` (a `job_programs` name)."""
+    return estimate.decode_working if program.startswith("decode") else estimate.prefill_working
+
+
 def compile_program(name: str, lower: Callable[[], jax.stages.Lowered], hbm_bytes: int) -> Program:
     """Compiles one program; one that XLA finds too large for the chip's memory is reported, not raised."""
     start = time.perf_counter()
@@ -253,7 +261,7 @@ def compile_job(
     for name, lower in job_programs(engine, all_buckets).items():
         progress(f"compiling {name}")
         programs.append(compile_program(name, lower, topology.hbm_bytes))
-    return Report(topology, mesh_sizes(engine.mesh), plan_for(config, engine), programs)
+    return Report(topology, mesh_sizes(engine.mesh), plan_for(config, engine, topology.chip), programs)
 
 
 # ------------------------------------------------------------------------------------------- the report
@@ -276,14 +284,15 @@ def render(report: Report) -> str:
         (f"{topology.name}: {len(topology.devices)} {topology.chip} devices on {topology.hosts} host(s), "
          f"{topology.hbm_bytes / GiB:.2f} GiB each; mesh {mesh}; libtpu {libtpu_version()}"),
         (f"plan, per chip: weights {_gib(estimate.weights)}, KV cache {_gib(estimate.kv_cache)}, "
-         f"working {_gib(estimate.working)}, total {_gib(estimate.total)} GiB"),
-        (f"{'program':<24}{'arguments':>10}{'outputs':>10}{'aliases':>10}{'temporary':>10}{'total':>10}"
-         f"{'plan':>10}{'of HBM':>8}  fits{'compile':>10}"),
+         f"working {_gib(estimate.decode_working)} (decode), {_gib(estimate.prefill_working)} (prefill), "
+         f"total {_gib(estimate.total)} GiB"),
+        (f"{'program':<24}{'arguments':>10}{'outputs':>10}{'aliases':>10}{'temporary':>10}{'plan':>10}"
+         f"{'total':>10}{'of HBM':>8}  fits{'compile':>10}"),
     ]  # fmt: skip
     for program in report.programs:
         used = "-" if program.total_bytes is None else f"{program.total_bytes / program.hbm_bytes:.0%}"
         figures = [program.argument_bytes, program.output_bytes, program.alias_bytes, program.temp_bytes,
-                   program.total_bytes, estimate.total]  # fmt: skip
+                   planned_working(estimate, program.name), program.total_bytes]  # fmt: skip
         lines.append(f"{program.name:<24}" + "".join(f"{_gib(f):>10}" for f in figures)
                      + f"{used:>8}  {'yes' if program.fits else 'no ':<4}{program.compile_s:>9.1f}s")  # fmt: skip
         lines.append("    " + (program.error or _collectives_line(program.collectives)))

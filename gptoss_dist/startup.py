@@ -56,7 +56,7 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
         pool = page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages, mesh_sizes(mesh)["data"])
         memory = plan.chip_memory(config.chip, jax.local_devices()[0])
         if memory is not None:
-            need = plan.plan_memory(model_config, mesh_sizes(mesh), max_slots=config.max_slots,
+            need = plan.plan_memory(model_config, mesh_sizes(mesh), chip=memory[0], max_slots=config.max_slots,
                                     max_len=config.max_len, prefill_tokens=config.prefill_tokens,
                                     dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
                                     pool=pool, rings=not config.prefix_caching)  # fmt: skip
