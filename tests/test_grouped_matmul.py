@@ -5,14 +5,14 @@ import functools
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_config
+from expert_kernels import EXPERTS, check_kernel_matches_reference, expert_weights
 from flax import nnx
 
 from gptoss_dist import model as model_module
 from gptoss_dist import mxfp4
 from gptoss_dist.grouped_matmul import Tiles, default_tiles, grouped_matmul
 from gptoss_dist.model import row_blocks
-from conftest import small_config
-from expert_kernels import EXPERTS, check_kernel_matches_reference, expert_weights
 
 FAN_IN, FAN_OUT = 96, 128
 
