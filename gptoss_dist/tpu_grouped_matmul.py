@@ -89,7 +89,7 @@ def grouped_matmul(
         codes = weights.blocks.transpose(0, 2, 3, 1).reshape(num_experts, fan_in // 2, fan_out)
         # [E, in/32, out]: the layout `sharding.param_formats` pins the scales [E, out, in/32] to on a TPU
         scales = weights.scales.transpose(0, 2, 1)
-        operands = (x[:, 0::2], x[:, 1::2], codes, scales)
+        operands = (x[:, 0::2], x[:, 1::2], _in_hbm(codes, interpret), _in_hbm(scales, interpret))
         half = pl.BlockSpec((block_rows, fan_in // 2), rows)
         in_specs = [
             half, half,
@@ -99,7 +99,7 @@ def grouped_matmul(
         product = _packed_product
         scratch = [pltpu.VMEM((2, fan_in // 2, tile_out), x.dtype)]  # the decoded even and odd inputs
     else:
-        operands = (x, weights)
+        operands = (x, _in_hbm(weights, interpret))
         in_specs = [pl.BlockSpec((block_rows, fan_in), rows), pl.BlockSpec((None, fan_in, tile_out), columns_of_expert)]
         product, scratch = _dense_product, []
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -117,7 +117,15 @@ def grouped_matmul(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
         name=KERNEL_NAME,
-    )(block_expert.astype(jnp.int32), fetch, *operands, bias.reshape(num_experts, 1, fan_out))
+    )(block_expert.astype(jnp.int32), fetch, *operands, _in_hbm(bias.reshape(num_experts, 1, fan_out), interpret))
+
+
+def _in_hbm(per_expert: jax.Array, interpret: bool) -> jax.Array:
+    """Keeps a per-expert operand in HBM for the call. Else XLA may copy the whole array, every expert's, into
+    VMEM before the call when it fits (seen in a compiled decode step: a layer's scales and gate_up codes),
+    reading all of it where the kernel reads only the used experts' tiles. Pallas' interpreter has no memory
+    spaces."""
+    return per_expert if interpret else pltpu.with_memory_space_constraint(per_expert, pltpu.HBM)
 
 
 def _kernel(product, expert_ref, fetch_ref, *refs, num_experts, num_scratch):
