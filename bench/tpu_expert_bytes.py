@@ -5,8 +5,8 @@ they imply at each chip's HBM bandwidth.
 
 Per layer and decode step, at B tokens each routed to k of E experts (uniformly, independently: an expert is
 used with probability 1 - (1 - k/E)^B):
-- the TPU kernel (`gptoss_dist.tpu_grouped_matmul`) on packed experts reads each used expert's FP4 codes and
-  bias once, and every expert's scales once (its scale blocks span all experts);
+- the TPU kernel (`gptoss_dist.tpu_grouped_matmul`) on packed experts reads each used expert's FP4 codes,
+  scales and bias once (the scales placed expert-major, `sharding.param_formats`);
 - the dense path reads each used expert's bf16 matrices and bias (if XLA's `ragged_dot` reads every expert's,
   as its cost analysis counts, the last column's figure).
 Prints a Markdown table: bytes for the whole model per step, and the time those bytes take at one chip's HBM
@@ -45,7 +45,7 @@ def rows() -> list[str]:
         experts, k = cfg.num_experts, cfg.experts_per_token
         for tokens in TOKENS:
             used = experts * (1 - (1 - k / experts) ** tokens)
-            kernel = cfg.num_layers * (used * (each["codes"] + each["bias"]) + experts * each["scales"])
+            kernel = cfg.num_layers * used * (each["codes"] + each["scales"] + each["bias"])
             dense = cfg.num_layers * used * (each["dense"] + each["bias"])
             every = cfg.num_layers * experts * (each["dense"] + each["bias"])
             times = [" / ".join(f"{b / rate * 1e3:.1f}" for rate in HBM_BYTES_PER_S.values()) for b in (kernel, dense)]

@@ -4,8 +4,10 @@ bf16 weights against the TPU kernel (`gptoss_dist.tpu_grouped_matmul`) on dense 
     python bench/tpu_experts_compile.py --topology=v6e:2x2 --rows=64,4096
 
 The shape is one chip's share of a 20B layer's gate_up on mesh (1, 2, 4): 8 experts, 2880 inputs, 2880
-outputs; rows routed at random. Prints, per variant, the compile time, XLA's temporaries, XLA's "bytes
-accessed" (it does not count inside a Pallas kernel) and the Mosaic kernels in the compiled program.
+outputs; rows routed at random; packed scales in the layout the model places them in on a TPU
+(`tpu_grouped_matmul.SCALES_MAJOR_TO_MINOR`). Prints, per variant, the compile time, XLA's temporaries,
+XLA's "bytes accessed" (it does not count inside a Pallas kernel) and the Mosaic kernels in the compiled
+program.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
+from jax.experimental.layout import Format, Layout
 
 from gptoss_dist import mxfp4
 from gptoss_dist.model import row_blocks
-from gptoss_dist.tpu_grouped_matmul import grouped_matmul
+from gptoss_dist.tpu_grouped_matmul import SCALES_MAJOR_TO_MINOR, grouped_matmul
 
 EXPERTS, FAN_IN, FAN_OUT = 8, 2880, 2880
 
@@ -44,13 +47,13 @@ def main() -> None:
     device = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
 
-    def abstract(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    def abstract(shape, dtype, layout=None):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=Format(layout, sharding))
 
     dense = abstract((EXPERTS, FAN_IN, FAN_OUT), jnp.bfloat16)
     groups = FAN_IN // mxfp4.VALUES_PER_BLOCK
-    packed = mxfp4.PackedMatrices(abstract((EXPERTS, FAN_OUT, groups, 16), jnp.uint8),
-                                  abstract((EXPERTS, FAN_OUT, groups), jnp.uint8))  # fmt: skip
+    scales = abstract((EXPERTS, FAN_OUT, groups), jnp.uint8, Layout(SCALES_MAJOR_TO_MINOR))
+    packed = mxfp4.PackedMatrices(abstract((EXPERTS, FAN_OUT, groups, 16), jnp.uint8), scales)
     bias = abstract((EXPERTS, FAN_OUT), jnp.bfloat16)
     print("| rows | variant | compile | temporaries | XLA bytes accessed | Mosaic kernels |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")

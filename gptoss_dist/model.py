@@ -48,9 +48,10 @@ def _mxfp4_params(
     groups = fan_in // mxfp4.VALUES_PER_BLOCK
     blocks = jax.random.bits(rngs.params(), (count, fan_out, groups, mxfp4.VALUES_PER_BLOCK // 2), jnp.uint8)
     scale = mxfp4.SCALE_BIAS + round(np.log2(stddev / 2.93))
+    scales = jnp.full((count, fan_out, groups), scale, jnp.uint8)
     return (
         nnx.Param(blocks, logical_axes=(*axes, None)),
-        nnx.Param(jnp.full((count, fan_out, groups), scale, jnp.uint8), logical_axes=axes),
+        nnx.Param(scales, logical_axes=axes, tpu_major_to_minor=tpu_grouped_matmul.SCALES_MAJOR_TO_MINOR),
     )
 
 

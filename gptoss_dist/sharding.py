@@ -148,14 +148,20 @@ def param_specs(state: nnx.State, sizes: Mapping[str, int]) -> nnx.State:
 
 
 def param_formats(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """Where every parameter goes on `mesh`: its sharding, and for a weight marked `row_major` its layout too
-    (else the device's default). A TPU's default layout puts the dimension that pads least minor (the experts'
-    [E, hidden, 720] hidden-minor); the grouped matmul and the embedding lookup read theirs row-major, so
+    """Where every parameter goes on `mesh`: its sharding, and its layout where the weight pins one (else the
+    device's default): `row_major` on any device, `tpu_major_to_minor` on a TPU. A TPU's default layout puts
+    the dimension that pads least minor (the experts' [E, hidden, 720] hidden-minor, packed scales
+    [E, out, in/32] as [in/32, E, out]); the expert kernels and the embedding lookup read theirs otherwise, so
     each decode call copied every layer's expert weights before its step loop (see BENCHMARKS.md)."""
+    on_tpu = mesh.devices.flat[0].platform == "tpu"
 
     def place(var: nnx.Variable, spec: PartitionSpec) -> Format:
-        row_major = var.get_metadata().get("row_major")
-        layout = Layout(major_to_minor=tuple(range(len(var.get_value().shape)))) if row_major else None
+        metadata = var.get_metadata()
+        if metadata.get("row_major"):
+            major_to_minor = tuple(range(len(var.get_value().shape)))
+        else:
+            major_to_minor = metadata.get("tpu_major_to_minor") if on_tpu else None
+        layout = None if major_to_minor is None else Layout(major_to_minor=major_to_minor)
         return Format(layout, NamedSharding(mesh, spec))
 
     specs = param_specs(state, mesh_sizes(mesh))

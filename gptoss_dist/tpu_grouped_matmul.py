@@ -13,9 +13,10 @@ compute dtype, with `mxfp4.fp4_to_float` (the values `mxfp4.decode` gives). The 
 the output axis minor: that is how XLA lays out the checkpoint's [E, out, in/32, 16] uint8 blocks on a TPU
 (a 16-byte minor axis would be padded to 128 lanes), so the transpose to [E, in/2, out] is free; with the
 input axis minor instead, XLA copied every expert's codes before each call. The scales [E, out, in/32] are
-laid out [in/32, E, out] there: no block can pick one expert on that middle axis, so a column tile's block
-holds every expert's scales (read once per call, 1/16 of one expert's codes bytes each) and the decode picks
-its expert's rows with a masked sum.
+read as [E, in/32, out], one expert's [in/32, tile_out] a block, like the codes: XLA's default layout for
+them on a TPU is [in/32, E, out], where no block can pick one expert (a tile then held every expert's
+scales, a third of a 20B decode step's bytes at one token), so `sharding.param_formats` pins them
+expert-major (`SCALES_MAJOR_TO_MINOR`), and the transpose is free.
 
 GPT-OSS's dimensions (2880 = 2^6 * 45) have no divisor that is a multiple of 128, so the contraction is one
 block of the full dimension (allowed on TPUs) and the last column tile is partial: its out-of-range columns
@@ -42,11 +43,14 @@ from gptoss_dist import mxfp4
 F32 = jnp.float32
 CODE_BYTES = mxfp4.VALUES_PER_BLOCK // 2  # bytes of FP4 codes per scale group
 # Output columns per tile: a multiple of 128 (the lane width). At 512, a bf16 call's double-buffered blocks
-# (codes, every expert's scales, x, out) and the decoded tile take about 12 MB of VMEM at fan-in 2880 and
-# 128-row blocks, inside every generation's default scoped limit (16 MB on v5e and v5p, 32 MB on v6e, tpu7x).
+# (codes, scales, x, out) and the decoded tile take about 6.5 MB of VMEM at fan-in 2880 and 128-row blocks,
+# inside every generation's default scoped limit (16 MB on v5e and v5p, 32 MB on v6e, tpu7x).
 TILE_OUT = 512
 DECODE_GROUPS = 8  # scale groups (of 16 code rows) dequantized at a time, to keep the int32 temporaries small
 KERNEL_NAME = "experts_grouped_matmul"  # the Mosaic kernel's name in the compiled program
+# The layout of the scales [E, out, in/32] the kernel reads in place (`sharding.param_formats` pins it):
+# expert-major, output minor, so that a block is one expert's [in/32, tile_out].
+SCALES_MAJOR_TO_MINOR = (0, 2, 1)
 
 
 def grouped_matmul(
@@ -83,19 +87,19 @@ def grouped_matmul(
     if isinstance(weights, mxfp4.PackedMatrices):
         # [E, in/2, out]: the layout a TPU keeps the checkpoint's [E, out, in/32, 16] in (output axis minor)
         codes = weights.blocks.transpose(0, 2, 3, 1).reshape(num_experts, fan_in // 2, fan_out)
-        # [in/32, E, out]: the scales' layout there; every expert's, as no block can pick one on a middle axis
-        scales = weights.scales.transpose(2, 0, 1)
-        operands = (x[:, 0::2], x[:, 1::2], codes, scales)
+        # [E, in/32, out]: the layout `sharding.param_formats` pins the scales [E, out, in/32] to on a TPU
+        scales = weights.scales.transpose(0, 2, 1)
+        operands = (x[:, 0::2], x[:, 1::2], _in_hbm(codes, interpret), _in_hbm(scales, interpret))
         half = pl.BlockSpec((block_rows, fan_in // 2), rows)
         in_specs = [
             half, half,
             pl.BlockSpec((None, fan_in // 2, tile_out), columns_of_expert),
-            pl.BlockSpec((fan_in // mxfp4.VALUES_PER_BLOCK, num_experts, tile_out), lambda t, *_: (0, 0, t)),
+            pl.BlockSpec((None, fan_in // mxfp4.VALUES_PER_BLOCK, tile_out), columns_of_expert),
         ]  # fmt: skip
         product = _packed_product
         scratch = [pltpu.VMEM((2, fan_in // 2, tile_out), x.dtype)]  # the decoded even and odd inputs
     else:
-        operands = (x, weights)
+        operands = (x, _in_hbm(weights, interpret))
         in_specs = [pl.BlockSpec((block_rows, fan_in), rows), pl.BlockSpec((None, fan_in, tile_out), columns_of_expert)]
         product, scratch = _dense_product, []
     grid_spec = pltpu.PrefetchScalarGridSpec(
@@ -113,7 +117,15 @@ def grouped_matmul(
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
         name=KERNEL_NAME,
-    )(block_expert.astype(jnp.int32), fetch, *operands, bias.reshape(num_experts, 1, fan_out))
+    )(block_expert.astype(jnp.int32), fetch, *operands, _in_hbm(bias.reshape(num_experts, 1, fan_out), interpret))
+
+
+def _in_hbm(per_expert: jax.Array, interpret: bool) -> jax.Array:
+    """Keeps a per-expert operand in HBM for the call. Else XLA may copy the whole array, every expert's, into
+    VMEM before the call when it fits (seen in a compiled decode step: a layer's scales and gate_up codes),
+    reading all of it where the kernel reads only the used experts' tiles. Pallas' interpreter has no memory
+    spaces."""
+    return per_expert if interpret else pltpu.with_memory_space_constraint(per_expert, pltpu.HBM)
 
 
 def _kernel(product, expert_ref, fetch_ref, *refs, num_experts, num_scratch):
@@ -141,13 +153,13 @@ def _packed_product(block, fetch_ref, x_even_ref, x_odd_ref, codes_ref, scales_r
     """x split into its even and odd inputs (the low and high nibbles) times the decoded tile, which is
     decoded again only where this block's tile differs from the previous block's."""
     new_tile = (block == 0) | (fetch_ref[block] != fetch_ref[jnp.maximum(block - 1, 0)])
-    pl.when(new_tile)(functools.partial(_decode_tile, fetch_ref[block], codes_ref, scales_ref, decoded_ref))
+    pl.when(new_tile)(functools.partial(_decode_tile, codes_ref, scales_ref, decoded_ref))
     even = jnp.dot(x_even_ref[...], decoded_ref[0], preferred_element_type=F32)
     return even + jnp.dot(x_odd_ref[...], decoded_ref[1], preferred_element_type=F32)
 
 
-def _decode_tile(expert, codes_ref, scales_ref, decoded_ref):
-    """codes [in/2, tile_out] and every expert's scales [in/32, E, tile_out] -> decoded [2, in/2, tile_out]
+def _decode_tile(codes_ref, scales_ref, decoded_ref):
+    """codes [in/2, tile_out] and scales [in/32, tile_out] of one expert -> decoded [2, in/2, tile_out]
     (even inputs from the low nibbles, odd from the high), DECODE_GROUPS scale groups at a time (aligned
     loads: 128 rows of codes), then the groups left over."""
     groups = scales_ref.shape[0]
@@ -155,9 +167,7 @@ def _decode_tile(expert, codes_ref, scales_ref, decoded_ref):
 
     def decode_groups(first, count):
         codes = codes_ref[pl.ds(first * CODE_BYTES, count * CODE_BYTES), :].astype(jnp.int32)
-        scales = scales_ref[pl.ds(first, count)].astype(jnp.int32)  # [count, E, tile_out]
-        # the expert's row, by a masked sum: a dynamic index into the sublane axis would be unaligned
-        scales = jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, scales.shape, 1) == expert, scales, 0), 1)
+        scales = scales_ref[pl.ds(first, count), :].astype(jnp.int32)  # [count, tile_out]
         scales = jnp.broadcast_to(scales[:, None, :], (count, CODE_BYTES, scales.shape[1])).reshape(codes.shape)  # fmt: skip
         for half, nibble in enumerate((codes & 0xF, codes >> 4)):
             values = mxfp4.fp4_to_float(nibble, scales, F32).astype(decoded_ref.dtype)

@@ -1,18 +1,20 @@
 """The GPU expert kernel (`gptoss_dist.grouped_matmul`), run by Pallas' interpreter on the CPU."""
 
+import functools
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_config
+from expert_kernels import EXPERTS, check_kernel_matches_reference, expert_weights
 from flax import nnx
 
 from gptoss_dist import model as model_module
 from gptoss_dist import mxfp4
 from gptoss_dist.grouped_matmul import Tiles, default_tiles, grouped_matmul
 from gptoss_dist.model import row_blocks
-from conftest import small_config
 
-EXPERTS, FAN_IN, FAN_OUT = 4, 96, 128
+FAN_IN, FAN_OUT = 96, 128
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -31,22 +33,6 @@ def test_fp4_codes_built_bit_by_bit_equal_the_decoder(dtype):
         np.testing.assert_array_equal(built.view(bits), expected[:, column].view(bits))
 
 
-def _routing(rng, rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row groups sorted by expert (some rows held elsewhere: group == EXPERTS) and rows per expert."""
-    group = np.sort(rng.integers(0, EXPERTS + 1, rows))
-    return group, np.bincount(group, minlength=EXPERTS + 1)[:EXPERTS]
-
-
-def _weights(rng, packed: bool):
-    if packed:
-        blocks = rng.integers(0, 256, (EXPERTS, FAN_OUT, FAN_IN // 32, 16), dtype=np.uint8)
-        scales = rng.integers(120, 130, (EXPERTS, FAN_OUT, FAN_IN // 32), dtype=np.uint8)
-        dense = mxfp4.decode_np(blocks, scales).transpose(0, 2, 1)
-        return mxfp4.PackedMatrices(jnp.asarray(blocks), jnp.asarray(scales)), dense
-    dense = rng.standard_normal((EXPERTS, FAN_IN, FAN_OUT)).astype(np.float32)
-    return jnp.asarray(dense), dense
-
-
 # A 3-way split of the contraction: dense, 6 steps of 16 inputs; packed, 3 steps of one scale group.
 SPLIT_K = {False: Tiles(out=64, inner=16, split=3), True: Tiles(out=64, inner=1, split=3)}
 
@@ -56,26 +42,11 @@ SPLIT_K = {False: Tiles(out=64, inner=16, split=3), True: Tiles(out=64, inner=1,
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split-k"])
 def test_each_row_meets_its_experts_matrix(rows, packed, dtype, split):
-    rng = np.random.default_rng(rows)
-    group, sizes = _routing(rng, rows)
-    weights, dense = _weights(rng, packed)
-    bias = rng.standard_normal((EXPERTS, FAN_OUT)).astype(np.float32)
-    x = rng.standard_normal((rows, FAN_IN)).astype(np.float32)
-    blocks = row_blocks(jnp.asarray(group), jnp.asarray(sizes), EXPERTS, smallest=16)
-
-    out = grouped_matmul(
-        blocks.pad(jnp.asarray(x, dtype)), weights, jnp.asarray(bias, dtype), blocks.expert, blocks.size,
-        tiles=SPLIT_K[packed] if split else None, interpret=True,
-    )
-    out = np.asarray(blocks.unpad(out), np.float32)
-
-    x_used = np.asarray(jnp.asarray(x, dtype), np.float32)  # the inputs as the kernel saw them
-    held = group < EXPERTS
-    expected = np.einsum("ri,rio->ro", x_used[held], dense[group[held]]) + bias[group[held]]
-    tolerance = 1e-4 if dtype == jnp.float32 else 3e-2
-    scale = np.abs(expected).max()
-    np.testing.assert_allclose(out[held] / scale, expected / scale, atol=tolerance)
-    assert not np.any(out[~held]), "rows held elsewhere must read back as zero"
+    """Rows routed at random (some held elsewhere), whole or with the contraction split, each give its expert's
+    matrix times the row plus the bias."""
+    group = np.sort(np.random.default_rng(rows).integers(0, EXPERTS + 1, rows))
+    kernel = functools.partial(grouped_matmul, tiles=SPLIT_K[packed] if split else None, interpret=True)
+    check_kernel_matches_reference(kernel, group, packed=packed, dtype=dtype, fan_in=FAN_IN, fan_out=FAN_OUT)
 
 
 def test_tiles_split_the_contraction_evenly_at_few_blocks():
@@ -97,7 +68,7 @@ def test_unused_blocks_are_skipped():
     group = np.full(8, EXPERTS)
     blocks = row_blocks(jnp.asarray(group), jnp.zeros(EXPERTS, jnp.int32), EXPERTS, smallest=16)
     assert np.all(np.asarray(blocks.expert) == EXPERTS)
-    weights, _ = _weights(rng, packed=False)
+    weights, _, _ = expert_weights(rng, False, FAN_IN, FAN_OUT)
     out = grouped_matmul(
         blocks.pad(jnp.ones((8, FAN_IN))), weights, jnp.zeros((EXPERTS, FAN_OUT)), blocks.expert, blocks.size,
         interpret=True,
