@@ -44,7 +44,7 @@ def workdir(tmp_path_factory):
     for i in range(16):
         sampling = {"temperature": 0.9, "seed": i} if i % 2 else {}
         kind = {"prompt": f"request {i}: " + "word " * i} if i % 3 else {"prompt_tokens": [5, 6, 7 + i]}
-        requests.append({"id": f"r{i}", "max_new_tokens": 6 + 3 * i, **kind, **sampling})
+        requests.append({"id": f"r{i}", "max_new_tokens": 4 + i, **kind, **sampling})
     (root / "requests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
     (root / "cache").mkdir()
     return root
