@@ -33,7 +33,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 from jax.experimental import topologies
 
@@ -197,10 +196,8 @@ def job_programs(engine: Engine, all_buckets: bool) -> dict[str, Callable[[], ja
 
 
 def plan_for(config: ml_collections.ConfigDict, engine: Engine, chip: str) -> plan.MemoryPlan:
-    return plan.plan_memory(engine.config, mesh_sizes(engine.mesh), chip=chip, max_slots=config.max_slots,
-                            max_len=config.max_len, prefill_tokens=config.prefill_tokens,
-                            dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
-                            pool=(engine.page_size, engine.kv_pages), rings=not engine.prefix_caching)  # fmt: skip
+    return plan.plan_memory(engine.config, mesh_sizes(engine.mesh), chip=chip,
+                            pool=(engine.page_size, engine.kv_pages), **settings.plan_options(config))
 
 
 # ------------------------------------------------------------------------------------------ compiling

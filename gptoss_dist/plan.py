@@ -240,11 +240,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                              run_settings.kv_pages, sizes["data"])  # fmt: skip
         except ValueError as err:  # a ConfigError, a MeshError, or a pool that does not fit max_len or the mesh
             sys.exit(f"error: {err}")
-        options = {"max_slots": run_settings.max_slots, "max_len": run_settings.max_len,
-                   "prefill_tokens": run_settings.prefill_tokens, "dtype": np.dtype(settings.dtype(run_settings)),
-                   "packed_experts": run_settings.packed_experts, "pool": pool,
-                   "rings": not run_settings.prefix_caching}  # fmt: skip
-        print(render({chip: plan_memory(cfg, sizes, chip=chip, **options) for chip in CHIPS}, sizes))
+        options = settings.plan_options(run_settings)
+        print(render({chip: plan_memory(cfg, sizes, chip=chip, pool=pool, **options) for chip in CHIPS}, sizes))
 
     app.run(run, argv=list(argv) if argv is not None else None)
 

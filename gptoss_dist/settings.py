@@ -11,6 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from gptoss_dist.config import ModelConfig, default_layer_types
 
@@ -96,6 +97,13 @@ ENGINE_SETTINGS = (
 def engine_options(settings: ml_collections.ConfigDict) -> dict[str, Any]:
     """The engine's keyword arguments from the run's settings."""
     return {name: settings[name] for name in ENGINE_SETTINGS}
+
+
+def plan_options(settings: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`plan.plan_memory`'s keyword arguments from the run's settings, but for the chip and the page pool."""
+    return {"max_slots": settings.max_slots, "max_len": settings.max_len, "prefill_tokens": settings.prefill_tokens,
+            "dtype": np.dtype(dtype(settings)), "packed_experts": settings.packed_experts,
+            "rings": not settings.prefix_caching}  # fmt: skip
 
 
 def dtype(settings: ml_collections.ConfigDict) -> jnp.dtype:

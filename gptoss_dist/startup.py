@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import jax
 import ml_collections
-import numpy as np
 
 from gptoss_dist import plan, records, settings
 from gptoss_dist.checkpoint import read_config
@@ -56,10 +55,8 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
         pool = page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages, mesh_sizes(mesh)["data"])
         memory = plan.chip_memory(config.chip, jax.local_devices()[0])
         if memory is not None:
-            need = plan.plan_memory(model_config, mesh_sizes(mesh), chip=memory[0], max_slots=config.max_slots,
-                                    max_len=config.max_len, prefill_tokens=config.prefill_tokens,
-                                    dtype=np.dtype(settings.dtype(config)), packed_experts=config.packed_experts,
-                                    pool=pool, rings=not config.prefix_caching)  # fmt: skip
+            need = plan.plan_memory(model_config, mesh_sizes(mesh), chip=memory[0], pool=pool,
+                                    **settings.plan_options(config))
             plan.check_fits(need, memory[1], memory[0])
     except ValueError as err:  # a PlanError, or a pool that the mesh's data shards do not divide
         raise StartError(str(err)) from None
