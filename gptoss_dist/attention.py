@@ -78,19 +78,18 @@ class KeySpan:
         return k, v, jnp.broadcast_to(_column(self.first) + at, real.shape), real
 
     def _paged_block(self, offset: jax.Array, size: int) -> jax.Array:
-        """The block of `size` keys and values from `offset` read through the page table, in pieces of at most
-        a page, each within one page."""
+        """The block of `size` keys and values from `offset` read through the page table: whole runs of
+        `unit` positions (the largest that every block's offset and every page boundary fall on), each a row of
+        the pool viewed as [pages x runs a page, unit, ...]. A gather of whole rows reads the pool in the
+        layout it is stored in; a gather of slices within a page made the TPU compiler copy a layer's whole
+        pool into another layout for each step (see BENCHMARKS.md)."""
         page = self.kv.shape[1]
-        piece = min(size, page)
-        starts = offset + jnp.arange(size // piece) * piece  # [n] indices into the span
+        unit = math.gcd(size, page)
+        starts = offset + jnp.arange(size // unit) * unit  # [n] indices into the span
         pages = jnp.take(self.pages, starts // page, axis=1)  # [B, n]
-        within = starts % page
-
-        def one(index, at):
-            return jax.lax.dynamic_slice(self.kv, (index, at, 0, 0), (1, piece, *self.kv.shape[2:]))[0]
-
-        pieces = jax.vmap(jax.vmap(one), in_axes=(0, None))(pages, within)  # [B, n, piece, kv_heads, 2 * D]
-        return pieces.reshape(pages.shape[0], size, *self.kv.shape[2:])
+        rows = pages * (page // unit) + starts % page // unit
+        runs = self.kv.reshape(-1, unit, *self.kv.shape[2:])  # [pages x page // unit, unit, kv_heads, 2 * D]
+        return jnp.take(runs, rows, axis=0, mode="clip").reshape(pages.shape[0], size, *self.kv.shape[2:])
 
 
 def pair(k: jax.Array, v: jax.Array) -> jax.Array:
