@@ -89,10 +89,10 @@ class KeySpan:
     def _paged_block(self, offset: jax.Array, size: int) -> jax.Array:
         """The block of `size` keys and values [B, size, kv_heads, 2 * D] from `offset` read through the page
         table: for each head, whole runs of `unit` positions (the largest that every block's offset and every
-        page boundary fall on), each a row of the pool viewed as [pages x heads x runs a page, unit, 2 * D].
-        The TPU compiler gathers such rows from the pool as it is stored; a gather of slices within a page, or
-        of runs holding every head, made it copy a layer's whole pool into another layout for each decode step
-        (see BENCHMARKS.md)."""
+        page boundary fall on) of the pool viewed as [pages, heads, runs a page, unit, 2 * D]. The TPU compiler
+        gathers such runs from the pool as it is stored; a gather of slices within a page, or of runs holding
+        every head, made it copy a layer's whole pool into another layout for each decode step (see
+        BENCHMARKS.md, "The page pool read and written where it is stored")."""
         heads, page = self.kv.shape[1:3]
         unit = math.gcd(size, page)
         starts = offset + jnp.arange(size // unit) * unit  # [n] indices into the span
