@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 from conftest import small_config
 from expert_kernels import EXPERTS, check_kernel_matches_reference
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.experimental.layout import Format, Layout
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from reference import load_reference, reference_logits
 from test_compile import small_settings
 
 from gptoss_dist import compile as tpu_compile
-from gptoss_dist import from_pretrained
+from gptoss_dist import from_pretrained, mxfp4
 from gptoss_dist.model import forward
 from gptoss_dist.sharding import make_mesh, put
-from gptoss_dist.tpu_grouped_matmul import KERNEL_NAME, grouped_matmul
+from gptoss_dist.tpu_grouped_matmul import KERNEL_NAME, SCALES_MAJOR_TO_MINOR, grouped_matmul
 
 # 9 scale groups of inputs (decoded 8, then 1); 200 outputs in tiles of 128: the last tile is partial, as at 2880.
 FAN_IN, FAN_OUT, TILE_OUT = 288, 200, 128
@@ -84,7 +85,32 @@ def packed_weight_copies(hlo: str) -> list[str]:
     return [shape for shape in copies if shape in weights and not shape.endswith(",1]")]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="needs libtpu: pip install -e '.[tpu]'")
+NEEDS_LIBTPU = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="needs libtpu: pip install -e '.[tpu]'")  # fmt: skip
+
+
+@NEEDS_LIBTPU
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "tpu7x:2x2x1"])
+def test_packed_kernel_compiles_for_each_tpu_generation(topology):
+    """The packed kernel alone, 12 blocks of 16 rows over 4 experts, compiled for one device of each generation
+    other than v6e (which the whole job's compile below covers), with the scales in the layout the model places
+    them in: Mosaic accepts its blocks and tiles on every chip (a few seconds each)."""
+    device = tpu_compile.load_topology(topology).devices[0]
+
+    def abstract(shape, dtype, layout=None):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=Format(layout, SingleDeviceSharding(device)))
+
+    groups = FAN_IN // mxfp4.VALUES_PER_BLOCK
+    codes = abstract((EXPERTS, FAN_OUT, groups, 16), jnp.uint8)
+    scales = abstract((EXPERTS, FAN_OUT, groups), jnp.uint8, Layout(SCALES_MAJOR_TO_MINOR))
+    blocks, rows = 12, 16
+    x, bias = abstract((blocks * rows, FAN_IN), jnp.bfloat16), abstract((EXPERTS, FAN_OUT), jnp.bfloat16)
+    kernel = jax.jit(functools.partial(grouped_matmul, block_rows=rows, tile_out=TILE_OUT))
+    compiled = kernel.lower(x, mxfp4.PackedMatrices(codes, scales), bias, abstract((blocks,), jnp.int32)).compile()
+    assert KERNEL_NAME in compiled.as_text()
+
+
+@NEEDS_LIBTPU
 def test_packed_decode_and_prefill_compile_with_the_kernel_reading_the_weights_in_place():
     """The job's decode and prefill calls with packed experts, compiled for v6e:2x2 (mesh: 2 tensor
     shards x 2 expert shards), run the experts in the Mosaic kernel and fit, and the packed weights reach it
