@@ -52,11 +52,12 @@ def test_seeded_sampling_depends_only_on_the_request(checkpoint, model):
 
     alone = probe_tokens(Engine(model, max_slots=1, max_len=64), [sampled(probe)])
     assert len(set(alone)) > 3  # really sampled
-    in_batch = probe_tokens(Engine(model, max_slots=4, max_len=64), [others[1], sampled(probe), *others[2:4]])
-    after_refill = probe_tokens(Engine(model, max_slots=4, max_len=64), [*others, sampled(probe)])
+    # four slots of 96, as in the greedy test, whose compiled calls these engines reuse
+    in_batch = probe_tokens(Engine(model, max_slots=4, max_len=96), [others[1], sampled(probe), *others[2:4]])
+    after_refill = probe_tokens(Engine(model, max_slots=4, max_len=96), [*others, sampled(probe)])
     mesh = mesh_of((2, 2, 2))
     sharded = from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh)
-    on_mesh = probe_tokens(Engine(sharded, mesh, max_slots=4, max_len=64), [*others[:5], sampled(probe)])
+    on_mesh = probe_tokens(Engine(sharded, mesh, max_slots=4, max_len=96), [*others[:5], sampled(probe)])
     assert alone == in_batch == after_refill == on_mesh
     other_seed = Engine(model, max_slots=1, max_len=64).generate([Request(probe, 24, 1.0, 40, 0.9, seed=99)])
     assert other_seed[0].tokens != alone
@@ -125,11 +126,10 @@ def test_streamed_tokens_join_to_the_results(model, mixed):
 
 def test_stop_tokens_and_context_limit(model):
     probe = prompts([6], seed=5)[0]
-    free_run = Engine(model, max_slots=2, max_len=64).generate([Request(probe, max_new_tokens=12)])[0].tokens
+    engine = Engine(model, max_slots=2, max_len=64, stop_tokens=())  # no stop token but the request's
+    free_run = engine.generate([Request(probe, max_new_tokens=12)])[0].tokens
     stop_at = free_run[4]
-    stopped = Engine(model, max_slots=2, max_len=64, stop_tokens=()).generate(
-        [Request(probe, max_new_tokens=12, stop=[stop_at])]
-    )[0]
+    stopped = engine.generate([Request(probe, max_new_tokens=12, stop=[stop_at])])[0]
     assert stopped.finish_reason == "stop"
     assert stopped.tokens == free_run[: free_run.index(stop_at) + 1]
     cut = Engine(model, max_slots=2, max_len=10).generate([Request(probe, max_new_tokens=12)])[0]

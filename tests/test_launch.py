@@ -16,13 +16,16 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding
 
 from gptoss_dist import plan
-from gptoss_dist.config import ModelConfig
+from gptoss_dist.config import FULL, SLIDING, ModelConfig
 from gptoss_dist.placements import weight_placements
 from gptoss_dist.random_checkpoint import write_random_checkpoint
 from gptoss_dist.sharding import MESH_AXES
 
 ROOT = Path(__file__).parents[1]
 MESH_FLAGS = ["--config.mesh.data=2", "--config.mesh.tensor=2", "--config.mesh.expert=2"]
+# One slot per data shard and one prefill width: one prefill row count, so each process compiles few programs
+# (compiling, two processes at once on the CPUs, is most of these jobs' time).
+ENGINE_FLAGS = ["--config.max_slots=2", "--config.max_len=128", "--config.min_prefill_len=128"]
 
 
 def tiny_config():
@@ -53,7 +56,7 @@ def workdir(tmp_path_factory):
 def job_command(workdir: Path, output: str) -> list[str]:
     return [sys.executable, "-m", "gptoss_dist.generate", f"--config={ROOT / 'configs' / 'tiny.py'}",
             f"--config.checkpoint={workdir / 'hf'}", f"--config.input={workdir / 'requests.jsonl'}",
-            f"--config.output={workdir / output}", "--config.max_slots=4", "--config.max_len=128", *MESH_FLAGS,
+            f"--config.output={workdir / output}", *ENGINE_FLAGS, *MESH_FLAGS,
             "--config.lock_timeout_s=2"]  # fmt: skip
 
 
@@ -137,7 +140,7 @@ def test_tpu_pod_script_runs_the_job_on_every_worker_and_a_dead_worker_stops_the
     command = ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "--tpu=demo-pod", "--zone=us-central2-b",
                "--project=demo", "--config=configs/tiny.py", "--install=python3 -c 'import jax'",
                f"--config.checkpoint={workdir / 'hf'}", f"--config.input={workdir / 'requests.jsonl'}",
-               f"--config.output={workdir / 'pod'}", "--config.max_slots=4", "--config.max_len=128", *MESH_FLAGS,
+               f"--config.output={workdir / 'pod'}", *ENGINE_FLAGS, *MESH_FLAGS,
                "--config.distributed.peer_timeout_s=15", "--config.lock_timeout_s=2"]  # fmt: skip
     output = workdir / "pod" / "results.jsonl"
     with (tmp_path / "killed.log").open("w") as log:
@@ -184,9 +187,9 @@ def descendant_pids(parent: int) -> list[int]:
 @pytest.mark.parametrize("model", ["20b", "120b"])
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 4, 2), (2, 8, 4), (1, 16, 8)], ids=str)
 def test_plan_weight_bytes_equal_jax_shard_shapes(model, shape):
-    cfg = ModelConfig(num_layers=24, num_experts=32) if model == "20b" else ModelConfig(
-        num_layers=36, num_experts=128, layer_types=("sliding_attention", "full_attention") * 18
-    )
+    """Two layers, one of each kind, of the model's widths and experts: every layer of a kind holds the same
+    weights, so more layers repeat the same shard shapes (and the abstract model of 36 takes seconds to build)."""
+    cfg = ModelConfig(num_layers=2, num_experts=32 if model == "20b" else 128, layer_types=(SLIDING, FULL))
     sizes = dict(zip(MESH_AXES, shape))
     mesh = AbstractMesh(shape, MESH_AXES)
     expected = 0

@@ -2,6 +2,7 @@
 Hugging Face directory or a converted checkpoint, sharded, and giving the dequantized model's logits and
 greedy tokens; clear errors where a checkpoint or a mesh cannot hold them."""
 
+import dataclasses
 import math
 import runpy
 from pathlib import Path
@@ -16,6 +17,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from conftest import small_config
 from gptoss_dist import CheckpointError, ModelConfig, from_pretrained, mxfp4, plan, settings
 from gptoss_dist.checkpoint import HfCheckpoint
+from gptoss_dist.config import FULL, SLIDING
 from gptoss_dist.convert import convert
 from gptoss_dist.converted import Conversion, array_name, array_specs, read_plan
 from gptoss_dist.engine import Request
@@ -190,7 +192,9 @@ def test_a_conversion_resumes_only_with_its_own_expert_layout(tmp_path):
 
 
 def test_every_packed_shard_on_every_mesh_is_made_of_whole_read_chunks():
-    cfg = ModelConfig()  # GPT-OSS-20B: 90 MXFP4 groups and 64 heads leave mesh.tensor 1 or 2
+    # GPT-OSS-20B's widths (90 MXFP4 groups and 64 heads leave mesh.tensor 1 or 2), in two layers of its 24: more
+    # layers repeat the same arrays' specs
+    cfg = dataclasses.replace(ModelConfig(), num_layers=2, layer_types=(SLIDING, FULL))
     _, state = nnx.split(abstract_model(cfg, packed_experts=True))
     specs = array_specs(state)
     assert specs["layers.0.mlp.down_blocks"].read_chunk == (1, 2880, 45, 16)
