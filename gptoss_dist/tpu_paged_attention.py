@@ -2,17 +2,17 @@
 with GPT-OSS's sink logit.
 
 One query token per sequence attends to the keys of its pages `pages[b]` at positions below `lengths[b]` (within
-the last `window` of them on a sliding layer). The grid runs sequences outside and page steps inside; a step's
-page comes in by scalar prefetch, through the index map. Steps past a sequence's last page (or before its
-window) ask for the same page as the step before, so Pallas fetches nothing new and the step is skipped: a
-sequence reads its own live pages and no others, whatever the longest sequence of the batch. The portable
-path (`attention.attend`) reads every row up to the batch's longest sequence.
+the last `window` of them on a sliding layer). The grid runs over sequences; each copies its live pieces of
+pages from HBM itself (the page table and lengths come by scalar prefetch), one piece in flight while the
+last is read, and runs a loop of exactly as many steps as it has pieces: a sequence reads its own live keys
+and no others, whatever the longest sequence of the batch or `max_len`. The portable path (`attention.attend`)
+reads every row up to the batch's longest sequence.
 
 The running softmax starts from the sink (maximum = sink, total = 1) as in `attention`, so a sequence that
-sees no key returns zeros. The grid's middle axis is the KV heads: a block is one head's
-page [page, 2 * head_dim] (keys and values side by side, `attention.pair`), whole (8, 128) tiles. The pool
-[P, page, kv_heads, 2 * D] is read as [P, kv_heads, page, 2 * D]: free where a device holds one KV head (the
-KV heads split over `tensor`, as the 20B's rules place them), a copy of the pool otherwise.
+sees no key returns zeros. The pool [P, page, kv_heads, 2 * D] (keys and values side by side, `attention.pair`)
+is read as [P, page * kv_heads, 2 * D]: the same bytes in the same (8, 128) tiles, so XLA passes it as it is,
+whether a device holds one KV head or several. A piece holds every local KV head's rows; each query head is
+scored against all of them and the other heads' rows masked.
 
 Why not JAX's `paged_attention` or `ragged_paged_attention`: neither takes a sink logit nor returns the
 log-sum-exp from which one could be added afterwards, and their tuned blocks are for head_dim 128.
@@ -21,11 +21,14 @@ log-sum-exp from which one could be added afterwards, and their tuned blocks are
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from gptoss_dist.attention import DEFAULT_BLOCK
 
 F32 = jnp.float32
 KERNEL_NAME = "paged_decode_attention"  # the Mosaic kernel's name in the compiled program
@@ -39,94 +42,114 @@ def paged_decode_attention(
     sinks: jax.Array,
     window: int | None = None,
     *,
+    block: int = DEFAULT_BLOCK,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of q [B, Hq, D] (each at position lengths[b] - 1) to the keys at positions [0, lengths[b])
     of row b's pages pages[b] [B, W] of pool [P, page, kv_heads, 2 * D], within the last `window` positions
-    when one is set; sinks [Hq]. Returns [B, Hq, D] in q's dtype."""
+    when one is set; sinks [Hq]. Keys are read in pieces of `block_size(page, block)` positions. Returns
+    [B, Hq, D] in q's dtype."""
     batch, num_heads, head_dim = q.shape
     num_pages, page, num_kv, paired = pool.shape
     if paired != 2 * head_dim or num_heads % num_kv:
         raise ValueError(f"q {q.shape} does not match the pool {pool.shape} (need [P, page, kv, 2 * head_dim])")
-    group = num_heads // num_kv
-    width = pages.shape[1]
-
-    def page_of(b, head, step, lengths_ref, pages_ref):
-        """The pool page of row b's step: its live pages in order, then its last one again."""
-        first, last = _live_pages(lengths_ref[b], page, window)
-        index = jnp.minimum(first + step, last)
-        return (jnp.clip(pages_ref[b, index], 0, num_pages - 1), head, 0, 0)
-
-    kernel = functools.partial(_kernel, page=page, window=window, scale=head_dim**-0.5)
-    per_head = (None, None, group, head_dim)
+    group, piece = num_heads // num_kv, block_size(page, block)
+    kernel = functools.partial(_kernel, page=page, piece=piece, group=group, window=window, scale=head_dim**-0.5)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(batch, num_kv, width),
+        grid=(batch,),
         in_specs=[
-            pl.BlockSpec(per_head, lambda b, head, step, *_: (b, head, 0, 0)),
-            pl.BlockSpec((None, None, page, paired), page_of),
-            pl.BlockSpec((None, group, 1), lambda b, head, step, *_: (head, 0, 0)),
+            pl.BlockSpec((None, num_heads, head_dim), lambda b, *_: (b, 0, 0)),
+            pl.BlockSpec(memory_space=pl.ANY),  # the pool stays in HBM: the kernel copies the pieces it reads
+            pl.BlockSpec((num_heads, 1), lambda b, *_: (0, 0)),
         ],
-        out_specs=pl.BlockSpec(per_head, lambda b, head, step, *_: (b, head, 0, 0)),
+        out_specs=pl.BlockSpec((None, num_heads, head_dim), lambda b, *_: (b, 0, 0)),
         scratch_shapes=[
-            pltpu.VMEM((group, 1), F32),  # the largest logit so far
-            pltpu.VMEM((group, 1), F32),  # the sum of exp(logit - largest)
-            pltpu.VMEM((group, head_dim), F32),  # the values weighted likewise
+            pltpu.VMEM((2, piece * num_kv, paired), pool.dtype),  # two pieces: one read while the next comes in
+            pltpu.SemaphoreType.DMA((2,)),
         ],
     )
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct((batch, num_kv, group, head_dim), q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
         interpret=interpret,
         name=KERNEL_NAME,
     )(
         lengths.astype(jnp.int32),
-        pages.astype(jnp.int32),
-        q.reshape(batch, num_kv, group, head_dim),
-        jnp.swapaxes(pool, 1, 2),  # [P, kv, page, 2D]: a head's page is a block of whole tiles
-        sinks.astype(F32).reshape(num_kv, group, 1),
+        jnp.clip(pages.astype(jnp.int32), 0, num_pages - 1),
+        q,
+        pool.reshape(num_pages, page * num_kv, paired),  # the same bytes, tiles and all (see above)
+        sinks.astype(F32).reshape(num_heads, 1),
     )
-    return out.reshape(batch, num_heads, head_dim)
 
 
-def _live_pages(length: jax.Array, page: int, window: int | None) -> tuple[jax.Array, jax.Array]:
-    """The first and last index into a row's page table holding a key it sees (first > last: none). The
-    division truncates (`lax.div`): on these non-negative values that is floor division, without the sign
-    test `//` lowers to, which Mosaic cannot lower without a TPU to ask its generation."""
+def block_size(page: int, block: int) -> int:
+    """The positions the kernel reads at a time: `block`, or a divisor of the page near it."""
+    return page if page <= block else math.gcd(page, block)
+
+
+def _live_pieces(length: jax.Array, piece: int, window: int | None) -> tuple[jax.Array, jax.Array]:
+    """The first piece (of `piece` positions, counted along the row's pages) holding a key the row sees, and
+    how many do from there. The division truncates (`lax.div`): on these non-negative values that is floor
+    division, without the sign test `//` lowers to, which Mosaic cannot lower without a TPU to ask its
+    generation."""
     start = jnp.int32(0) if window is None else jnp.maximum(length - window, 0)
-    return jax.lax.div(start, page), jax.lax.div(jnp.maximum(length - 1, 0), page)
+    first = jax.lax.div(start, piece)
+    end = jax.lax.div(length + piece - 1, piece)
+    return first, jnp.maximum(end - first, 0)
 
 
-def _kernel(lengths_ref, pages_ref, q_ref, kv_ref, sink_ref, out_ref, largest, total, weighted, *, page, window, scale):
-    b, step = pl.program_id(0), pl.program_id(2)
+def _kernel(lengths_ref, pages_ref, q_ref, pool_ref, sink_ref, out_ref, buffers, copied, *, page, piece, group, window, scale):
+    b = pl.program_id(0)
     length = lengths_ref[b]
-    first, last = _live_pages(length, page, window)
-    head_dim = q_ref.shape[-1]
+    first, count = _live_pieces(length, piece, window)
+    num_heads, head_dim = q_ref.shape
+    num_kv = num_heads // group
+    per_page, rows = page // piece, piece * num_kv
 
-    @pl.when(step == 0)
-    def _start():
-        largest[...] = sink_ref[...]
-        total[...] = jnp.ones_like(total)
-        weighted[...] = jnp.zeros_like(weighted)
+    def copy(index, slot):
+        """The copy of the row's piece `first + index` (every KV head's keys and values) into buffer `slot`."""
+        at = first + index
+        offset = pl.multiple_of(jax.lax.rem(at, per_page) * rows, rows)
+        source = pool_ref.at[pages_ref[b, jax.lax.div(at, per_page)], pl.ds(offset, rows)]
+        return pltpu.make_async_copy(source, buffers.at[slot], copied.at[slot])
 
-    @pl.when((first + step <= last) & (length > 0))
-    def _fold():
-        positions = (first + step) * page + jax.lax.broadcasted_iota(jnp.int32, (1, page), 1)
-        seen = positions < length
+    # Row r of a piece is position r // num_kv's key of KV head r % num_kv; query head h reads KV head h // group.
+    # Scoring every query head against every row and masking the other heads' rows costs num_kv times the
+    # arithmetic of a per-head loop, but no sublane shuffles (which Mosaic lacks for 16-bit strided loads).
+    row = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
+    own_head = jax.lax.rem(row, num_kv) == jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (num_heads, 1), 0), group)
+
+    @pl.when(count > 0)
+    def _first():
+        copy(0, 0).start()
+
+    def fold(index, state):
+        largest, total, weighted = state
+        slot = jax.lax.rem(index, 2)
+        copy(index, slot).wait()
+
+        @pl.when(index + 1 < count)
+        def _next():
+            copy(index + 1, 1 - slot).start()
+
+        kv = buffers[slot]  # [piece * num_kv, 2 * D]
+        k, v = kv[:, :head_dim], kv[:, head_dim:]
+        positions = (first + index) * piece + jax.lax.div(row, num_kv)
+        seen = own_head & (positions < length)
         if window is not None:
             seen &= positions >= length - window
-        k, v = kv_ref[:, :head_dim], kv_ref[:, head_dim:]  # [page, D] each
         scores = jax.lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-        scores = jnp.where(seen, scores * scale, -jnp.inf)  # [group, page]
-        now = jnp.maximum(largest[...], scores.max(axis=-1, keepdims=True))
+        scores = jnp.where(seen, scores * scale, -jnp.inf)  # [num_heads, rows]
+        now = jnp.maximum(largest, scores.max(axis=-1, keepdims=True))
         weights = jnp.exp(scores - now)
-        rescale = jnp.exp(largest[...] - now)
-        largest[...] = now
-        total[...] = total[...] * rescale + weights.sum(axis=-1, keepdims=True)
-        weighted[...] = weighted[...] * rescale + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=F32)
+        rescale = jnp.exp(largest - now)
+        total = total * rescale + weights.sum(axis=-1, keepdims=True)
+        weighted = weighted * rescale + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=F32)
+        return now, total, weighted
 
-    @pl.when(step == pl.num_programs(2) - 1)
-    def _finish():
-        out_ref[...] = (weighted[...] / total[...]).astype(out_ref.dtype)
+    start = (sink_ref[...], jnp.ones((num_heads, 1), F32), jnp.zeros((num_heads, head_dim), F32))
+    _, total, weighted = jax.lax.fori_loop(0, count, fold, start)
+    out_ref[...] = (weighted / total).astype(out_ref.dtype)

@@ -30,14 +30,15 @@ def portable(q, pool, pages, lengths, sinks, window):
     return out[:, 0]
 
 
-@pytest.mark.parametrize("window", [None, 12])
+@pytest.mark.parametrize(("window", "block"), [(None, 512), (12, 512), (12, 4)])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_kernel_equals_the_portable_path(window, dtype):
-    """Rows of no key, part of a page, whole pages and the whole table; a window that starts mid-page."""
+def test_kernel_equals_the_portable_path(window, block, dtype):
+    """Rows of no key, part of a page, whole pages and the whole table; a window that starts mid-page; pieces
+    of a whole page and of half a page."""
     lengths = jnp.asarray([0, 3, 8, 21, WIDTH * PAGE], jnp.int32)
     q, pool, pages, sinks = pool_and_tables(np.random.default_rng(0), lengths, dtype)
-    got = jax.jit(paged_decode_attention, static_argnames=("window", "interpret"))(
-        q, pool, pages, lengths, sinks, window, interpret=True)  # fmt: skip
+    got = jax.jit(paged_decode_attention, static_argnames=("window", "block", "interpret"))(
+        q, pool, pages, lengths, sinks, window, block=block, interpret=True)  # fmt: skip
     expected = jax.jit(portable, static_argnames="window")(q, pool, pages, lengths, sinks, window)
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
