@@ -1,12 +1,15 @@
 """The TPU paged decode attention kernel (Pallas' interpreter on the CPU) against the portable blockwise path
-reading the same pool through the same page tables."""
+reading the same pool through the same page tables; in the engine, `test_paged.py`."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptoss_dist import compile as tpu_compile
 from gptoss_dist.attention import KeySpan, attend
+from gptoss_dist.model import paged_decode_kernel
+from gptoss_dist.sharding import MESH_AXES
 from gptoss_dist.tpu_paged_attention import paged_decode_attention
 
 PAGE, WIDTH, KV, GROUP, DIM = 8, 6, 2, 4, 16
@@ -30,8 +33,9 @@ def portable(q, pool, pages, lengths, sinks, window):
     return out[:, 0]
 
 
-@pytest.mark.parametrize(("window", "block"), [(None, 512), (12, 512), (12, 4)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    ("window", "block", "dtype"), [(None, 512, jnp.float32), (12, 4, jnp.float32), (12, 512, jnp.bfloat16)]
+)
 def test_kernel_equals_the_portable_path(window, block, dtype):
     """Rows of no key, part of a page, whole pages and the whole table; a window that starts mid-page; pieces
     of a whole page and of half a page."""
@@ -44,3 +48,24 @@ def test_kernel_equals_the_portable_path(window, block, dtype):
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
                                rtol=tolerance, atol=tolerance)  # fmt: skip
     assert np.all(np.asarray(got[0]) == 0)  # a row that sees no key attends to nothing
+
+
+
+@pytest.mark.parametrize(
+    ("platform", "mesh", "kv_heads", "kernel"),
+    [("cpu", (1, 2, 1), 8, False), ("tpu", (1, 2, 2), 8, True), ("tpu", (2, 2, 1), 8, False),
+     ("tpu", (1, 4, 1), 2, False)],  # fmt: skip
+)
+def test_auto_takes_the_kernel_on_a_tpu_where_each_device_holds_its_rows(platform, mesh, kv_heads, kernel):
+    """`auto` reads the pool with the kernel on a TPU mesh whose `data` axis is 1 (a sequence's pages may lie
+    anywhere in the pool) and whose `tensor` axis divides the KV heads; elsewhere the portable path. Asking for
+    the kernel where it cannot run is refused, naming the setting."""
+    devices = tpu_compile.load_topology("v5e:2x2").devices if platform == "tpu" else jax.devices()[:4]
+    with jax.set_mesh(jax.sharding.Mesh(np.array(devices[: np.prod(mesh)]).reshape(mesh), MESH_AXES)):
+        assert (paged_decode_kernel("auto", kv_heads) is not None) == kernel
+        assert paged_decode_kernel("blockwise", kv_heads) is None
+        if platform == "tpu" and not kernel:
+            with pytest.raises(ValueError, match="attention_implementation='tpu_kernel' needs mesh.data = 1"):
+                paged_decode_kernel("tpu_kernel", kv_heads)
+    with pytest.raises(ValueError, match="attention_implementation must be one of"):
+        paged_decode_kernel("paged", kv_heads)
