@@ -230,7 +230,7 @@ class Attention(nnx.Module):
         elif not cache.ring:  # the cache holds the whole context: store, then read it
             cache = cache.write(kv, span, span.page_table())
             spans = [KeySpan(cache.kv, end=span.first + span.end, pages=span.page_table())]
-            kernel = paged_decode_kernel(implementation, cache.kv.shape[2]) if x.shape[1] == 1 else None
+            kernel = paged_decode_kernel(implementation, cache.kv.shape, block) if x.shape[1] == 1 else None
         else:  # a ring as long as the window: read what it held before the new keys replace it
             ring = span.slots()[:, None]
             spans = [KeySpan(cache.kv, end=span.first + span.start, pages=ring, ring=True), own]
@@ -242,24 +242,27 @@ class Attention(nnx.Module):
         return self.project_out(out), cache
 
 
-def paged_decode_kernel(implementation: str, num_kv_heads: int) -> Callable | None:
-    """The kernel that reads a pool for one token a row (`ATTENTION_IMPLEMENTATIONS`), or None for the portable
-    path: `tpu_kernel` (in Pallas' interpreter off a TPU), and `auto` on a TPU where the mesh lets the kernel
-    run on each device's own share: the pool's pages not split over `data` (a sequence's pages may be any of
-    them) and the KV heads split evenly over `tensor` (else they are replicated while the query heads are split).
-    """
+def paged_decode_kernel(implementation: str, pool_shape: tuple[int, ...], block: int) -> Callable | None:
+    """The kernel that reads a pool [P, page, kv_heads, 2 * D] for one token a row (`ATTENTION_IMPLEMENTATIONS`),
+    or None for the portable path: `tpu_kernel` (in Pallas' interpreter off a TPU), and `auto` on a TPU where
+    the kernel can run on each device's own share: the pool's pages not split over `data` (a sequence's pages
+    may be any of them), the KV heads split evenly over `tensor` (else they are replicated while the query heads
+    are split), and the pieces it copies whole (16, 128) tiles."""
     check_attention_implementation(implementation)
     platform = target_platform()
     if implementation == "blockwise" or (implementation == "auto" and platform != "tpu"):
         return None
     mesh = jax.sharding.get_abstract_mesh()
     sizes = {"data": 1, "tensor": 1} if mesh.empty else mesh_sizes(mesh)
-    if sizes["data"] > 1 or num_kv_heads % sizes["tensor"]:
-        if implementation == "auto":
-            return None
-        raise ValueError(f"attention_implementation='tpu_kernel' needs mesh.data = 1 and mesh.tensor dividing "
-                         f"the {num_kv_heads} KV heads; the mesh is {sizes}")  # fmt: skip
-    return partial(paged_decode, interpret=platform != "tpu")
+    _, page, kv_heads, _ = pool_shape
+    local_kv = kv_heads // sizes["tensor"]
+    fits = sizes["data"] == 1 and kv_heads % sizes["tensor"] == 0
+    if fits and (implementation == "tpu_kernel" or tpu_paged_attention.block_size(page, block) * local_kv % 16 == 0):
+        return partial(paged_decode, interpret=platform != "tpu")
+    if implementation == "auto":
+        return None
+    raise ValueError(f"attention_implementation='tpu_kernel' needs mesh.data = 1 and mesh.tensor dividing "
+                     f"the {kv_heads} KV heads; the mesh is {sizes}")  # fmt: skip
 
 
 def paged_decode(

@@ -52,20 +52,22 @@ def test_kernel_equals_the_portable_path(window, block, dtype):
 
 
 @pytest.mark.parametrize(
-    ("platform", "mesh", "kv_heads", "kernel"),
-    [("cpu", (1, 2, 1), 8, False), ("tpu", (1, 2, 2), 8, True), ("tpu", (2, 2, 1), 8, False),
-     ("tpu", (1, 4, 1), 2, False)],  # fmt: skip
+    ("platform", "mesh", "kv_heads", "page", "kernel"),
+    [("cpu", (1, 2, 1), 8, 64, False), ("tpu", (1, 2, 2), 8, 64, True), ("tpu", (2, 2, 1), 8, 64, False),
+     ("tpu", (1, 4, 1), 2, 64, False), ("tpu", (1, 2, 1), 2, 8, False)],  # fmt: skip
 )
-def test_auto_takes_the_kernel_on_a_tpu_where_each_device_holds_its_rows(platform, mesh, kv_heads, kernel):
+def test_auto_takes_the_kernel_on_a_tpu_where_each_device_holds_its_rows(platform, mesh, kv_heads, page, kernel):
     """`auto` reads the pool with the kernel on a TPU mesh whose `data` axis is 1 (a sequence's pages may lie
-    anywhere in the pool) and whose `tensor` axis divides the KV heads; elsewhere the portable path. Asking for
-    the kernel where it cannot run is refused, naming the setting."""
+    anywhere in the pool) and whose `tensor` axis divides the KV heads, in pieces of whole (16, 128) tiles;
+    elsewhere the portable path. Asking for the kernel where the mesh does not let it run is refused, naming
+    the setting."""
     devices = tpu_compile.load_topology("v5e:2x2").devices if platform == "tpu" else jax.devices()[:4]
+    pool = (16, page, kv_heads, 128)
     with jax.set_mesh(jax.sharding.Mesh(np.array(devices[: np.prod(mesh)]).reshape(mesh), MESH_AXES)):
-        assert (paged_decode_kernel("auto", kv_heads) is not None) == kernel
-        assert paged_decode_kernel("blockwise", kv_heads) is None
-        if platform == "tpu" and not kernel:
+        assert (paged_decode_kernel("auto", pool, 512) is not None) == kernel
+        assert paged_decode_kernel("blockwise", pool, 512) is None
+        if platform == "tpu" and (mesh[0] > 1 or kv_heads % mesh[1]):
             with pytest.raises(ValueError, match="attention_implementation='tpu_kernel' needs mesh.data = 1"):
-                paged_decode_kernel("tpu_kernel", kv_heads)
+                paged_decode_kernel("tpu_kernel", pool, 512)
     with pytest.raises(ValueError, match="attention_implementation must be one of"):
-        paged_decode_kernel("paged", kv_heads)
+        paged_decode_kernel("paged", pool, 512)
