@@ -54,12 +54,12 @@ def rows(args) -> list[str]:
             kernel = np.mean([np.sum(-(-lengths // piece) * piece) for lengths in batches]) * per_position
             portable = np.mean([batch * math.ceil(lengths.max() / DEFAULT_BLOCK) * DEFAULT_BLOCK for lengths in batches])
             portable *= per_position
-            times = [" / ".join(f"{b / TENSOR / rate * 1e3:.2f}" for rate in HBM_BYTES_PER_S.values())
+            times = [" / ".join(f"{b / TENSOR / rate * 1e6:,.0f}" for rate in HBM_BYTES_PER_S.values())
                      for b in (kernel, portable)]  # fmt: skip
             mean = np.mean([lengths.mean() for lengths in batches])
             longest = np.mean([lengths.max() for lengths in batches])
             lines.append(f"| {name} | {batch} | {mean:,.0f} | {longest:,.0f} | {kernel / 1e9:.2f} GB | "
-                         f"{portable / 1e9:.2f} GB | {portable / kernel:.2f} | {times[0]} ms | {times[1]} ms |")  # fmt: skip
+                         f"{portable / 1e9:.2f} GB | {portable / kernel:.2f} | {times[0]} us | {times[1]} us |")  # fmt: skip
     return lines
 
 
