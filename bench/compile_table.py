@@ -3,6 +3,8 @@ topology and (max_slots, max_len), compiled one at a time, each program's figure
 
     python bench/compile_table.py --out=bench/results/compile_table.jsonl [--programs=decode,prefill]
     python bench/compile_table.py --out=bench/results/compile_table.jsonl --replan   # the plan's figures only
+    python bench/compile_table.py --out=... --programs=decode --kinds=20B-bf16 --topologies=v6e:2x4 \
+        --settings=64x8192   # only these cases
 
 All decode calls are compiled before any prefill call (decode is the one whose memory grows with the batch).
 A case already in `--out` is skipped, so a stopped run resumes. The mesh puts 8 devices (the KV heads) on
@@ -40,6 +42,18 @@ def cases() -> list[tuple[str, bool, str, int, int]]:
     return first + [case for case in rest if case not in first]
 
 
+def kind(model: str, packed: bool) -> str:
+    """A case's model and expert format as `--kinds` names them: 20B-bf16, 120B-packed, ..."""
+    return f"{model}-{'packed' if packed else 'bf16'}"
+
+
+def selected(case: tuple[str, bool, str, int, int], kinds: str, topologies: str, settings: str) -> bool:
+    """Whether `case` is among the comma-separated kinds, topologies and settings (SLOTSxLEN); empty: all."""
+    model, packed, topology, slots, length = case
+    chosen = ((kinds, kind(model, packed)), (topologies, topology), (settings, f"{slots}x{length}"))
+    return all(not names or name in names.split(",") for names, name in chosen)
+
+
 def mesh_for(devices: int, packed: bool) -> dict[str, int]:
     tensor = min(devices, PACKED_TENSOR if packed else 8)
     return {"data": 1, "tensor": tensor, "expert": devices // tensor}
@@ -58,7 +72,7 @@ def run_case(model: str, packed: bool, topology: tpu_compile.Topology, slots: in
     compiled = tpu_compile.compile_program(name, lower, topology.hbm_bytes)
     return {"model": model, "packed": packed, "topology": topology.name, "chip": topology.chip,
             "max_slots": slots, "max_len": length, "program": program, "mesh": tpu_compile.mesh_sizes(engine.mesh),
-            "libtpu": tpu_compile.libtpu_version(), **plan_fields(engine, config, topology.chip, name),
+            "libtpu": tpu_compile.libtpu_version(), **plan_fields(engine, config, name),
             **compiled.to_json()}  # fmt: skip
 
 
@@ -69,10 +83,10 @@ def case_settings(model: str, packed: bool, devices: int, slots: int, length: in
     return config
 
 
-def plan_fields(engine, config, chip: str, name: str) -> dict[str, int]:
+def plan_fields(engine, config, name: str) -> dict[str, int]:
     """The plan's figures for a case's program: weights, cache, and its working memory beside XLA's
     temporaries."""
-    plan = tpu_compile.plan_for(config, engine, chip)
+    plan = tpu_compile.plan_for(config, engine)
     return {"plan_weights_bytes": plan.weights, "plan_kv_cache_bytes": plan.kv_cache,
             "plan_working_bytes": tpu_compile.planned_working(plan, name)}  # fmt: skip
 
@@ -86,7 +100,7 @@ def replan(out: Path) -> None:
                                record["max_len"])  # fmt: skip
         engine = tpu_compile.abstract_engine(config, topology)
         name = record.get("name") or record["program"]
-        record.update(plan_fields(engine, config, topology.chip, name))
+        record.update(plan_fields(engine, config, name))
     temporary = out.with_suffix(".tmp")
     temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
     os.replace(temporary, out)
@@ -97,6 +111,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--programs", default="decode,prefill")
     parser.add_argument("--replan", action="store_true", help="recompute the plan's figures in --out; no compile")
+    parser.add_argument("--kinds", default="", help="only these, comma-separated: 20B-bf16,120B-packed,...")
+    parser.add_argument("--topologies", default="", help="only these, comma-separated")
+    parser.add_argument("--settings", default="", help="only these, comma-separated SLOTSxLEN: 64x8192,...")
     args = parser.parse_args()
     jax.config.update("jax_platforms", "cpu")
     out = Path(args.out)
@@ -105,8 +122,9 @@ def main() -> None:
         return
     done = {key(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
     for program in args.programs.split(","):
-        for model, packed, topology_name, slots, length in cases():
-            if (model, packed, topology_name, slots, length, program) in done:
+        for case in cases():
+            model, packed, topology_name, slots, length = case
+            if (*case, program) in done or not selected(case, args.kinds, args.topologies, args.settings):
                 continue
             topology = tpu_compile.load_topology(topology_name)
             start = time.perf_counter()

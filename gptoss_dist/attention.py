@@ -31,9 +31,9 @@ class KeySpan:
     with p % length == s among the last `length`, real if p >= 0.
 
     Keys and values are side by side in kv (`pair`). Without `pages`, kv is [B, length, kv_heads,
-    2 * head_dim] and row b's span is row b. With `pages` [B, W], kv is a pool [P, page, kv_heads, 2 * head_dim]
-    of pages and row b's span is its pages `pages[b]` one after the other (length W * page): a page table (a
-    ring is one page)."""
+    2 * head_dim] and row b's span is row b. With `pages` [B, W], kv is a pool [P, kv_heads, page, 2 * head_dim]
+    of pages (`model.LayerCache`) and row b's span is its pages `pages[b]` one after the other (length
+    W * page): a page table (a ring is one page)."""
 
     kv: jax.Array
     end: jax.Array  # [B] int32
@@ -43,14 +43,23 @@ class KeySpan:
     ring: bool = dataclasses.field(default=False, metadata={"static": True})
 
     @property
+    def page(self) -> int:
+        """Positions in a page of the pool, or in the whole span without a page table."""
+        return self.kv.shape[1] if self.pages is None else self.kv.shape[2]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.kv.shape[2] if self.pages is None else self.kv.shape[1]
+
+    @property
     def length(self) -> int:
-        return self.kv.shape[1] * (1 if self.pages is None else self.pages.shape[1])
+        return self.page * (1 if self.pages is None else self.pages.shape[1])
 
     def block_size(self, block: int) -> int:
         """The size of the blocks the span is read in, about `block`: at most its length, and through a page
         table whole pages or a part of a page that divides it, so that no block straddles two pages (a table
         of one page, as a slot's whole context or ring, has no second page to straddle)."""
-        page = self.kv.shape[1]
+        page = self.page
         if self.pages is None or self.pages.shape[1] == 1:
             return min(block, self.length)
         if block >= page:
@@ -78,19 +87,19 @@ class KeySpan:
         return k, v, jnp.broadcast_to(_column(self.first) + at, real.shape), real
 
     def _paged_block(self, offset: jax.Array, size: int) -> jax.Array:
-        """The block of `size` keys and values from `offset` read through the page table, in pieces of at most
-        a page, each within one page."""
-        page = self.kv.shape[1]
-        piece = min(size, page)
-        starts = offset + jnp.arange(size // piece) * piece  # [n] indices into the span
+        """The block of `size` keys and values [B, size, kv_heads, 2 * D] from `offset` read through the page
+        table: for each head, whole runs of `unit` positions (the largest that every block's offset and every
+        page boundary fall on) of the pool viewed as [pages, heads, runs a page, unit, 2 * D]. The TPU compiler
+        gathers such runs from the pool as it is stored; a gather of slices within a page, or of runs holding
+        every head, made it copy a layer's whole pool into another layout for each decode step (see
+        BENCHMARKS.md, "The page pool read and written where it is stored")."""
+        heads, page = self.kv.shape[1:3]
+        unit = math.gcd(size, page)
+        starts = offset + jnp.arange(size // unit) * unit  # [n] indices into the span
         pages = jnp.take(self.pages, starts // page, axis=1)  # [B, n]
-        within = starts % page
-
-        def one(index, at):
-            return jax.lax.dynamic_slice(self.kv, (index, at, 0, 0), (1, piece, *self.kv.shape[2:]))[0]
-
-        pieces = jax.vmap(jax.vmap(one), in_axes=(0, None))(pages, within)  # [B, n, piece, kv_heads, 2 * D]
-        return pieces.reshape(pages.shape[0], size, *self.kv.shape[2:])
+        runs = self.kv.reshape(self.kv.shape[0], heads, page // unit, unit, self.kv.shape[-1])
+        block = runs[pages, :, (starts % page // unit)[None, :]]  # [B, n, kv_heads, unit, 2 * D]
+        return jnp.moveaxis(block, 2, 3).reshape(pages.shape[0], size, heads, -1)
 
 
 def pair(k: jax.Array, v: jax.Array) -> jax.Array:
@@ -135,7 +144,7 @@ def attend(
     keys when one is set, to the real keys of `spans`; sinks [Hq]. Returns [B, T, Hq, D] in q's dtype.
     """
     batch, length, num_heads, head_dim = q.shape
-    num_kv = spans[0].kv.shape[2]
+    num_kv = spans[0].kv_heads
     q_block = min(block, length)
     num_q_blocks = math.ceil(length / q_block)
     padded = jnp.pad(q, ((0, 0), (0, num_q_blocks * q_block - length), (0, 0), (0, 0)))

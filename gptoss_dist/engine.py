@@ -1,7 +1,7 @@
 """Batched decoding: a paged KV cache, prefill in bucketed pieces of bounded size, many decode steps per host
 round trip, and continuous batching (a slot whose sequence ends takes the next waiting request).
 
-The cache keeps, per layer, keys and values side by side in pages [pages, page, kv_heads, 2 * head_dim]
+The cache keeps, per layer, keys and values side by side in pages [pages, kv_heads, page, 2 * head_dim]
 (`model.LayerCache`).
 Full-attention layers share one pool of `kv_pages` pages of `page_size` positions: a sequence takes pages as it
 grows (its page table says which) and gives them back when it ends, so the pool's memory follows the live

@@ -136,14 +136,15 @@ class Span:
 
 
 # Logical axes of a layer's cached keys and values, beside the weights' axes: pages (a slot's ring, or a
-# page of the full-attention layers' pool), positions in a page, heads, head_dim.
-CACHE_AXES = ("batch", "cache_seq", "kv_heads", "head_dim")
+# page of the full-attention layers' pool), heads, positions in a page, head_dim. Heads before positions: a
+# head's run of positions is then contiguous, which is how attention reads it (`attention.KeySpan`).
+CACHE_AXES = ("batch", "kv_heads", "cache_seq", "head_dim")
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class LayerCache:
-    """One layer's keys and values side by side, kv [pages, page, kv_heads, 2 * head_dim] (`CACHE_AXES`,
+    """One layer's keys and values side by side, kv [pages, kv_heads, page, 2 * head_dim] (`CACHE_AXES`,
     `attention.pair`). A sequence's keys are
     in the pages of its page table [W] one after the other, position p in page `table[p // page % W]` at
     p % page: a pool holds the whole context in pages taken as it grows (the full-attention layers'; a
@@ -156,14 +157,17 @@ class LayerCache:
     def write(self, kv: jax.Array, span: Span, pages: jax.Array) -> LayerCache:
         """The cache with the real tokens' keys and values kv [B, T, kv_heads, 2 * D] stored through the page
         table pages [B, W] (of more than W pages' worth, the last ones)."""
-        page, count = self.kv.shape[1], pages.shape[1]
+        page, count = self.kv.shape[2], pages.shape[1]
         t = jnp.arange(kv.shape[1])
         kept = (t >= jnp.maximum(span.start, span.end - page * count)[:, None]) & (t < span.end[:, None])
         positions = span.positions(kv.shape[1])
         index = jnp.take_along_axis(pages, positions // page % count, axis=1)
         index = jnp.where(kept, index, self.kv.shape[0])  # out of range: dropped
         offset = positions % page
-        return LayerCache(self.kv.at[index, offset].set(kv.astype(self.kv.dtype), mode="drop"), self.ring)
+        head = jnp.arange(self.kv.shape[1])
+        # a row a head: written as whole rows of the pool, which the TPU compiler writes where they are stored
+        at = (index[..., None], head, offset[..., None])  # each [B, T, kv_heads]
+        return LayerCache(self.kv.at[at].set(kv.astype(self.kv.dtype), mode="drop"), self.ring)
 
 
 def cache_length(cfg: ModelConfig, layer: int, max_len: int) -> int:
@@ -180,7 +184,7 @@ def cache_shape(
     pages, page = (slots, max_len) if pool is None else pool
     if rings and cfg.window(layer) is not None:
         pages, page = slots, cache_length(cfg, layer, max_len)
-    return (pages, page, cfg.num_kv_heads, 2 * cfg.head_dim)
+    return (pages, cfg.num_kv_heads, page, 2 * cfg.head_dim)
 
 
 class Attention(nnx.Module):

@@ -8,10 +8,9 @@ each slot's window in the sliding layers and the pool of `kv_pages` pages of `pa
 full-attention layers, split over `data` and, where they divide, the KV heads over `tensor`; the plan says how
 many tokens the pool holds per chip. Working memory is a model of
 XLA's temporaries for a TPU, buffer by buffer from their shapes (what they are: BENCHMARKS.md, "Working memory
-on a TPU"), per call: the decode call's (sampling's float32 logits over the vocabulary, or on some chips a
-full-attention layer's pool re-laid for the attention loop) and the largest prefill call's (the experts' token
-rows, or a pool re-laid for the scores, beside the residual stream); the plan counts the larger. It depends on
-the chip, whose compiler chooses the layouts. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
+on a TPU"), per call: the decode call's (sampling's float32 logits over the vocabulary, or a block of keys)
+and the largest prefill call's (the experts' token rows beside the residual stream); the plan counts the
+larger. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
 """
 
 from __future__ import annotations
@@ -35,10 +34,6 @@ GiB = 1 << 30
 CHIPS = {"v5e": 16 * GiB, "v6e": 32 * GiB, "v5p": 95 * GiB, "tpu7x": 96 * GiB, "h100": 80 * GiB, "h200": 141 * GiB}
 F32 = 4
 LANES = 128  # a TPU vector register's lanes: an array's minor dimension is padded to a multiple
-# Chips whose TPU compiler copies a full-attention layer's pool into another layout for the decode step's
-# attention loop (found in the optimized HLO: BENCHMARKS.md, "Working memory on a TPU"); v5e and v5p read it
-# in place.
-RELAYOUT_POOL_CHIPS = frozenset({"v6e", "tpu7x"})
 
 
 class PlanError(ValueError):
@@ -82,48 +77,35 @@ def _round_up(count: int, multiple: int) -> int:
     return -(-count // multiple) * multiple
 
 
-def pool_layer_per_chip(
-    cfg: ModelConfig, sizes: Mapping[str, int], pool: tuple[int, int], itemsize: int, kv_multiple: int = 1
-) -> int:  # fmt: skip
-    """Bytes of one full-attention layer's pool of pages on one chip, its KV heads padded to `kv_multiple`."""
-    page_size, kv_pages = pool
-    kv_heads = _round_up(_kv_heads_per_chip(cfg, sizes), kv_multiple)
-    return kv_pages // sizes["data"] * page_size * kv_heads * 2 * cfg.head_dim * itemsize
-
-
 def decode_working_per_chip(
     cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, pool: tuple[int, int], dtype,
-    chip: str, rings: bool = True,
+    rings: bool = True,
 ) -> int:  # fmt: skip
     """The decode call's largest temporaries on one chip: the sliding layers' rings (`rings`) re-laid, once for
     the whole call, and the larger of two phases that are not live together. Sampling: float32 logits [slots
-    of a data shard, vocabulary] whole (noised for the draw), and twice the size of a chip's shard of them
-    (the logits' shard, and the sort's indices for a shard of the slots).
-    Attention: a block of keys (64-wide heads padded to the 128 lanes) and, on a chip in RELAYOUT_POOL_CHIPS,
-    a full-attention layer's pool re-laid for the step's attention loop; both with the KV heads second-minor,
-    padded to whole 32-bit rows."""
+    of a data shard, vocabulary] whole twice (gathered, and noised for the draw), and twice the size of a
+    chip's shard of them (the logits' shard, and the sort's indices for a shard of the slots).
+    Attention: a block of keys (64-wide heads padded to the 128 lanes), the KV heads second-minor, padded to
+    whole 32-bit rows; the pool is read in place."""
     itemsize = np.dtype(dtype).itemsize
     rows = max_slots // sizes["data"]
     logits = rows * cfg.vocab_size * F32
-    sampling = logits + 2 * logits // (sizes["tensor"] * sizes["expert"])
+    sampling = 2 * logits + 2 * logits // (sizes["tensor"] * sizes["expert"])
     kv_heads = _round_up(_kv_heads_per_chip(cfg, sizes), F32 // itemsize)
     attention = rows * min(DEFAULT_BLOCK, pool[0]) * kv_heads * _round_up(cfg.head_dim, LANES) * itemsize
-    if chip in RELAYOUT_POOL_CHIPS:
-        attention += pool_layer_per_chip(cfg, sizes, pool, itemsize, F32 // itemsize)
     relaid_rings = kv_cache_per_chip(cfg, sizes, max_slots, max_len, 0, dtype) if rings else 0
     return relaid_rings + max(sampling, attention)
 
 
 def prefill_working_per_chip(
-    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, prefill_tokens: int,
-    pool: tuple[int, int], dtype, packed_experts: bool = False,
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, prefill_tokens: int, dtype,
+    packed_experts: bool = False,
 ) -> int:  # fmt: skip
     """The largest prefill call's temporaries on one chip (prompt pieces of at most `prefill_tokens` tokens in
     all, a row or more per data shard): the residual stream twice (before and after its sum over the mesh),
-    and the larger of two phases. Experts: the tokens' copies in their experts' rows, and the rows' outputs
-    weighted in float32, with the experts' bf16 outputs (XLA's grouped matmul) or a second float32 copy
-    (the packed experts' kernel). Attention: a full-attention layer's pool re-laid position-minor for the
-    queries' scores. Rows of `hidden_size` are padded to the 128 lanes."""
+    and the experts' phase: the tokens' copies in their experts' rows, and the rows' outputs weighted in
+    float32, with the experts' bf16 outputs (XLA's grouped matmul) or a second float32 copy (the packed
+    experts' kernel). Rows of `hidden_size` are padded to the 128 lanes."""
     data = sizes["data"]
     piece = min(max(1, prefill_tokens // data), max_len)
     rows = math.ceil(min(max_slots, max(data, prefill_tokens // piece)) / data)
@@ -132,14 +114,13 @@ def prefill_working_per_chip(
     hidden = _round_up(cfg.hidden_size, LANES)
     expert_row = hidden * (itemsize + 2 * F32 if packed_experts else 2 * itemsize + F32)
     experts = tokens * cfg.experts_per_token * expert_row
-    return 2 * tokens * hidden * itemsize + max(experts, pool_layer_per_chip(cfg, sizes, pool, itemsize))
+    return 2 * tokens * hidden * itemsize + experts
 
 
 def plan_memory(
     cfg: ModelConfig,
     sizes: Mapping[str, int],
     *,
-    chip: str,
     max_slots: int,
     max_len: int,
     prefill_tokens: int = 8192,
@@ -148,7 +129,7 @@ def plan_memory(
     pool: tuple[int, int] | None = None,
     rings: bool = True,
 ) -> MemoryPlan:
-    """The plan of a run on `chip` (a CHIPS name) whose pool has (page_size, kv_pages) `pool`
+    """The plan of a run whose pool has (page_size, kv_pages) `pool`
     (`engine.page_pool`; None: the default), the sliding layers keeping a window per slot (`rings`) or, with
     prefix caching, a pool too."""
     weights = sum(p.bytes_per_device for p in weight_placements(cfg, sizes, dtype, packed_experts=packed_experts))
@@ -157,8 +138,8 @@ def plan_memory(
     return MemoryPlan(
         weights=weights,
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, page_size * kv_pages, dtype, rings),
-        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, pool, dtype, chip, rings),
-        prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, pool, dtype,
+        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, pool, dtype, rings),
+        prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype,
                                                  packed_experts),
         pool_tokens=page_size * kv_pages // sizes["data"],
     )
@@ -181,16 +162,15 @@ def check_fits(plan: MemoryPlan, chip_bytes: int, chip: str) -> None:
     )
 
 
-def render(plans: Mapping[str, MemoryPlan], sizes: Mapping[str, int]) -> str:
-    """The plans of one run on each chip of `plans` (the working memory depends on the chip's compiler)."""
+def render(plan: MemoryPlan, sizes: Mapping[str, int]) -> str:
+    """The plan of one run, and whether it fits each chip of CHIPS."""
     mesh = ", ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
-    first = next(iter(plans.values()))
     lines = [
-        f"per chip on mesh ({mesh}): weights {first.weights / GiB:.2f} GiB, KV cache {first.kv_cache / GiB:.2f} GiB",
-        f"the KV pool holds {first.pool_tokens:,} tokens per chip",
+        f"per chip on mesh ({mesh}): weights {plan.weights / GiB:.2f} GiB, KV cache {plan.kv_cache / GiB:.2f} GiB",
+        f"the KV pool holds {plan.pool_tokens:,} tokens per chip",
         f"{'chip':<6} {'memory':>9} {'decode':>8} {'prefill':>8} {'total':>8} {'used':>6}  fits  (GiB: working, total)",
     ]
-    for chip, plan in plans.items():
+    for chip in CHIPS:
         used = plan.total / CHIPS[chip]
         figures = "".join(f" {count / GiB:>8.2f}" for count in (plan.decode_working, plan.prefill_working, plan.total))
         lines.append(f"{chip:<6} {CHIPS[chip] / GiB:>6.0f} GiB{figures} {used:>6.0%}  {'yes' if used <= 1 else 'no'}")
@@ -241,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ValueError as err:  # a ConfigError, a MeshError, or a pool that does not fit max_len or the mesh
             sys.exit(f"error: {err}")
         options = settings.plan_options(run_settings)
-        print(render({chip: plan_memory(cfg, sizes, chip=chip, pool=pool, **options) for chip in CHIPS}, sizes))
+        print(render(plan_memory(cfg, sizes, pool=pool, **options), sizes))
 
     app.run(run, argv=list(argv) if argv is not None else None)
 

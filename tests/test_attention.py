@@ -66,6 +66,11 @@ def test_a_query_that_sees_no_key_returns_zeros():
                                   np.ones((1, 6), bool), None) == 0)  # fmt: skip
 
 
+def as_pool(k: np.ndarray, v: np.ndarray) -> jnp.ndarray:
+    """Keys and values [pages, page, heads, D] as a pool of pages [pages, heads, page, 2 * D]."""
+    return jnp.swapaxes(pair(jnp.asarray(k), jnp.asarray(v)), 1, 2)
+
+
 @pytest.mark.parametrize("window", [None, 8])
 def test_a_chunk_against_a_cache_equals_dense(window):
     """Queries at positions 13..21 of their sequences, whose earlier keys sit in a cache (a contiguous one
@@ -94,10 +99,9 @@ def test_a_chunk_against_a_cache_equals_dense(window):
         page = page_table[row, p // 4]
         pool_k[page, p % 4], pool_v[page, p % 4] = history_k[row, p], history_v[row, p]
     held = jnp.full(2, start)
-    contiguous = KeySpan(pair(jnp.asarray(cache_k), jnp.asarray(cache_v)), end=held, pages=jnp.asarray(rows)[:, None])
-    paged = KeySpan(pair(jnp.asarray(pool_k), jnp.asarray(pool_v)), end=held, pages=jnp.asarray(page_table))
-    ring = KeySpan(pair(jnp.asarray(ring_k), jnp.asarray(ring_v)), end=held, pages=jnp.asarray(rows)[:, None],
-                   ring=True)  # fmt: skip
+    contiguous = KeySpan(as_pool(cache_k, cache_v), end=held, pages=jnp.asarray(rows)[:, None])
+    paged = KeySpan(as_pool(pool_k, pool_v), end=held, pages=jnp.asarray(page_table))
+    ring = KeySpan(as_pool(ring_k, ring_v), end=held, pages=jnp.asarray(rows)[:, None], ring=True)
     for cached in (contiguous, paged, ring) if window else (contiguous, paged):
         for block in (2, 4, 12, 16):
             got = blockwise(q, first, sinks, [cached, new], window, block)
@@ -138,7 +142,7 @@ def test_a_one_page_table_is_read_in_blocks_of_the_block_size():
     blocks of 512, not of their greatest common divisor (8); pages of a longer table in whole pages."""
 
     def span(page: int, width: int) -> KeySpan:
-        pool = jnp.zeros((8, page, 1, 4))
+        pool = jnp.zeros((8, 1, page, 4))
         return KeySpan(pair(pool, pool), end=jnp.ones(2, jnp.int32), pages=jnp.zeros((2, width), jnp.int32))
 
     assert span(1000, 1).block_size(512) == 512

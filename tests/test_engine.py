@@ -67,7 +67,7 @@ def test_sliding_layers_keep_only_their_window(model):
     slots = engine.empty_slots()
     for layer, cache in enumerate(slots.cache):
         expected = CONFIG.sliding_window if CONFIG.window(layer) else 64
-        assert cache.kv.shape == (4, expected, CONFIG.num_kv_heads, 2 * CONFIG.head_dim)
+        assert cache.kv.shape == (4, CONFIG.num_kv_heads, expected, 2 * CONFIG.head_dim)
     assert [cache_length(CONFIG, layer, 64) for layer in range(3)] == [8, 64, 8]
     per_position = 2 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
     assert engine.cache_bytes_per_sequence() == per_position * (8 + 64 + 8)

@@ -193,7 +193,7 @@ def test_plan_weight_bytes_equal_jax_shard_shapes(model, shape):
     for placement in weight_placements(cfg, sizes):
         shard = NamedSharding(mesh, placement.spec).shard_shape(placement.shape)
         expected += math.prod(shard) * 2  # bfloat16
-    assert plan.plan_memory(cfg, sizes, chip="v5e", max_slots=8, max_len=1024).weights == expected
+    assert plan.plan_memory(cfg, sizes, max_slots=8, max_len=1024).weights == expected
 
 
 def test_job_refuses_what_cannot_fit_before_reading_weights(tmp_path):

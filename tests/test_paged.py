@@ -20,7 +20,7 @@ def test_with_prefix_caching_every_layer_keeps_its_keys_in_the_pool(model):
     the pool of pages too, and the cache's bytes count them."""
     engine = Engine(model, max_slots=4, max_len=64, page_size=16, kv_pages=10, prefix_caching=True)
     for cache in engine.abstract_slots().cache:
-        assert cache.kv.shape == (10, 16, CONFIG.num_kv_heads, 2 * CONFIG.head_dim) and not cache.ring
+        assert cache.kv.shape == (10, CONFIG.num_kv_heads, 16, 2 * CONFIG.head_dim) and not cache.ring
     per_position = 2 * CONFIG.num_kv_heads * CONFIG.head_dim * 4
     assert cache_bytes(CONFIG, 4, 64, 160, np.float32, rings=False) == per_position * 160 * CONFIG.num_layers
     assert cache_bytes(CONFIG, 4, 64, 160, np.float32) == per_position * (160 + 2 * 4 * 8)
@@ -31,7 +31,7 @@ def test_paged_engine_gives_the_unpaged_tokens(model, mixed):
     each greedy and seeded request the tokens of a page of max_len per slot."""
     requests, expected = mixed
     engine = mixed_engine(model, page_size=8)
-    assert engine.empty_slots().cache[1].kv.shape == (4 * 96 // 8, 8, CONFIG.num_kv_heads, 2 * CONFIG.head_dim)
+    assert engine.empty_slots().cache[1].kv.shape == (4 * 96 // 8, CONFIG.num_kv_heads, 8, 2 * CONFIG.head_dim)
     assert {result.id: result for result in engine.generate(requests)} == expected
     assert engine.preemptions == 0
 
