@@ -247,7 +247,7 @@ class Attention(nnx.Module):
 
 
 def paged_decode_kernel(implementation: str, pool_shape: tuple[int, ...], block: int) -> Callable | None:
-    """The kernel that reads a pool [P, page, kv_heads, 2 * D] for one token a row (`ATTENTION_IMPLEMENTATIONS`),
+    """The kernel that reads a pool [P, kv_heads, page, 2 * D] for one token a row (`ATTENTION_IMPLEMENTATIONS`),
     or None for the portable path: `tpu_kernel` (in Pallas' interpreter off a TPU), and `auto` on a TPU where
     the kernel can run on each device's own share: the pool's pages not split over `data` (a sequence's pages
     may be any of them), the KV heads split evenly over `tensor` (else they are replicated while the query heads
@@ -258,7 +258,7 @@ def paged_decode_kernel(implementation: str, pool_shape: tuple[int, ...], block:
         return None
     mesh = jax.sharding.get_abstract_mesh()
     sizes = {"data": 1, "tensor": 1} if mesh.empty else mesh_sizes(mesh)
-    _, page, kv_heads, _ = pool_shape
+    _, kv_heads, page, _ = pool_shape
     local_kv = kv_heads // sizes["tensor"]
     fits = sizes["data"] == 1 and kv_heads % sizes["tensor"] == 0
     if fits and (implementation == "tpu_kernel" or tpu_paged_attention.block_size(page, block) * local_kv % 16 == 0):

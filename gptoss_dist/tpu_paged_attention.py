@@ -2,17 +2,16 @@
 with GPT-OSS's sink logit.
 
 One query token per sequence attends to the keys of its pages `pages[b]` at positions below `lengths[b]` (within
-the last `window` of them on a sliding layer). The grid runs over sequences; each copies its live pieces of
-pages from HBM itself (the page table and lengths come by scalar prefetch), one piece in flight while the
-last is read, and runs a loop of exactly as many steps as it has pieces: a sequence reads its own live keys
+the last `window` of them on a sliding layer). The grid runs over sequences and KV heads; each copies its head's
+live pieces of pages from HBM itself (the page table and lengths come by scalar prefetch), one piece in flight
+while the last is read, in a loop of exactly as many steps as it has pieces: a sequence reads its own live keys
 and no others, whatever the longest sequence of the batch or `max_len`. The portable path (`attention.attend`)
 reads every row up to the batch's longest sequence.
 
 The running softmax starts from the sink (maximum = sink, total = 1) as in `attention`, so a sequence that
-sees no key returns zeros. The pool [P, page, kv_heads, 2 * D] (keys and values side by side, `attention.pair`)
-is read as [P, page * kv_heads, 2 * D]: the same bytes in the same (8, 128) tiles, so XLA passes it as it is,
-whether a device holds one KV head or several. A piece holds every local KV head's rows; each query head is
-scored against all of them and the other heads' rows masked.
+sees no key returns zeros. The pool is [P, kv_heads, page, 2 * D] (`model.LayerCache`: keys and values side by
+side, `attention.pair`), so a head's piece of a page is contiguous: whole (16, 128) tiles where the piece is a
+multiple of 16 positions (`model.paged_decode_kernel` asks that of `auto`).
 
 Why not JAX's `paged_attention` or `ragged_paged_attention`: neither takes a sink logit nor returns the
 log-sum-exp from which one could be added afterwards, and their tuned blocks are for head_dim 128.
@@ -46,43 +45,45 @@ def paged_decode_attention(
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of q [B, Hq, D] (each at position lengths[b] - 1) to the keys at positions [0, lengths[b])
-    of row b's pages pages[b] [B, W] of pool [P, page, kv_heads, 2 * D], within the last `window` positions
+    of row b's pages pages[b] [B, W] of pool [P, kv_heads, page, 2 * D], within the last `window` positions
     when one is set; sinks [Hq]. Keys are read in pieces of `block_size(page, block)` positions. Returns
     [B, Hq, D] in q's dtype."""
     batch, num_heads, head_dim = q.shape
-    num_pages, page, num_kv, paired = pool.shape
+    num_pages, num_kv, page, paired = pool.shape
     if paired != 2 * head_dim or num_heads % num_kv:
-        raise ValueError(f"q {q.shape} does not match the pool {pool.shape} (need [P, page, kv, 2 * head_dim])")
+        raise ValueError(f"q {q.shape} does not match the pool {pool.shape} (need [P, kv, page, 2 * head_dim])")
     group, piece = num_heads // num_kv, block_size(page, block)
-    kernel = functools.partial(_kernel, page=page, piece=piece, group=group, window=window, scale=head_dim**-0.5)
+    kernel = functools.partial(_kernel, page=page, piece=piece, window=window, scale=head_dim**-0.5)
+    per_head = (None, None, group, head_dim)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(batch,),
+        grid=(batch, num_kv),
         in_specs=[
-            pl.BlockSpec((None, num_heads, head_dim), lambda b, *_: (b, 0, 0)),
+            pl.BlockSpec(per_head, lambda b, head, *_: (b, head, 0, 0)),
             pl.BlockSpec(memory_space=pl.ANY),  # the pool stays in HBM: the kernel copies the pieces it reads
-            pl.BlockSpec((num_heads, 1), lambda b, *_: (0, 0)),
+            pl.BlockSpec((None, group, 1), lambda b, head, *_: (head, 0, 0)),
         ],
-        out_specs=pl.BlockSpec((None, num_heads, head_dim), lambda b, *_: (b, 0, 0)),
+        out_specs=pl.BlockSpec(per_head, lambda b, head, *_: (b, head, 0, 0)),
         scratch_shapes=[
-            pltpu.VMEM((2, piece * num_kv, paired), pool.dtype),  # two pieces: one read while the next comes in
+            pltpu.VMEM((2, piece, paired), pool.dtype),  # two pieces: one read while the next comes in
             pltpu.SemaphoreType.DMA((2,)),
         ],
     )
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+        out_shape=jax.ShapeDtypeStruct((batch, num_kv, group, head_dim), q.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
         name=KERNEL_NAME,
     )(
         lengths.astype(jnp.int32),
         jnp.clip(pages.astype(jnp.int32), 0, num_pages - 1),
-        q,
-        pool.reshape(num_pages, page * num_kv, paired),  # the same bytes, tiles and all (see above)
-        sinks.astype(F32).reshape(num_heads, 1),
+        q.reshape(batch, num_kv, group, head_dim),
+        pool,
+        sinks.astype(F32).reshape(num_kv, group, 1),
     )
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def block_size(page: int, block: int) -> int:
@@ -101,26 +102,19 @@ def _live_pieces(length: jax.Array, piece: int, window: int | None) -> tuple[jax
     return first, jnp.maximum(end - first, 0)
 
 
-def _kernel(lengths_ref, pages_ref, q_ref, pool_ref, sink_ref, out_ref, buffers, copied, *, page, piece, group, window, scale):
-    b = pl.program_id(0)
+def _kernel(lengths_ref, pages_ref, q_ref, pool_ref, sink_ref, out_ref, buffers, copied, *, page, piece, window, scale):
+    b, head = pl.program_id(0), pl.program_id(1)
     length = lengths_ref[b]
     first, count = _live_pieces(length, piece, window)
-    num_heads, head_dim = q_ref.shape
-    num_kv = num_heads // group
-    per_page, rows = page // piece, piece * num_kv
+    group, head_dim = q_ref.shape
+    per_page = page // piece
 
     def copy(index, slot):
-        """The copy of the row's piece `first + index` (every KV head's keys and values) into buffer `slot`."""
+        """The copy of the head's piece `first + index` of the row's pages into buffer `slot`."""
         at = first + index
-        offset = pl.multiple_of(jax.lax.rem(at, per_page) * rows, rows)
-        source = pool_ref.at[pages_ref[b, jax.lax.div(at, per_page)], pl.ds(offset, rows)]
+        offset = pl.multiple_of(jax.lax.rem(at, per_page) * piece, piece)
+        source = pool_ref.at[pages_ref[b, jax.lax.div(at, per_page)], head, pl.ds(offset, piece)]
         return pltpu.make_async_copy(source, buffers.at[slot], copied.at[slot])
-
-    # Row r of a piece is position r // num_kv's key of KV head r % num_kv; query head h reads KV head h // group.
-    # Scoring every query head against every row and masking the other heads' rows costs num_kv times the
-    # arithmetic of a per-head loop, but no sublane shuffles (which Mosaic lacks for 16-bit strided loads).
-    row = jax.lax.broadcasted_iota(jnp.int32, (1, rows), 1)
-    own_head = jax.lax.rem(row, num_kv) == jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (num_heads, 1), 0), group)
 
     @pl.when(count > 0)
     def _first():
@@ -135,14 +129,14 @@ def _kernel(lengths_ref, pages_ref, q_ref, pool_ref, sink_ref, out_ref, buffers,
         def _next():
             copy(index + 1, 1 - slot).start()
 
-        kv = buffers[slot]  # [piece * num_kv, 2 * D]
+        kv = buffers[slot]  # [piece, 2 * D]
         k, v = kv[:, :head_dim], kv[:, head_dim:]
-        positions = (first + index) * piece + jax.lax.div(row, num_kv)
-        seen = own_head & (positions < length)
+        positions = (first + index) * piece + jax.lax.broadcasted_iota(jnp.int32, (1, piece), 1)
+        seen = positions < length
         if window is not None:
             seen &= positions >= length - window
         scores = jax.lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-        scores = jnp.where(seen, scores * scale, -jnp.inf)  # [num_heads, rows]
+        scores = jnp.where(seen, scores * scale, -jnp.inf)  # [group, piece]
         now = jnp.maximum(largest, scores.max(axis=-1, keepdims=True))
         weights = jnp.exp(scores - now)
         rescale = jnp.exp(largest - now)
@@ -150,6 +144,6 @@ def _kernel(lengths_ref, pages_ref, q_ref, pool_ref, sink_ref, out_ref, buffers,
         weighted = weighted * rescale + jnp.dot(weights.astype(v.dtype), v, preferred_element_type=F32)
         return now, total, weighted
 
-    start = (sink_ref[...], jnp.ones((num_heads, 1), F32), jnp.zeros((num_heads, head_dim), F32))
+    start = (sink_ref[...], jnp.ones((group, 1), F32), jnp.zeros((group, head_dim), F32))
     _, total, weighted = jax.lax.fori_loop(0, count, fold, start)
     out_ref[...] = (weighted / total).astype(out_ref.dtype)

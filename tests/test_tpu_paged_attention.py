@@ -18,7 +18,7 @@ PAGE, WIDTH, KV, GROUP, DIM = 8, 6, 2, 4, 16
 def pool_and_tables(rng, lengths, dtype):
     """A pool of shuffled pages, each row's table pointing at its own pages (unused entries: page 0)."""
     batch = len(lengths)
-    pool = rng.normal(size=(batch * WIDTH + 3, PAGE, KV, 2 * DIM)).astype(np.float32)
+    pool = rng.normal(size=(batch * WIDTH + 3, KV, PAGE, 2 * DIM)).astype(np.float32)
     order = rng.permutation(pool.shape[0])[: batch * WIDTH].reshape(batch, WIDTH)
     live = np.arange(WIDTH)[None] * PAGE < np.asarray(lengths)[:, None]
     pages = np.where(live, order, 0).astype(np.int32)
@@ -62,7 +62,7 @@ def test_auto_takes_the_kernel_on_a_tpu_where_each_device_holds_its_rows(platfor
     elsewhere the portable path. Asking for the kernel where the mesh does not let it run is refused, naming
     the setting."""
     devices = tpu_compile.load_topology("v5e:2x2").devices if platform == "tpu" else jax.devices()[:4]
-    pool = (16, page, kv_heads, 128)
+    pool = (16, kv_heads, page, 128)
     with jax.set_mesh(jax.sharding.Mesh(np.array(devices[: np.prod(mesh)]).reshape(mesh), MESH_AXES)):
         assert (paged_decode_kernel("auto", pool, 512) is not None) == kernel
         assert paged_decode_kernel("blockwise", pool, 512) is None
