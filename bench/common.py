@@ -13,6 +13,8 @@ import numpy as np
 
 from gptoss_dist import mxfp4
 
+HBM_BYTES_PER_S = {"v5e": 819e9, "v6e": 1640e9, "v5p": 2765e9}  # a chip's HBM bandwidth, Cloud TPU documentation
+
 
 def load_settings(path: str, overrides: dict | None = None):
     """A config file's settings (configs/*.py), with dotted overrides such as {"mesh.expert": 4}."""

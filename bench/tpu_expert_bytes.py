@@ -18,13 +18,14 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
+from common import HBM_BYTES_PER_S
+
 from gptoss_dist import mxfp4
 from gptoss_dist.settings import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {"20B": "gpt_oss_20b.py", "120B": "gpt_oss_120b.py"}
 TOKENS = (1, 8, 64, 256)
-HBM_BYTES_PER_S = {"v5e": 819e9, "v6e": 1640e9, "v5p": 2765e9}  # Cloud TPU documentation
 BF16 = 2
 
 

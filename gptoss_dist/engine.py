@@ -44,7 +44,15 @@ from flax import nnx
 
 from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
-from gptoss_dist.model import CACHE_AXES, GptOss, LayerCache, Span, cache_length, cache_shape
+from gptoss_dist.model import (
+    CACHE_AXES,
+    GptOss,
+    LayerCache,
+    Span,
+    cache_length,
+    cache_shape,
+    check_attention_implementation,
+)
 from gptoss_dist.sampling import (
     MAX_TOP_LOGPROBS,
     TokenScores,
@@ -232,6 +240,7 @@ def prefill(
     *,
     max_len: int,
     attention_block: int,
+    attention_implementation: str,
     logprobs: bool = False,
     prompt_logprobs: bool = False,
 ) -> tuple[Slots, jax.Array, jax.Array, TokenScores | None, jax.Array | None]:
@@ -248,7 +257,8 @@ def prefill(
     model = nnx.merge(graphdef, params)
     span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets,
                 pages=jnp.take(pages, targets, axis=0, mode="clip"))  # fmt: skip
-    hidden, cache = model.hidden_states(tokens, span, slots.cache, attention_block=attention_block)
+    hidden, cache = model.hidden_states(tokens, span, slots.cache, attention_block=attention_block,
+                                        attention_implementation=attention_implementation)  # fmt: skip
     final = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
     zeros = jnp.zeros_like(count)
     new = Slots(cache=None, token=zeros, length=first + count, generated=zeros, active=last, **settings)
@@ -275,6 +285,7 @@ def decode(
     steps: int,
     max_len: int,
     attention_block: int,
+    attention_implementation: str,
     logprobs: bool = False,
 ) -> tuple[Slots, jax.Array, jax.Array, jax.Array, TokenScores | None]:
     """`steps` decode steps for every slot in one call, slot b's pool pages being `pages[b]`; inactive slots
@@ -286,7 +297,8 @@ def decode(
     def step(slots: Slots, _):
         live = slots.active
         span = Span(first=slots.length, start=jnp.zeros_like(slots.length), end=live.astype(jnp.int32), pages=pages)
-        hidden, cache = model.hidden_states(slots.token[:, None], span, slots.cache, attention_block=attention_block)
+        hidden, cache = model.hidden_states(slots.token[:, None], span, slots.cache, attention_block=attention_block,
+                                            attention_implementation=attention_implementation)  # fmt: skip
         token, scores = _next_tokens(model, slots, hidden, logprobs)
         slots = dataclasses.replace(
             slots,
@@ -332,11 +344,13 @@ def _full(shape: tuple[int, ...], dtype, fill, sharding) -> Callable[[], jax.Arr
 # nothing compiles and runs no scoring); the slots are donated.
 _prefill_jit = jax.jit(
     prefill,
-    static_argnames=("graphdef", "max_len", "attention_block", "logprobs", "prompt_logprobs"),
+    static_argnames=("graphdef", "max_len", "attention_block", "attention_implementation", "logprobs", "prompt_logprobs"),
     donate_argnames=("slots",),
 )
 _decode_jit = jax.jit(
-    decode, static_argnames=("graphdef", "steps", "max_len", "attention_block", "logprobs"), donate_argnames=("slots",)
+    decode,
+    static_argnames=("graphdef", "steps", "max_len", "attention_block", "attention_implementation", "logprobs"),
+    donate_argnames=("slots",),
 )
 _deactivate_jit = jax.jit(deactivate, donate_argnames=("slots",))
 
@@ -503,8 +517,9 @@ class Engine:
     Prompts are prefilled in calls of about `prefill_tokens` (padded) tokens, which bounds prefill memory: short
     prompts share a call, and a longer prompt is cut into pieces that each attend to what the cache holds of it.
     While some slots are decoding, prefill calls alternate with decode calls, so a long prompt does not stall
-    the batch. Attention runs in blocks of `attention_block` queries and keys. With `overlap`, the host reads a
-    call's tokens while the next call runs."""
+    the batch. Attention runs in blocks of `attention_block` queries and keys; a decode step reads the pool as
+    `attention_implementation` says (`model.ATTENTION_IMPLEMENTATIONS`: on TPUs by default a kernel that reads
+    each sequence's own live pages). With `overlap`, the host reads a call's tokens while the next call runs."""
 
     def __init__(
         self,
@@ -518,6 +533,7 @@ class Engine:
         min_prefill_len: int = 16,
         prefill_tokens: int = 8192,
         attention_block: int = DEFAULT_BLOCK,
+        attention_implementation: str = "auto",
         page_size: int = 0,
         kv_pages: int = 0,
         prefix_caching: bool = False,
@@ -541,7 +557,9 @@ class Engine:
         self.length_buckets = _buckets(min(min_prefill_len, self.piece_len), self.piece_len)
         self.graphdef, self.params = nnx.split(model)
         self.dtype = model.compute_dtype
-        self._static = dict(graphdef=self.graphdef, max_len=max_len, attention_block=attention_block)
+        check_attention_implementation(attention_implementation)
+        self._static = dict(graphdef=self.graphdef, max_len=max_len, attention_block=attention_block,
+                            attention_implementation=attention_implementation)  # fmt: skip
         self._prefill = partial(_prefill_jit, **self._static)
         self._decode = partial(_decode_jit, steps=steps_per_call, **self._static)
         self.slot_steps = 0  # decode steps x slots spent, for measuring batching efficiency

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss_dist import grouped_matmul, mxfp4, tpu_grouped_matmul
+from gptoss_dist import grouped_matmul, mxfp4, tpu_grouped_matmul, tpu_paged_attention
 from gptoss_dist.attention import DEFAULT_BLOCK, KeySpan, attend, pair
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.sharding import constrain, logical_to_spec, mesh_sizes, param_formats
@@ -29,6 +29,9 @@ Matrices = jax.Array | mxfp4.PackedMatrices
 # How the experts run (`experts_function`): the platform's best, XLA's grouped matmul, a loop over row blocks,
 # or a Pallas kernel (the GPU's, the TPU's).
 EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "gpu_kernel", "tpu_kernel")
+# How a decode step reads the pool of pages (`paged_decode_kernel`): the platform's best, the portable blockwise
+# path, or the TPU kernel that reads each sequence's own live pages.
+ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "tpu_kernel")
 
 
 def _param(
@@ -216,24 +219,79 @@ class Attention(nnx.Module):
         return constrain(out, ("batch", "seq", "embed"))
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: Span, cache: LayerCache | None, block: int
-    ) -> tuple[jax.Array, LayerCache | None]:
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: Span, cache: LayerCache | None, block: int,
+        implementation: str = "auto",
+    ) -> tuple[jax.Array, LayerCache | None]:  # fmt: skip
         """Attends the tokens x [B, T, hidden] at `span` to what they may see: each other and, with a cache,
-        their sequences' earlier tokens. Returns the output and the cache holding the new keys too."""
+        their sequences' earlier tokens. Returns the output and the cache holding the new keys too. A single
+        token a row reading a pool goes to `paged_decode_kernel(implementation)` where it gives one."""
         q, k, v = self.qkv(x, cos, sin)
         kv = pair(k, v)
         own = KeySpan(kv, first=span.first, start=span.start, end=span.end)
+        kernel = None
         if cache is None:
             spans = [own]
         elif not cache.ring:  # the cache holds the whole context: store, then read it
             cache = cache.write(kv, span, span.page_table())
             spans = [KeySpan(cache.kv, end=span.first + span.end, pages=span.page_table())]
+            kernel = paged_decode_kernel(implementation, cache.kv.shape, block) if x.shape[1] == 1 else None
         else:  # a ring as long as the window: read what it held before the new keys replace it
             ring = span.slots()[:, None]
             spans = [KeySpan(cache.kv, end=span.first + span.start, pages=ring, ring=True), own]
             cache = cache.write(kv, span, ring)
-        out = attend(q, span.first, self.sinks[...], spans, self.window, block=block)
+        if kernel is None:
+            out = attend(q, span.first, self.sinks[...], spans, self.window, block=block)
+        else:
+            out = kernel(q[:, 0], spans[0], self.sinks[...], self.window, block)[:, None]
         return self.project_out(out), cache
+
+
+def paged_decode_kernel(implementation: str, pool_shape: tuple[int, ...], block: int) -> Callable | None:
+    """The kernel that reads a pool [P, kv_heads, page, 2 * D] for one token a row (`ATTENTION_IMPLEMENTATIONS`),
+    or None for the portable path: `tpu_kernel` (in Pallas' interpreter off a TPU), and `auto` on a TPU where
+    the kernel can run on each device's own share: the pool's pages not split over `data` (a sequence's pages
+    may be any of them), the KV heads split evenly over `tensor` (else they are replicated while the query heads
+    are split), and the pieces it copies whole (16, 128) tiles."""
+    check_attention_implementation(implementation)
+    platform = target_platform()
+    if implementation == "blockwise" or (implementation == "auto" and platform != "tpu"):
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    sizes = {"data": 1, "tensor": 1} if mesh.empty else mesh_sizes(mesh)
+    _, kv_heads, page, _ = pool_shape
+    local_kv = kv_heads // sizes["tensor"]
+    fits = sizes["data"] == 1 and kv_heads % sizes["tensor"] == 0
+    if fits and (implementation == "tpu_kernel" or tpu_paged_attention.block_size(page, block) * local_kv % 16 == 0):
+        return partial(paged_decode, interpret=platform != "tpu")
+    if implementation == "auto":
+        return None
+    raise ValueError(f"attention_implementation='tpu_kernel' needs mesh.data = 1 and mesh.tensor dividing "
+                     f"the {kv_heads} KV heads; the mesh is {sizes}")  # fmt: skip
+
+
+def paged_decode(
+    q: jax.Array, keys: KeySpan, sinks: jax.Array, window: int | None, block: int, *, interpret: bool
+) -> jax.Array:
+    """`tpu_paged_attention.paged_decode_attention` of q [B, Hq, D] over the pool and page table of `keys`, on
+    each device's heads where a mesh is set (see `paged_decode_kernel` for the meshes it takes)."""
+    call = partial(tpu_paged_attention.paged_decode_attention, window=window, block=block, interpret=interpret)
+    args = (q, keys.kv, keys.pages, keys.end, sinks)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return call(*args)
+    sizes = mesh_sizes(mesh)
+    axes = (("batch", "q_heads", "head_dim"), CACHE_AXES, ("batch", None), ("batch",), ("q_heads",))
+    specs = tuple(logical_to_spec(names, arg.shape, sizes) for names, arg in zip(axes, args, strict=True))
+    # check_vma=False: pallas_call's output type does not say how it varies over the mesh
+    return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
+
+
+def check_attention_implementation(implementation: str) -> None:
+    """Refuses a name that is not one of `ATTENTION_IMPLEMENTATIONS`."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, not {implementation!r}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------- MoE
@@ -536,10 +594,11 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: Span, cache: LayerCache | None, block: int
-    ) -> tuple[jax.Array, LayerCache | None]:
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: Span, cache: LayerCache | None, block: int,
+        attention_implementation: str = "auto",
+    ) -> tuple[jax.Array, LayerCache | None]:  # fmt: skip
         with jax.named_scope("attention"):
-            attended, cache = self.attn(self.attn_norm(x), cos, sin, span, cache, block)
+            attended, cache = self.attn(self.attn_norm(x), cos, sin, span, cache, block, attention_implementation)
         x = x + attended
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -630,14 +689,17 @@ class GptOss(nnx.Module):
         caches: Sequence[LayerCache] | None = None,
         *,
         attention_block: int = DEFAULT_BLOCK,
+        attention_implementation: str = "auto",
     ) -> tuple[jax.Array, list[LayerCache] | None]:
         """The last layer's output [B, T, hidden] for tokens at `span`, and with `caches` (one per layer) the
-        caches with the tokens' keys and values added."""
+        caches with the tokens' keys and values added. Attention runs in blocks of `attention_block`; a decode
+        step reads a pool as `attention_implementation` says (`paged_decode_kernel`)."""
         x = self.embed_tokens(tokens)
         cos, sin = rope_cos_sin(span.positions(tokens.shape[1]), self.config, x.dtype)
         updated = []
         for index, layer in enumerate(self.layers):
-            x, cache = layer(x, cos, sin, span, None if caches is None else caches[index], attention_block)
+            cache = None if caches is None else caches[index]
+            x, cache = layer(x, cos, sin, span, cache, attention_block, attention_implementation)
             updated.append(cache)
         return x, None if caches is None else updated
 

@@ -40,6 +40,11 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             # packed experts, XLA's grouped matmul for dense ones; else a loop over row blocks), "ragged",
             # "blocked", "gpu_kernel" or "tpu_kernel" (a kernel off its platform runs in Pallas' interpreter)
             "experts_implementation": "auto",
+            # how a decode step reads the KV cache's pool: "auto" (on TPUs a Pallas kernel that reads each
+            # sequence's own live pages, where mesh.data is 1 and mesh.tensor divides the KV heads; elsewhere the
+            # portable blockwise path, which reads every sequence up to the batch's longest), "blockwise" or
+            # "tpu_kernel" (off a TPU in Pallas' interpreter)
+            "attention_implementation": "auto",
             "mesh": {"data": 1, "tensor": 1, "expert": 1},
             "checkpoint": "",
             # the batch job (gptoss_dist.generate); the checkpoint, not `model`, defines its model
@@ -90,7 +95,7 @@ def model_config(settings: ml_collections.ConfigDict) -> ModelConfig:
 # The settings that `engine.Engine` takes as keyword arguments of the same names.
 ENGINE_SETTINGS = (
     "max_slots", "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens", "page_size", "kv_pages",
-    "prefix_caching",
+    "prefix_caching", "attention_implementation",
 )  # fmt: skip
 
 

@@ -14,7 +14,7 @@ from gptoss_dist import plan, records, settings
 from gptoss_dist.checkpoint import read_config
 from gptoss_dist.engine import Engine, page_pool
 from gptoss_dist.loading import from_pretrained
-from gptoss_dist.model import EXPERTS_IMPLEMENTATIONS
+from gptoss_dist.model import ATTENTION_IMPLEMENTATIONS, EXPERTS_IMPLEMENTATIONS
 from gptoss_dist.sharding import make_mesh, mesh_sizes
 from gptoss_dist.tokenizer import Tokenizer
 
@@ -30,6 +30,8 @@ def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling
     settings.check_positive(config, "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens")
     if config.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
         raise StartError(f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}")
+    if config.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise StartError(f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}")
     if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
         raise StartError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
     try:

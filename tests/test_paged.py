@@ -4,10 +4,12 @@ prompt too), and n samples per request."""
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from engine_fixtures import CONFIG, mixed_engine, prompts, streamed
+from engine_fixtures import CONFIG, mesh_of, mixed_engine, prompts, streamed
 
+from gptoss_dist import from_pretrained
 from gptoss_dist.engine import Engine, Request, cache_bytes, page_pool
 
 pytest_plugins = ["engine_fixtures"]
@@ -159,3 +161,15 @@ def test_bad_page_settings_are_refused_by_name(model, pool, message):
     with pytest.raises(ValueError, match="kv_pages=13 must be a multiple of the mesh's data axis"):
         page_pool(4, 96, 8, 13, data=2)
     assert page_pool(4, 96) == (96, 4) and page_pool(4, 96, 8) == (8, 48)
+
+
+
+def test_the_engine_with_the_kernel_gives_the_blockwise_tokens(checkpoint, mixed):
+    """Decode steps read the pool with the TPU kernel (Pallas' interpreter here), with the KV heads split over
+    `tensor`: pages of 8 and prefix caching, so that the sliding layers read their window out of the pool too.
+    Every greedy and seeded request gets the tokens of the portable path."""
+    requests, expected = mixed
+    mesh = mesh_of((1, 2, 1))
+    model = from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh)
+    engine = mixed_engine(model, mesh=mesh, page_size=8, prefix_caching=True, attention_implementation="tpu_kernel")
+    assert {result.id: result for result in engine.generate(requests)} == expected
