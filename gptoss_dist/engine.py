@@ -570,9 +570,11 @@ class Engine:
     def cache_bytes_per_sequence(self) -> int:
         return cache_bytes_per_sequence(self.config, self.max_len, self.dtype)
 
-    def _sharding(self, shape: tuple[int, ...], axes: Sequence[str | None]) -> jax.sharding.Sharding | None:
+    def _sharding(self, shape: tuple[int, ...], axes: Sequence[str | None]) -> jax.sharding.Sharding:
         if self.mesh is None:
-            return None
+            # committed to the device the calls run on, as their outputs are: an uncommitted first input would
+            # make jit compile each call once more when it meets the committed slots of an earlier call
+            return jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return jax.sharding.NamedSharding(self.mesh, logical_to_spec(axes, shape, mesh_sizes(self.mesh)))
 
     def _slot_layout(self) -> Slots:
