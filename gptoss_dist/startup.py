@@ -28,17 +28,20 @@ def check_engine_settings(config: ml_collections.ConfigDict) -> records.Sampling
     job's and the chat's); StartError or SettingsError naming the one that is not."""
     check_given(config, "checkpoint")
     settings.check_positive(config, "max_len", "steps_per_call", "min_prefill_len", "prefill_tokens")
-    if config.experts_implementation not in EXPERTS_IMPLEMENTATIONS:
-        raise StartError(f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}")
-    if config.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise StartError(f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}")
-    if config.harmony.reasoning_effort not in records.REASONING_EFFORTS:
-        raise StartError(f"harmony.reasoning_effort must be one of {records.REASONING_EFFORTS}")
+    check_one_of("experts_implementation", config.experts_implementation, EXPERTS_IMPLEMENTATIONS)
+    check_one_of("attention_implementation", config.attention_implementation, ATTENTION_IMPLEMENTATIONS)
+    check_one_of("harmony.reasoning_effort", config.harmony.reasoning_effort, records.REASONING_EFFORTS)
     try:
         page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages)
         return records.sampling_defaults(config.sampling)
     except ValueError as err:
         raise StartError(str(err)) from None
+
+
+def check_one_of(name: str, value: str, choices: Sequence[str]) -> None:
+    """Refuses a setting `name` whose value is not one of `choices`."""
+    if value not in choices:
+        raise StartError(f"{name} must be one of {tuple(choices)}")
 
 
 def check_given(config: ml_collections.ConfigDict, name: str) -> None:
