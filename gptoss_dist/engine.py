@@ -273,7 +273,7 @@ def prefill(
     merged = jax.tree.map(scatter, dataclasses.replace(slots, cache=None), new)
     prompt_scores = logprobs_of(model.logits(hidden), jnp.maximum(following, 0)) if prompt_logprobs else None
     outputs = jax.tree.map(replicated, (sampled, merged.active, scores, prompt_scores))
-    return dataclasses.replace(merged, cache=cache), *outputs
+    return in_slot_layout(dataclasses.replace(merged, cache=cache)), *outputs
 
 
 def decode(
@@ -311,12 +311,21 @@ def decode(
         return slots, (token, live, scores)
 
     slots, (tokens, emitted, scores) = jax.lax.scan(step, slots, length=steps)
-    return slots, *jax.tree.map(replicated, (tokens, emitted, slots.active, scores))
+    return in_slot_layout(slots), *jax.tree.map(replicated, (tokens, emitted, slots.active, scores))
 
 
 def deactivate(slots: Slots, slot: jax.Array) -> Slots:
     """The slots with `slot` stopped: it neither changes nor writes to the cache until it is filled again."""
-    return dataclasses.replace(slots, active=slots.active.at[slot].set(False))
+    return in_slot_layout(dataclasses.replace(slots, active=slots.active.at[slot].set(False)))
+
+
+def in_slot_layout(slots: Slots) -> Slots:
+    """The slots with each per-slot array pinned to its batch sharding, as the engine creates them. Left to XLA,
+    an array that a call also returns replicated (`active`) comes back replicated, and the next call compiles
+    once more for it."""
+    per_slot = {field.name: getattr(slots, field.name) for field in dataclasses.fields(slots) if field.name != "cache"}
+    pinned = {name: constrain(x, (*SLOT_AXES, *(None,) * (x.ndim - 1))) for name, x in per_slot.items()}
+    return dataclasses.replace(slots, **pinned)
 
 
 def replicated(x: jax.Array) -> jax.Array:
