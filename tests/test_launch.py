@@ -6,10 +6,12 @@ fit before reading any weight."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -44,7 +46,7 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     write_random_checkpoint(root / "hf", tiny_config(), seed=11)
     requests = []
-    for i in range(16):
+    for i in range(10):
         sampling = {"temperature": 0.9, "seed": i} if i % 2 else {}
         kind = {"prompt": f"request {i}: " + "word " * i} if i % 3 else {"prompt_tokens": [5, 6, 7 + i]}
         requests.append({"id": f"r{i}", "max_new_tokens": 4 + i, **kind, **sampling})
@@ -78,11 +80,24 @@ def records(path: Path) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def single_process(workdir):
-    done = subprocess.run(launch(workdir, "single", 1, 8), env=environment(workdir), capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+def single_process_run(workdir) -> subprocess.CompletedProcess:
+    """The job in one process of 8 devices, logging each program it compiles (the cache is empty)."""
+    done = subprocess.run(launch(workdir, "single", 1, 8), env=environment(workdir, JAX_LOG_COMPILES="1"),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def single_process(workdir, single_process_run):
     return records(workdir / "single" / "results.jsonl")
+
+
+def test_the_job_on_a_mesh_compiles_its_prefill_and_decode_calls_once(single_process_run):
+    """One prefill shape (one width, a row per data shard) recurs after decode calls: it compiles once, as the
+    slots a call returns keep the layout they were made in (the `active` flags came back replicated)."""
+    compiled = Counter(re.findall(r"Finished XLA compilation of jit\((\w+)\)", single_process_run.stdout))
+    assert compiled["prefill"] == 1 and compiled["decode"] == 1, compiled
 
 
 def test_a_dead_process_stops_the_others_and_a_rerun_completes_exactly_once(workdir, single_process):
