@@ -498,7 +498,7 @@ def test_parts_are_uploaded_whole_and_numbered_on(tmp_path):
 KILL_PAGE = 16
 KILL_PREFIXES = [[*range(10, 42), *range(100 + 16 * group, 116 + 16 * group)] for group in range(5)]
 KILL_REQUESTS = [{"id": f"k{i:03d}", "prompt_tokens": [*KILL_PREFIXES[i % 5], 1 + i % 200, 2 + i % 50, 3]}
-                 | ({"n": 3, "temperature": 1.0, "seed": i} if i % 10 == 3 else {}) for i in range(100)]  # fmt: skip
+                 | ({"n": 3, "temperature": 1.0, "seed": i} if i % 10 == 3 else {}) for i in range(64)]  # fmt: skip
 KILL_SAMPLES = sorted((r["id"], index) for r in KILL_REQUESTS for index in range(r.get("n", 1)))
 KILL_LINES = [*KILL_REQUESTS[:10], {"id": "k005", "prompt": "duplicate"}, *KILL_REQUESTS[10:]]
 
