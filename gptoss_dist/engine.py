@@ -51,7 +51,7 @@ from gptoss_dist.model import (
     Span,
     cache_length,
     cache_shape,
-    check_attention_implementation,
+    check_implementation,
 )
 from gptoss_dist.sampling import (
     MAX_TOP_LOGPROBS,
@@ -566,7 +566,7 @@ class Engine:
         self.length_buckets = _buckets(min(min_prefill_len, self.piece_len), self.piece_len)
         self.graphdef, self.params = nnx.split(model)
         self.dtype = model.compute_dtype
-        check_attention_implementation(attention_implementation)
+        check_implementation("attention", attention_implementation)
         self._static = dict(graphdef=self.graphdef, max_len=max_len, attention_block=attention_block,
                             attention_implementation=attention_implementation)  # fmt: skip
         self._prefill = partial(_prefill_jit, **self._static)

@@ -252,7 +252,7 @@ def paged_decode_kernel(implementation: str, pool_shape: tuple[int, ...], block:
     the kernel can run on each device's own share: the pool's pages not split over `data` (a sequence's pages
     may be any of them), the KV heads split evenly over `tensor` (else they are replicated while the query heads
     are split), and the pieces it copies whole (16, 128) tiles."""
-    check_attention_implementation(implementation)
+    check_implementation("attention", implementation)
     platform = target_platform()
     if implementation == "blockwise" or (implementation == "auto" and platform != "tpu"):
         return None
@@ -286,12 +286,11 @@ def paged_decode(
     return jax.shard_map(call, mesh=mesh, in_specs=specs, out_specs=specs[0], check_vma=False)(*args)
 
 
-def check_attention_implementation(implementation: str) -> None:
-    """Refuses a name that is not one of `ATTENTION_IMPLEMENTATIONS`."""
-    if implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
-            f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, not {implementation!r}"
-        )
+def check_implementation(part: str, implementation: str) -> None:
+    """Refuses a `{part}_implementation` ("attention" or "experts") that is not one of that part's names."""
+    choices = {"attention": ATTENTION_IMPLEMENTATIONS, "experts": EXPERTS_IMPLEMENTATIONS}[part]
+    if implementation not in choices:
+        raise ValueError(f"{part}_implementation must be one of {choices}, not {implementation!r}")
 
 
 # ------------------------------------------------------------------------------------------------- MoE
@@ -374,12 +373,6 @@ def experts_function(implementation: str, gate_up: Matrices) -> Callable:
         own_platform, matmul = EXPERTS_KERNELS[implementation]
         return partial(experts_kernel, matmul=matmul, interpret=platform != own_platform)
     return {"ragged": experts_ragged, "blocked": experts_blocked}[implementation]
-
-
-def check_experts_implementation(implementation: str) -> None:
-    """Refuses a name that is not one of `EXPERTS_IMPLEMENTATIONS`."""
-    if implementation not in EXPERTS_IMPLEMENTATIONS:
-        raise ValueError(f"experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}, not {implementation!r}")
 
 
 def experts_ragged(rows, row_group, sizes, gate_up, gate_up_bias, down, down_bias, *, limit, alpha):
@@ -483,7 +476,7 @@ class MoE(nnx.Module):
     def __init__(
         self, cfg: ModelConfig, *, param_dtype, packed: bool = False, implementation: str = "auto", rngs: nnx.Rngs
     ):
-        check_experts_implementation(implementation)
+        check_implementation("experts", implementation)
         hidden, inter, num = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
         self.router = _param(rngs, (hidden, num), ("embed", "router_experts"), param_dtype, hidden**-0.5)
         self.router_bias = _constant((num,), ("router_experts",), param_dtype, 0.0)
