@@ -11,19 +11,6 @@ pytest.register_assert_rewrite("job_fixtures", "tokenizer_fixtures")
 
 from gptoss_dist.config import FULL, SLIDING, ModelConfig  # noqa: E402
 
-# The files that take longest (2-4 minutes each here), longest first. They run first, so that the two workers
-# of the README's `-n 2 --dist loadfile --no-loadscope-reorder` end together rather than one waiting while the
-# other runs a long file it took last (xdist's default order is by test count, which puts several of them last).
-SLOWEST_FILES = ("test_engine.py", "test_launch.py", "test_generate.py", "test_paged.py", "test_compile.py",
-                 "test_long_context.py")  # fmt: skip
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        return SLOWEST_FILES.index(item.path.name) if item.path.name in SLOWEST_FILES else len(SLOWEST_FILES)
-
-    items.sort(key=rank)  # stable: every file keeps its own order, the others their collection order
-
 
 def small_config(**overrides) -> ModelConfig:
     """A small GPT-OSS: 3 layers (odd), 2 query heads per KV head, 3 of 6 experts, window 8."""
