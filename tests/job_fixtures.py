@@ -1,13 +1,12 @@
 """The batch job's test helpers and module fixtures, for any test module that runs jobs (load them with
 `pytest_plugins = ["job_fixtures"]`): the tiny config with one set of engine shapes, so that jobs in one
-process share their compiled steps; a random checkpoint and its conversion; and a persistent compilation
-cache that job subprocesses share.
+process share their compiled steps; and a random checkpoint and its conversion. Job subprocesses share the
+run's persistent compilation cache (conftest).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -96,14 +95,6 @@ def converted(hf_checkpoint, tmp_path_factory) -> str:
     return str(destination)
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory) -> dict[str, str]:
-    """Settings that give job subprocesses one persistent compilation cache, so only the first one compiles."""
-    cache = tmp_path_factory.mktemp("jax-cache")
-    return {"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-
-
-def run_cli(command: list[str], cache: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(command: list[str]) -> subprocess.CompletedProcess:
     """Runs a job to its end, in the environment as it is now (the GCS emulator's settings included)."""
-    env = os.environ | (cache or {})
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)

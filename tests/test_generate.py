@@ -3,13 +3,12 @@ results equal transformers' generate; bad records go to the errors while the res
 completions; a job killed with SIGKILL and started again writes every record exactly once.
 
 Every job here runs with the same slots, length and steps, so the compiled steps are shared; jobs run as
-subprocesses share a persistent compilation cache.
+subprocesses load them from the run's persistent compilation cache.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -510,11 +509,11 @@ def prefill_counts(summary: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(hf_checkpoint, compilation_cache, tmp_path_factory):
+def uninterrupted(hf_checkpoint, tmp_path_factory):
     """Results and errors of the kill test's input, from a job run through in one go, without prefix caching."""
     directory = tmp_path_factory.mktemp("uninterrupted")
     command = cli(hf_checkpoint, write_jsonl(directory / "in.jsonl", KILL_LINES), directory / "out")
-    process = run_cli(command, compilation_cache)
+    process = run_cli(command)
     assert process.returncode == 1, process.stderr  # the duplicate failed
     prefilled, prompt = prefill_counts(process.stdout)
     assert prefilled == prompt == sum(len(r["prompt_tokens"]) * r.get("n", 1) for r in KILL_REQUESTS)
@@ -540,7 +539,7 @@ def wait_for_records(output: str, count: int, process: subprocess.Popen, timeout
 
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_killed_job_started_again_writes_every_record_exactly_once(
-    request, where, hf_checkpoint, uninterrupted, compilation_cache, tmp_path
+    request, where, hf_checkpoint, uninterrupted, tmp_path
 ):
     base = str(tmp_path) if where == "local" else f"{request.getfixturevalue('gcs_bucket')}/kill-test"
     input_path, output = write_jsonl(f"{base}/in.jsonl", KILL_LINES), f"{base}/out"
@@ -549,8 +548,7 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
                   prefix_caching=True)  # fmt: skip
     log_path = tmp_path / "killed.log"
     with log_path.open("wb") as log:
-        env = os.environ | compilation_cache
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         reached = wait_for_records(output, 3, process)
     finally:
@@ -565,7 +563,7 @@ def test_killed_job_started_again_writes_every_record_exactly_once(
         with open(Path(output) / "results.jsonl", "ab") as results:
             results.write(f'{{"line": {len(KILL_LINES)}, "id": "{KILL_REQUESTS[-1]["id"]}", "text": "cut o'.encode())
     time.sleep(1)
-    again = run_cli(command, compilation_cache)
+    again = run_cli(command)
     assert again.returncode == 1, again.stderr
     assert f"({done} done by an earlier run" in again.stdout
     prefilled, prompt = prefill_counts(again.stdout)  # the rerun ran the lines not done, from cached prefixes
@@ -604,7 +602,7 @@ def results_on_disk(output: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
-def test_results_reach_the_disk_while_the_job_runs(hf_checkpoint, compilation_cache, tmp_path):
+def test_results_reach_the_disk_while_the_job_runs(hf_checkpoint, tmp_path):
     """Each result is written as its request finishes. Requests are read as slots free up, so with 4 slots the
     40th starts only once 36 have finished: 1 to 35 results on disk while the job runs were written before the
     last requests started."""
@@ -615,7 +613,7 @@ def test_results_reach_the_disk_while_the_job_runs(hf_checkpoint, compilation_ca
     command = cli(hf_checkpoint, write_jsonl(tmp_path / "in.jsonl", lines), output)
     log_path = tmp_path / "job.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=os.environ | compilation_cache, stdout=log, stderr=log)
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log)
     seen = []  # results on disk, each counted while the job still ran
     deadline = time.monotonic() + 300
     try:

@@ -62,11 +62,6 @@ def job_command(workdir: Path, output: str) -> list[str]:
             "--config.lock_timeout_s=2"]  # fmt: skip
 
 
-def environment(workdir: Path, **extra: str) -> dict[str, str]:
-    cache = {"JAX_COMPILATION_CACHE_DIR": str(workdir / "cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return os.environ | cache | extra
-
-
 def launch(workdir: Path, output: str, processes: int, devices: int) -> list[str]:
     return [sys.executable, str(ROOT / "launch" / "local.py"), f"--processes={processes}", f"--devices={devices}",
             "--grace_s=5", "--", *job_command(workdir, output)]  # fmt: skip
@@ -81,8 +76,8 @@ def records(path: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def single_process_run(workdir) -> subprocess.CompletedProcess:
-    """The job in one process of 8 devices, logging each program it compiles (the cache is empty)."""
-    done = subprocess.run(launch(workdir, "single", 1, 8), env=environment(workdir, JAX_LOG_COMPILES="1"),
+    """The job in one process of 8 devices, logging each program it compiles (or loads from the run's cache)."""
+    done = subprocess.run(launch(workdir, "single", 1, 8), env=os.environ | {"JAX_LOG_COMPILES": "1"},
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:]
     return done
@@ -103,8 +98,7 @@ def test_the_job_on_a_mesh_compiles_its_prefill_and_decode_calls_once(single_pro
 def test_a_dead_process_stops_the_others_and_a_rerun_completes_exactly_once(workdir, single_process):
     output = workdir / "killed" / "results.jsonl"
     log = (workdir / "killed.log").open("w")
-    launcher = subprocess.Popen(launch(workdir, "killed", 2, 4), env=environment(workdir), stdout=log,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    launcher = subprocess.Popen(launch(workdir, "killed", 2, 4), stdout=log, stderr=subprocess.STDOUT, text=True)
     worker = wait_for_job_process(launcher, output, process_id="1")
     killed_at = time.monotonic()
     os.kill(worker, signal.SIGKILL)
@@ -116,8 +110,7 @@ def test_a_dead_process_stops_the_others_and_a_rerun_completes_exactly_once(work
     assert "Traceback" not in killed_log  # the survivor, if it saw its peer go, said so in one line
     assert all(not pid_alive(pid) for pid in child_pids(launcher.pid))
 
-    rerun = subprocess.run(launch(workdir, "killed", 2, 4), env=environment(workdir), capture_output=True,
-                           text=True, timeout=600)  # fmt: skip
+    rerun = subprocess.run(launch(workdir, "killed", 2, 4), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:]
     assert records(output) == single_process
 
@@ -150,8 +143,9 @@ def test_tpu_pod_script_runs_the_job_on_every_worker_and_a_dead_worker_stops_the
     within 60 s, naming it, rather than waiting on JAX; a rerun writes what one process writes, exactly once."""
     fake_root = tmp_path / "tpu"
     fake_root.mkdir()
-    env = environment(workdir, FAKE_TPU_ROOT=str(fake_root), FAKE_TPU_WORKERS="2", FAKE_TPU_CPU_DEVICES="4",
-                      PATH=f"{ROOT / 'tests' / 'fake_gcloud'}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    path = f"{ROOT / 'tests' / 'fake_gcloud'}{os.pathsep}{os.environ['PATH']}"
+    env = os.environ | {"FAKE_TPU_ROOT": str(fake_root), "FAKE_TPU_WORKERS": "2", "FAKE_TPU_CPU_DEVICES": "4",
+                        "PATH": path}  # fmt: skip
     command = ["bash", str(ROOT / "launch" / "tpu_pod.sh"), "--tpu=demo-pod", "--zone=us-central2-b",
                "--project=demo", "--config=configs/tiny.py", "--install=python3 -c 'import jax'",
                f"--config.checkpoint={workdir / 'hf'}", f"--config.input={workdir / 'requests.jsonl'}",
