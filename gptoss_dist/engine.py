@@ -10,10 +10,12 @@ positions and the pool one page per slot: the contiguous cache of every slot at 
 keep only their window per slot, as a ring (position p at index p % window), which for GPT-OSS's 128-key
 window and long contexts halves the cache.
 
-A request is admitted when a slot and the pages for its prompt are free. Where the pool runs short while
-decoding, the most recently admitted sequence gives its pages back and waits to run again: its prompt and the
-tokens it generated are prefilled once more, and it goes on with the same sampling keys, so its output does
-not change; it keeps the scores it has (neither its prompt nor its generated tokens are scored again).
+A request is admitted when a slot and the pages for its prompt are free. Where the mesh splits the slots and
+the pool over its `data` axis, a slot's pages come from its own shard's part of the pool. Where a shard's pages
+run short while decoding, its most recently admitted sequence gives its pages back and waits to run again: its
+prompt and the tokens it generated are prefilled once more, and it goes on with the same sampling keys, so its
+output does not change; it keeps the scores it has (neither its prompt nor its generated tokens are scored
+again).
 
 With `prefix_caching`, the pages a prefill call fills with a full page of a context are keyed by the hash of
 all the tokens up to the page's end (as vLLM keys its blocks). A sequence whose context starts with cached
@@ -159,8 +161,8 @@ def cache_bytes(
 def page_pool(max_slots: int, max_len: int, page_size: int = 0, kv_pages: int = 0, data: int = 1) -> tuple[int, int]:
     """(page_size, kv_pages) of the full-attention layers' pool, 0 meaning the default: a page of `max_len`
     positions, and as many pages as every slot needs at full length. ValueError, naming the setting, where the
-    page size does not divide max_len, the pool cannot hold one sequence of max_len, or the mesh's `data`
-    shards do not divide the pages."""
+    page size does not divide max_len, the mesh's `data` shards do not divide the pages, or a shard's pages
+    (each slot takes its pages from its own shard's, `_PagePool`) cannot hold one sequence of max_len."""
     if page_size < 0 or kv_pages < 0:
         raise ValueError(f"page_size ({page_size}) and kv_pages ({kv_pages}) must be >= 0 (0: the default)")
     page_size = page_size or max_len
@@ -168,11 +170,12 @@ def page_pool(max_slots: int, max_len: int, page_size: int = 0, kv_pages: int = 
         raise ValueError(f"page_size={page_size} must divide max_len={max_len}")
     per_sequence = max_len // page_size
     kv_pages = kv_pages or max_slots * per_sequence
-    if kv_pages < per_sequence:
-        raise ValueError(f"kv_pages={kv_pages} cannot hold one sequence of max_len={max_len}, which takes "
-                         f"{per_sequence} pages of page_size={page_size}: raise kv_pages or lower max_len")  # fmt: skip
     if kv_pages % data:
         raise ValueError(f"kv_pages={kv_pages} must be a multiple of the mesh's data axis ({data})")
+    if kv_pages // data < per_sequence:
+        shard = f", {kv_pages // data} in each of the mesh's {data} data shards," if data > 1 else ""
+        raise ValueError(f"kv_pages={kv_pages}{shard} cannot hold one sequence of max_len={max_len}, which takes "
+                         f"{per_sequence} pages of page_size={page_size}: raise kv_pages or lower max_len")  # fmt: skip
     return page_size, kv_pages
 
 
@@ -240,7 +243,6 @@ def prefill(
     *,
     max_len: int,
     attention_block: int,
-    attention_implementation: str,
     logprobs: bool = False,
     prompt_logprobs: bool = False,
 ) -> tuple[Slots, jax.Array, jax.Array, TokenScores | None, jax.Array | None]:
@@ -253,12 +255,13 @@ def prefill(
     even where `resumed`), which slots are active [B], with `logprobs` the first tokens' scores, and with
     `prompt_logprobs` the log-probabilities [n, T] of `following` [n, T], the prompt token after each position
     (-1: none), from the piece's logits (never more than a piece's); all but the slots replicated so that every
-    process can read them."""
+    process can read them. Attention takes the portable path: the decode kernel reads a slot's pages on its own
+    data shard, and a row here may hold any slot's piece."""
     model = nnx.merge(graphdef, params)
     span = Span(first=first, start=jnp.zeros_like(first), end=count, slot=targets,
                 pages=jnp.take(pages, targets, axis=0, mode="clip"))  # fmt: skip
     hidden, cache = model.hidden_states(tokens, span, slots.cache, attention_block=attention_block,
-                                        attention_implementation=attention_implementation)  # fmt: skip
+                                        attention_implementation="blockwise")  # fmt: skip
     final = jnp.take_along_axis(hidden, jnp.maximum(count - 1, 0)[:, None, None], axis=1)
     zeros = jnp.zeros_like(count)
     new = Slots(cache=None, token=zeros, length=first + count, generated=zeros, active=last, **settings)
@@ -353,7 +356,7 @@ def _full(shape: tuple[int, ...], dtype, fill, sharding) -> Callable[[], jax.Arr
 # nothing compiles and runs no scoring); the slots are donated.
 _prefill_jit = jax.jit(
     prefill,
-    static_argnames=("graphdef", "max_len", "attention_block", "attention_implementation", "logprobs", "prompt_logprobs"),
+    static_argnames=("graphdef", "max_len", "attention_block", "logprobs", "prompt_logprobs"),
     donate_argnames=("slots",),
 )
 _decode_jit = jax.jit(
@@ -430,79 +433,100 @@ class _PagePool:
     """The host's account of the pool: free pages, and each slot's pages in its row of the page table. With
     prefix caching, a page that holds a full page of some context is keyed by the hash of all the tokens up to
     its end (`_page_keys`): slots whose contexts start alike map it read-only (it counts them), and once none
-    does it stays cached until the pool needs room, the least recently used first."""
+    does it stays cached until the pool needs room, the least recently used first.
 
-    def __init__(self, pages: int, page_size: int, slots: int, per_sequence: int):
+    Where the mesh splits the slots and the pool over `shards` (its `data` axis), each slot takes its pages from
+    its own shard's part of the pool, and maps cached pages of that part only, so that a decode step reads each
+    sequence's keys on the devices that hold its slot (the TPU kernel reads only its devices' part)."""
+
+    def __init__(self, pages: int, page_size: int, slots: int, per_sequence: int, shards: int = 1):
         self.page_size = page_size
-        self.free = list(range(pages - 1, -1, -1))  # taken from the end: page 0 first
+        self.slots_per_shard, self.pages_per_shard = slots // shards, pages // shards
+        # taken from the end: each part's first page first
+        self.free = [list(range((s + 1) * self.pages_per_shard - 1, s * self.pages_per_shard - 1, -1))
+                     for s in range(shards)]  # fmt: skip
         self.held: dict[int, list[int]] = {}
         self.table = np.zeros((slots, per_sequence), np.int32)
         self.users: Counter[int] = Counter()  # slots holding each page
-        self.cached: dict[bytes, int] = {}  # the page of each key
+        self.cached: list[dict[bytes, int]] = [{} for _ in range(shards)]  # the page of each key, by shard
         self.key_of: dict[int, bytes] = {}
-        self.idle: OrderedDict[int, None] = OrderedDict()  # cached pages no slot holds, least recently used first
+        # cached pages no slot holds, least recently used first, by shard
+        self.idle: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(shards)]
 
-    def available(self) -> int:
-        return len(self.free) + len(self.idle)
+    def shard(self, slot: int) -> int:
+        return slot // self.slots_per_shard
+
+    def cached_for(self, slot: int) -> dict[bytes, int]:
+        """The cached pages that `slot` may map, by key."""
+        return self.cached[self.shard(slot)]
+
+    def available(self, shard: int) -> int:
+        return len(self.free[shard]) + len(self.idle[shard])
 
     def missing(self, slot: int, tokens: int) -> int:
         """Pages that `slot` lacks for `tokens` tokens."""
         return max(-(-tokens // self.page_size) - len(self.held.get(slot, [])), 0)
 
     def has_room(self, needs: dict[int, int]) -> bool:
-        """Whether the free (or only cached) pages cover `needs` (tokens by slot)."""
-        return sum(self.missing(slot, tokens) for slot, tokens in needs.items()) <= self.available()
+        """Whether the free (or only cached) pages of each shard cover `needs` (tokens by slot)."""
+        wanted = Counter()
+        for slot, tokens in needs.items():
+            wanted[self.shard(slot)] += self.missing(slot, tokens)
+        return all(count <= self.available(shard) for shard, count in wanted.items())
 
     def take(self, slot: int, tokens: int) -> bool:
-        """Gives `slot` the pages that `tokens` tokens need, if the pool has them (evicting cached pages no slot
+        """Gives `slot` the pages that `tokens` tokens need, if its shard has them (evicting cached pages no slot
         holds, least recently used first); says whether it did."""
-        missing = self.missing(slot, tokens)
-        if missing > self.available():
+        shard, missing = self.shard(slot), self.missing(slot, tokens)
+        if missing > self.available(shard):
             return False
         for _ in range(missing):
-            if self.free:
-                page = self.free.pop()
+            if self.free[shard]:
+                page = self.free[shard].pop()
             else:
-                page, _ = self.idle.popitem(last=False)
-                del self.cached[self.key_of.pop(page)]
+                page, _ = self.idle[shard].popitem(last=False)
+                del self.cached[shard][self.key_of.pop(page)]
             self._hold(slot, page)
         return True
 
     def share(self, slot: int, keys: Sequence[bytes]) -> int:
         """Maps into the empty table of `slot` the cached pages of the longest run of `keys` from the first;
         returns how many."""
+        cached = self.cached_for(slot)
         for key in keys:
-            if key not in self.cached:
+            if key not in cached:
                 break
-            self._hold(slot, self.cached[key])
+            self._hold(slot, cached[key])
         return len(self.held.get(slot, []))
 
     def publish(self, slot: int, keys: Sequence[bytes]) -> None:
         """Caches the first pages of `slot` under `keys` (of the full pages it has written), where no page holds
         their tokens yet."""
+        cached = self.cached_for(slot)
         for page, key in zip(self.held[slot], keys):
-            if key not in self.cached and page not in self.key_of:
-                self.cached[key], self.key_of[page] = page, key
+            if key not in cached and page not in self.key_of:
+                cached[key], self.key_of[page] = page, key
 
     def release(self, slot: int) -> None:
         """Takes back the pages of `slot`: those no other slot holds become free, or, if cached, idle (the last
         page first in line for eviction)."""
+        shard = self.shard(slot)
         for page in reversed(self.held.pop(slot, [])):
             self.users[page] -= 1
             if self.users[page]:
                 continue
             del self.users[page]
             if page in self.key_of:
-                self.idle[page] = None
+                self.idle[shard][page] = None
             else:
-                self.free.append(page)
+                self.free[shard].append(page)
 
     def _hold(self, slot: int, page: int) -> None:
         held = self.held.setdefault(slot, [])
         self.table[slot, len(held)] = page
         held.append(page)
         self.users[page] += 1
-        self.idle.pop(page, None)
+        self.idle[self.shard(slot)].pop(page, None)
 
 
 def _page_keys(tokens: Sequence[int], page_size: int) -> list[bytes]:
@@ -559,6 +583,7 @@ class Engine:
         if max_slots % data:
             raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
         self.page_size, self.kv_pages = page_pool(max_slots, max_len, page_size, kv_pages, data)
+        self.data_shards = data
         self.prefix_caching = prefix_caching
         self.row_buckets = _buckets(data, max_slots)
         # the longest piece of a prompt that one call runs: calls have at least one row per data shard
@@ -567,10 +592,10 @@ class Engine:
         self.graphdef, self.params = nnx.split(model)
         self.dtype = model.compute_dtype
         check_implementation("attention", attention_implementation)
-        self._static = dict(graphdef=self.graphdef, max_len=max_len, attention_block=attention_block,
-                            attention_implementation=attention_implementation)  # fmt: skip
+        self._static = dict(graphdef=self.graphdef, max_len=max_len, attention_block=attention_block)
+        self._decode_static = dict(steps=steps_per_call, attention_implementation=attention_implementation)
         self._prefill = partial(_prefill_jit, **self._static)
-        self._decode = partial(_decode_jit, steps=steps_per_call, **self._static)
+        self._decode = partial(_decode_jit, **self._static, **self._decode_static)
         self.slot_steps = 0  # decode steps x slots spent, for measuring batching efficiency
         self.preemptions = 0  # sequences that gave their pages back to be recomputed later
         self.prefilled_tokens = 0  # context tokens run by prefill calls (those of cached prefixes are not)
@@ -641,7 +666,7 @@ class Engine:
     def lower_decode(self) -> jax.stages.Lowered:
         """The decode call, lowered like `lower_prefill`."""
         with self._mesh_context():
-            return _decode_jit.lower(**self._static, steps=self.steps_per_call, params=self.params,
+            return _decode_jit.lower(**self._static, **self._decode_static, params=self.params,
                                      slots=self.abstract_slots(), pages=self._abstract_pages())  # fmt: skip
 
     def _abstract_pages(self) -> jax.ShapeDtypeStruct:
@@ -705,7 +730,8 @@ class Engine:
         pending = iter(requests)
         with self._mesh_context():
             slots = self.empty_slots()
-            pool = _PagePool(self.kv_pages, self.page_size, self.max_slots, self.max_len // self.page_size)
+            pool = _PagePool(self.kv_pages, self.page_size, self.max_slots, self.max_len // self.page_size,
+                             self.data_shards)  # fmt: skip
             running: dict[int, _Sequence] = {}  # by slot, in the order admitted
             waiting: deque[_Sequence] = deque()  # preempted sequences, to run again first
             unread: Callable[[], list[Update]] | None = None  # the call in flight whose tokens are not read
@@ -733,11 +759,14 @@ class Engine:
     def _admit(self, pending: Iterator[Request], waiting: deque[_Sequence], running: dict[int, _Sequence],
                pool: _PagePool) -> None:  # fmt: skip
         """Fills free slots, first with preempted sequences, then with requests drawn from `pending`, while
-        the pool has the pages of their prompts. With prefix caching, a sequence maps the cached pages its
-        context starts with and prefills only the rest (`_mappable_pages`); one whose next page a sequence now
-        prefilling is about to write waits for it (so a request's n samples share their prompt's pages and their
-        prefill)."""
+        the pool has the pages of their prompts (a slot's shard of it). With prefix caching, a sequence maps the
+        cached pages its context starts with and prefills only the rest (`_mappable_pages`); one whose next page
+        a sequence now prefilling is about to write waits for it (so a request's n samples share their prompt's
+        pages and their prefill)."""
+        closed = set()  # shards whose slots the next sequence does not take now
         for slot in [s for s in range(self.max_slots) if s not in running]:
+            if pool.shard(slot) in closed:
+                continue
             if not waiting:
                 request = next(pending, None)
                 if request is None:
@@ -749,13 +778,15 @@ class Engine:
             sequence = waiting[0]
             mappable = sequence.keys[: self._mappable_pages(sequence)]
             if mappable:
-                if self._written_soon(sequence, running, pool):
-                    return
+                if self._written_soon(sequence, slot, running, pool):
+                    closed.add(pool.shard(slot))
+                    continue
                 sequence.prefilled = pool.share(slot, mappable) * self.page_size
             if not pool.take(slot, len(sequence.context)):
                 pool.release(slot)
                 sequence.prefilled = 0
-                return
+                closed.add(pool.shard(slot))
+                continue
             running[slot] = waiting.popleft()
 
     def _with_keys(self, sequence: _Sequence) -> _Sequence:
@@ -774,12 +805,15 @@ class Engine:
             pages = min(pages, len(sequence.prompt_logprobs) // self.page_size)
         return pages
 
-    def _written_soon(self, sequence: _Sequence, running: dict[int, _Sequence], pool: _PagePool) -> bool:
-        """Whether the first page of `sequence` not cached yet is one that a sequence now prefilling writes."""
-        wanted = next((key for key in sequence.keys if key not in pool.cached), None)
+    def _written_soon(self, sequence: _Sequence, slot: int, running: dict[int, _Sequence], pool: _PagePool) -> bool:
+        """Whether the first page of `sequence` not cached for `slot` yet is one that a sequence now prefilling
+        in the same shard writes."""
+        cached, shard = pool.cached_for(slot), pool.shard(slot)
+        wanted = next((key for key in sequence.keys if key not in cached), None)
         return wanted is not None and any(
-            wanted in other.keys[other.prefilled // self.page_size :] for other in running.values() if other.prefilling
-        )
+            wanted in other.keys[other.prefilled // self.page_size :]
+            for other_slot, other in running.items() if other.prefilling and pool.shard(other_slot) == shard
+        )  # fmt: skip
 
     def _page_needs(self, running: dict[int, _Sequence]) -> dict[int, int]:
         """The tokens that each sequence that may decode in the next call may have in the cache after it, by
@@ -789,13 +823,13 @@ class Engine:
 
     def _make_room(self, slots: Slots, needs: dict[int, int], running: dict[int, _Sequence],
                    waiting: deque[_Sequence], pool: _PagePool) -> Slots:  # fmt: skip
-        """Gives each decoding sequence, oldest first, the pages for its `needs`. Where the pool runs short, the
-        most recently admitted sequence gives its pages back and waits to run again."""
+        """Gives each decoding sequence, oldest first, the pages for its `needs`. Where its shard of the pool runs
+        short, the most recently admitted sequence of that shard gives its pages back and waits to run again."""
         for slot, need in needs.items():
             if slot not in running:
                 continue
             while not pool.take(slot, need):
-                victim = next(reversed(running))
+                victim = next(other for other in reversed(running) if pool.shard(other) == pool.shard(slot))
                 waiting.appendleft(self._with_keys(running.pop(victim).preempted()))
                 pool.release(victim)
                 slots = _deactivate_jit(slots, np.int32(victim))

@@ -249,9 +249,10 @@ class Attention(nnx.Module):
 def paged_decode_kernel(implementation: str, pool_shape: tuple[int, ...], block: int) -> Callable | None:
     """The kernel that reads a pool [P, kv_heads, page, 2 * D] for one token a row (`ATTENTION_IMPLEMENTATIONS`),
     or None for the portable path: `tpu_kernel` (in Pallas' interpreter off a TPU), and `auto` on a TPU where
-    the kernel can run on each device's own share: the pool's pages not split over `data` (a sequence's pages
-    may be any of them), the KV heads split evenly over `tensor` (else they are replicated while the query heads
-    are split), and the pieces it copies whole (16, 128) tiles."""
+    the kernel can run on each device's own share: the KV heads split evenly over `tensor` (else they are
+    replicated while the query heads are split), and the pieces it copies whole (16, 128) tiles. Where `data`
+    splits the rows and the pool, each shard reads its own part: a row's pages must lie in its shard's part, as
+    the engine's allocator places them (`paged_decode`)."""
     check_implementation("attention", implementation)
     platform = target_platform()
     if implementation == "blockwise" or (implementation == "auto" and platform != "tpu"):
@@ -260,25 +261,33 @@ def paged_decode_kernel(implementation: str, pool_shape: tuple[int, ...], block:
     sizes = {"data": 1, "tensor": 1} if mesh.empty else mesh_sizes(mesh)
     _, kv_heads, page, _ = pool_shape
     local_kv = kv_heads // sizes["tensor"]
-    fits = sizes["data"] == 1 and kv_heads % sizes["tensor"] == 0
+    fits = kv_heads % sizes["tensor"] == 0
     if fits and (implementation == "tpu_kernel" or tpu_paged_attention.block_size(page, block) * local_kv % 16 == 0):
         return partial(paged_decode, interpret=platform != "tpu")
     if implementation == "auto":
         return None
-    raise ValueError(f"attention_implementation='tpu_kernel' needs mesh.data = 1 and mesh.tensor dividing "
-                     f"the {kv_heads} KV heads; the mesh is {sizes}")  # fmt: skip
+    raise ValueError(f"attention_implementation='tpu_kernel' needs mesh.tensor dividing the {kv_heads} KV heads; "
+                     f"the mesh is {sizes}")  # fmt: skip
 
 
 def paged_decode(
     q: jax.Array, keys: KeySpan, sinks: jax.Array, window: int | None, block: int, *, interpret: bool
 ) -> jax.Array:
     """`tpu_paged_attention.paged_decode_attention` of q [B, Hq, D] over the pool and page table of `keys`, on
-    each device's heads where a mesh is set (see `paged_decode_kernel` for the meshes it takes)."""
-    call = partial(tpu_paged_attention.paged_decode_attention, window=window, block=block, interpret=interpret)
+    each device's rows and heads where a mesh is set (see `paged_decode_kernel` for the meshes it takes). Where
+    `data` splits the rows and the pool's pages, row b's pages must lie in the part of the pool on b's shard:
+    each shard reads only its own part, through page numbers counted from the part's first page."""
+    kernel = partial(tpu_paged_attention.paged_decode_attention, window=window, block=block, interpret=interpret)
     args = (q, keys.kv, keys.pages, keys.end, sinks)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return call(*args)
+        return kernel(*args)
+
+    def call(q, pool, pages, lengths, sinks):
+        # a row's table past its live pages may hold numbers from elsewhere: kept in range, and never read
+        local = jnp.clip(pages - jax.lax.axis_index("data") * pool.shape[0], 0, pool.shape[0] - 1)
+        return kernel(q, pool, local, lengths, sinks)
+
     sizes = mesh_sizes(mesh)
     axes = (("batch", "q_heads", "head_dim"), CACHE_AXES, ("batch", None), ("batch",), ("q_heads",))
     specs = tuple(logical_to_spec(names, arg.shape, sizes) for names, arg in zip(axes, args, strict=True))

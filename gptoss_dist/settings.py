@@ -41,7 +41,7 @@ def run_settings(*, model: dict[str, Any], **overrides: Any) -> ml_collections.C
             # "blocked", "gpu_kernel" or "tpu_kernel" (a kernel off its platform runs in Pallas' interpreter)
             "experts_implementation": "auto",
             # how a decode step reads the KV cache's pool: "auto" (on TPUs a Pallas kernel that reads each
-            # sequence's own live pages, where mesh.data is 1 and mesh.tensor divides the KV heads; elsewhere the
+            # sequence's own live pages on its data shard, where mesh.tensor divides the KV heads; elsewhere the
             # portable blockwise path, which reads every sequence up to the batch's longest), "blockwise" or
             # "tpu_kernel" (off a TPU in Pallas' interpreter)
             "attention_implementation": "auto",

@@ -63,7 +63,7 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
             need = plan.plan_memory(model_config, mesh_sizes(mesh), pool=pool,
                                     **settings.plan_options(config))
             plan.check_fits(need, memory[1], memory[0])
-    except ValueError as err:  # a PlanError, or a pool that the mesh's data shards do not divide
+    except ValueError as err:  # a PlanError, or a pool that does not split into data shards of a sequence each
         raise StartError(str(err)) from None
     return mesh
 

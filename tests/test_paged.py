@@ -160,16 +160,24 @@ def test_bad_page_settings_are_refused_by_name(model, pool, message):
         mixed_engine(model, **pool)
     with pytest.raises(ValueError, match="kv_pages=13 must be a multiple of the mesh's data axis"):
         page_pool(4, 96, 8, 13, data=2)
+    with pytest.raises(ValueError, match="kv_pages=18, 9 in each of the mesh's 2 data shards, cannot hold one"):
+        page_pool(4, 96, 8, 18, data=2)
     assert page_pool(4, 96) == (96, 4) and page_pool(4, 96, 8) == (8, 48)
 
 
 
-def test_the_engine_with_the_kernel_gives_the_blockwise_tokens(checkpoint, mixed):
-    """Decode steps read the pool with the TPU kernel (Pallas' interpreter here), with the KV heads split over
-    `tensor`: pages of 8 and prefix caching, so that the sliding layers read their window out of the pool too.
-    Every greedy and seeded request gets the tokens of the portable path."""
-    requests, expected = mixed
-    mesh = mesh_of((1, 2, 1))
+def test_the_engine_with_the_kernel_gives_the_blockwise_tokens(checkpoint, model, mixed):
+    """Decode steps read the pool with the TPU kernel (Pallas' interpreter here), with the slots and the pool
+    split over `data` (each shard's kernel reads its own part of the pool) and the KV heads over `tensor`: pages
+    of 8 and prefix caching, so that the sliding layers read their window out of the pool too, in a pool of one
+    max_len sequence a shard, where two of these sequences do not fit, so that shards preempt. Every greedy and
+    seeded request gets the tokens of the portable path with a page of max_len per slot, once."""
+    requests = [dataclasses.replace(request, max_new_tokens=56) for request in mixed[0]]
+    expected = {result.id: result for result in mixed_engine(model).generate(requests)}
+    mesh = mesh_of((2, 2, 1))
     model = from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh)
-    engine = mixed_engine(model, mesh=mesh, page_size=8, prefix_caching=True, attention_implementation="tpu_kernel")
-    assert {result.id: result for result in engine.generate(requests)} == expected
+    engine = mixed_engine(model, mesh=mesh, page_size=8, kv_pages=24, prefix_caching=True,
+                          attention_implementation="tpu_kernel")  # fmt: skip
+    results, _ = streamed(engine, requests)
+    assert results == expected
+    assert engine.preemptions > 0

@@ -53,21 +53,20 @@ def test_kernel_equals_the_portable_path(window, block, dtype):
 
 @pytest.mark.parametrize(
     ("platform", "mesh", "kv_heads", "page", "kernel"),
-    [("cpu", (1, 2, 1), 8, 64, False), ("tpu", (1, 2, 2), 8, 64, True), ("tpu", (2, 2, 1), 8, 64, False),
+    [("cpu", (1, 2, 1), 8, 64, False), ("tpu", (1, 2, 2), 8, 64, True), ("tpu", (2, 2, 1), 8, 64, True),
      ("tpu", (1, 4, 1), 2, 64, False), ("tpu", (1, 2, 1), 2, 8, False)],  # fmt: skip
 )
 def test_auto_takes_the_kernel_on_a_tpu_where_each_device_holds_its_rows(platform, mesh, kv_heads, page, kernel):
-    """`auto` reads the pool with the kernel on a TPU mesh whose `data` axis is 1 (a sequence's pages may lie
-    anywhere in the pool) and whose `tensor` axis divides the KV heads, in pieces of whole (16, 128) tiles;
-    elsewhere the portable path. Asking for the kernel where the mesh does not let it run is refused, naming
-    the setting."""
+    """`auto` reads the pool with the kernel on a TPU mesh whose `tensor` axis divides the KV heads (each data
+    shard's rows read its part of the pool), in pieces of whole (16, 128) tiles; elsewhere the portable path.
+    Asking for the kernel where the mesh does not let it run is refused, naming the setting."""
     devices = tpu_compile.load_topology("v5e:2x2").devices if platform == "tpu" else jax.devices()[:4]
     pool = (16, kv_heads, page, 128)
     with jax.set_mesh(jax.sharding.Mesh(np.array(devices[: np.prod(mesh)]).reshape(mesh), MESH_AXES)):
         assert (paged_decode_kernel("auto", pool, 512) is not None) == kernel
         assert paged_decode_kernel("blockwise", pool, 512) is None
-        if platform == "tpu" and (mesh[0] > 1 or kv_heads % mesh[1]):
-            with pytest.raises(ValueError, match="attention_implementation='tpu_kernel' needs mesh.data = 1"):
+        if platform == "tpu" and kv_heads % mesh[1]:
+            with pytest.raises(ValueError, match="attention_implementation='tpu_kernel' needs mesh.tensor dividing"):
                 paged_decode_kernel("tpu_kernel", pool, 512)
     with pytest.raises(ValueError, match="attention_implementation must be one of"):
         paged_decode_kernel("paged", pool, 512)
