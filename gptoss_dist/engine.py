@@ -441,10 +441,9 @@ class _PagePool:
 
     def __init__(self, pages: int, page_size: int, slots: int, per_sequence: int, shards: int = 1):
         self.page_size = page_size
-        self.slots_per_shard, self.pages_per_shard = slots // shards, pages // shards
+        self.slots_per_shard, part = slots // shards, pages // shards
         # taken from the end: each part's first page first
-        self.free = [list(range((s + 1) * self.pages_per_shard - 1, s * self.pages_per_shard - 1, -1))
-                     for s in range(shards)]  # fmt: skip
+        self.free = [list(range((s + 1) * part - 1, s * part - 1, -1)) for s in range(shards)]
         self.held: dict[int, list[int]] = {}
         self.table = np.zeros((slots, per_sequence), np.int32)
         self.users: Counter[int] = Counter()  # slots holding each page
