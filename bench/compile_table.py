@@ -5,12 +5,15 @@ topology and (max_slots, max_len), compiled one at a time, each program's figure
     python bench/compile_table.py --out=bench/results/compile_table.jsonl --replan   # the plan's figures only
     python bench/compile_table.py --out=... --programs=decode --kinds=20B-bf16 --topologies=v6e:2x4 \
         --settings=64x8192   # only these cases
+    python bench/compile_table.py --out=... --largest --kinds=20B-bf16 --topologies=v6e:2x4
+    python bench/compile_table.py --out=... --table   # BENCHMARKS.md's table from the records; no compile
 
 All decode calls are compiled before any prefill call (decode is the one whose memory grows with the batch).
 A case already in `--out` is skipped, so a stopped run resumes. The mesh puts 8 devices (the KV heads) on
 `tensor` for bf16 experts, 2 for packed ones (`tensor` must divide intermediate_size / 32 = 90), the rest on
-`expert`. `largest_slots_8192` extrapolates from a (64, 8192) decode: the cache grows with the slots, the
-weights do not, and the temporaries are taken as they are at 64 slots.
+`expert`. `--largest` searches the largest `max_slots` whose decode call fits at `max_len` 8192, in steps of
+SLOT_STEP, compiling each step (it starts from `extrapolated_slots`); `--table` shows the compiled bounds
+where there are some, else the extrapolation.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -32,6 +36,8 @@ MODELS = {"20B": "configs/gpt_oss_20b.py", "120B": "configs/gpt_oss_120b.py"}
 TOPOLOGIES = ["v6e:2x4", "v5e:2x4", "v5e:4x4", "v6e:2x2", "v5p:2x2x1", "v5p:2x2x2", "tpu7x:2x2x1"]
 SETTINGS = [(64, 8192), (8, 131072)]
 PACKED_TENSOR = 2
+SLOT_STEP = 32
+GIB, MIB = 1 << 30, 1 << 20
 
 
 def cases() -> list[tuple[str, bool, str, int, int]]:
@@ -106,11 +112,99 @@ def replan(out: Path) -> None:
     os.replace(temporary, out)
 
 
+def extrapolated_slots(record: dict) -> int:
+    """The largest `max_slots` that a fitting (slots, 8192) decode record suggests would fit the chip: the
+    cache and the temporaries taken to grow with the slots (the temporaries are mostly the sampling's, per
+    slot), the rest of the arguments (the weights) not. Uses the chip's HBM as `plan` counts it, which is a
+    little more than XLA lets a program use (31.25 of 32 GiB on a v6e)."""
+    per_slot = (record["plan_kv_cache_bytes"] + record["temp_bytes"]) / record["max_slots"]
+    fixed = record["argument_bytes"] - record["plan_kv_cache_bytes"]
+    return max(0, int((record["hbm_bytes"] - fixed) // per_slot))
+
+
+def search_largest(case: tuple[str, bool, str, int, int], records: dict[tuple, dict], compile_case) -> None:
+    """Compiles the decode call at multiples of SLOT_STEP slots (max_len 8192), from the extrapolation up
+    while it fits or down until it does, until a fitting count and the next one that does not are both
+    compiled. `records` holds the results by key, and `compile_case(slots)` compiles one count."""
+    model, packed, topology, _, _ = case
+
+    def result(slots: int) -> bool:
+        found = records.get((model, packed, topology, slots, 8192, "decode"))
+        if found is None:
+            found = compile_case(slots)
+            records[key(found)] = found
+        return bool(found.get("fits"))
+
+    start = records.get((model, packed, topology, 64, 8192, "decode"))
+    guess = extrapolated_slots(start) if start and start.get("fits") else 0
+    slots = max(SLOT_STEP, guess // SLOT_STEP * SLOT_STEP)
+    if result(slots):
+        while result(slots + SLOT_STEP):
+            slots += SLOT_STEP
+    else:
+        while slots > SLOT_STEP and not result(slots - SLOT_STEP):
+            slots -= SLOT_STEP
+
+
+def largest_text(records: list[dict], kind_name: str, topology: str) -> str:
+    """The largest `max_slots` at 8192 for a table row: compiled bounds, else the extrapolation."""
+    tried = [r for r in records if (kind(r["model"], r["packed"]), r["topology"], r["max_len"], r["program"])
+             == (kind_name, topology, 8192, "decode")]  # fmt: skip
+    fitting = [r["max_slots"] for r in tried if r.get("fits")]
+    over = [r["max_slots"] for r in tried if not r.get("fits") and r["max_slots"] > max(fitting, default=0)]
+    if fitting and over:
+        return f"{max(fitting):,} ({min(over):,} no)"
+    if not fitting and over:
+        return f"< {min(over):,}"
+    at_64 = next((r for r in tried if r["max_slots"] == 64 and r.get("fits")), None)
+    return f"~{extrapolated_slots(at_64):,} (extrapolated)" if at_64 else "-"
+
+
+def table(records: list[dict]) -> str:
+    """The Markdown table of the issue's cases: the newest record of each case and program."""
+    newest = {key(record): record for record in records}
+    header = ("model", "topology", "mesh", "max_slots x max_len", "program", "total per chip", "HBM", "fits",
+              "temporaries", "plan", "largest max_slots at 8,192", "compile")  # fmt: skip
+    rule = ("---",) * 5 + ("---:", "---:", "---") + ("---:",) * 4
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(rule) + " |"]
+    for program in ("decode", "prefill"):
+        for case in cases():
+            record = newest.get((*case, program))
+            if record is not None:
+                lines.append("| " + " | ".join(table_cells(record, records)) + " |")
+    return "\n".join(lines)
+
+
+def table_cells(record: dict, records: list[dict]) -> list[str]:
+    """One table row's cells."""
+    name = kind(record["model"], record["packed"]).replace("-", " ")
+    mesh = ", ".join(str(size) for size in record["mesh"].values()) if "mesh" in record else "-"
+    if record.get("temp_bytes") is not None:
+        total = f"{record['total_bytes'] / GIB:.2f}"
+        temporaries = f"{record['temp_bytes'] / MIB:,.1f} MiB"
+        plan = f"{record['plan_working_bytes'] / MIB:,.1f} MiB ({record['plan_working_bytes'] / record['temp_bytes']:.2f}x)"
+    else:
+        total, temporaries, plan = _needed(record.get("error", "")), "-", "-"
+    largest = largest_text(records, kind(record["model"], record["packed"]), record["topology"])
+    hbm = f"{record['hbm_bytes'] / GIB:.0f}" if "hbm_bytes" in record else "-"
+    return [name, record["topology"], mesh, f"{record['max_slots']:,} x {record['max_len']:,}", record["program"],
+            total, hbm, "yes" if record.get("fits") else "no", temporaries, plan,
+            largest if (record["program"], record["max_slots"], record["max_len"]) == ("decode", 64, 8192) else "", f"{record['compile_s']:,.0f} s"]  # fmt: skip
+
+
+def _needed(error: str) -> str:
+    """What XLA's out-of-memory message says the program needs ("33.20G of temporaries"), or the error."""
+    match = re.search(r"required for HLO temporaries \(([0-9.]+G)\)", error)
+    return f"{match[1]} (XLA's message)" if match else error[:60]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--programs", default="decode,prefill")
     parser.add_argument("--replan", action="store_true", help="recompute the plan's figures in --out; no compile")
+    parser.add_argument("--largest", action="store_true", help="search the largest max_slots at max_len 8192")
+    parser.add_argument("--table", action="store_true", help="print the Markdown table of --out; no compile")
     parser.add_argument("--kinds", default="", help="only these, comma-separated: 20B-bf16,120B-packed,...")
     parser.add_argument("--topologies", default="", help="only these, comma-separated")
     parser.add_argument("--settings", default="", help="only these, comma-separated SLOTSxLEN: 64x8192,...")
@@ -120,25 +214,39 @@ def main() -> None:
     if args.replan:
         replan(out)
         return
-    done = {key(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    if args.table:
+        print(table(records))
+        return
+    done = {key(record): record for record in records}
+    chosen = [case for case in cases() if selected(case, args.kinds, args.topologies, args.settings)]
+    if args.largest:
+        for case in dict.fromkeys(case[:3] + (64, 8192) for case in chosen):
+            search_largest(case, done, lambda slots, case=case: compile_and_append(out, (*case[:3], slots, 8192),
+                                                                                   "decode"))  # fmt: skip
+        return
     for program in args.programs.split(","):
-        for case in cases():
-            model, packed, topology_name, slots, length = case
-            if (*case, program) in done or not selected(case, args.kinds, args.topologies, args.settings):
-                continue
-            topology = tpu_compile.load_topology(topology_name)
-            start = time.perf_counter()
-            try:
-                record = run_case(model, packed, topology, slots, length, program)
-            except Exception as err:  # noqa: BLE001 - a case that cannot compile is recorded, and the next runs
-                record = {"model": model, "packed": packed, "topology": topology_name, "max_slots": slots,
-                          "max_len": length, "program": program, "error": f"{type(err).__name__}: {err}"[:500],
-                          "compile_s": round(time.perf_counter() - start, 1)}  # fmt: skip
-            with out.open("a") as file:  # one line per case, appended whole: a stopped run loses only its case
-                file.write(json.dumps(record) + "\n")
-                file.flush()
-                os.fsync(file.fileno())
-            print(json.dumps(record), flush=True)
+        for case in chosen:
+            if (*case, program) not in done:
+                compile_and_append(out, case, program)
+
+
+def compile_and_append(out: Path, case: tuple[str, bool, str, int, int], program: str) -> dict:
+    """Compiles one case's program and appends its record to `out` (an error is recorded, not raised)."""
+    model, packed, topology_name, slots, length = case
+    start = time.perf_counter()
+    try:
+        record = run_case(model, packed, tpu_compile.load_topology(topology_name), slots, length, program)
+    except Exception as err:  # noqa: BLE001 - a case that cannot compile is recorded, and the next runs
+        record = {"model": model, "packed": packed, "topology": topology_name, "max_slots": slots,
+                  "max_len": length, "program": program, "error": f"{type(err).__name__}: {err}"[:500],
+                  "compile_s": round(time.perf_counter() - start, 1)}  # fmt: skip
+    with out.open("a") as file:  # one line per case, appended whole: a stopped run loses only its case
+        file.write(json.dumps(record) + "\n")
+        file.flush()
+        os.fsync(file.fileno())
+    print(json.dumps(record), flush=True)
+    return record
 
 
 if __name__ == "__main__":
