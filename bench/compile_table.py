@@ -123,9 +123,10 @@ def extrapolated_slots(record: dict) -> int:
 
 
 def search_largest(case: tuple[str, bool, str, int, int], records: dict[tuple, dict], compile_case) -> None:
-    """Compiles the decode call at multiples of SLOT_STEP slots (max_len 8192), from the extrapolation up
-    while it fits or down until it does, until a fitting count and the next one that does not are both
-    compiled. `records` holds the results by key, and `compile_case(slots)` compiles one count."""
+    """Compiles the decode call at multiples of SLOT_STEP slots (max_len 8192), from the extrapolation of the
+    64-slot call (compiled first where it is not in `records`) up while it fits or down until it does, until a
+    fitting count and the next one that does not are both compiled. `records` holds the results by key, and
+    `compile_case(slots)` compiles one count."""
     model, packed, topology, _, _ = case
 
     def result(slots: int) -> bool:
@@ -135,8 +136,7 @@ def search_largest(case: tuple[str, bool, str, int, int], records: dict[tuple, d
             records[key(found)] = found
         return bool(found.get("fits"))
 
-    start = records.get((model, packed, topology, 64, 8192, "decode"))
-    guess = extrapolated_slots(start) if start and start.get("fits") else 0
+    guess = extrapolated_slots(records[(model, packed, topology, 64, 8192, "decode")]) if result(64) else 0
     slots = max(SLOT_STEP, guess // SLOT_STEP * SLOT_STEP)
     if result(slots):
         while result(slots + SLOT_STEP):
