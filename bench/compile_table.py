@@ -182,18 +182,20 @@ def table_cells(record: dict, records: list[dict]) -> list[str]:
     if record.get("temp_bytes") is not None:
         total = f"{record['total_bytes'] / GIB:.2f}"
         temporaries = f"{record['temp_bytes'] / MIB:,.1f} MiB"
-        plan = f"{record['plan_working_bytes'] / MIB:,.1f} MiB ({record['plan_working_bytes'] / record['temp_bytes']:.2f}x)"
+        planned = record["plan_working_bytes"]
+        plan = f"{planned / MIB:,.1f} MiB ({planned / record['temp_bytes']:.2f}x)"
     else:
         total, temporaries, plan = _needed(record.get("error", "")), "-", "-"
-    largest = largest_text(records, kind(record["model"], record["packed"]), record["topology"])
+    headline = (record["program"], record["max_slots"], record["max_len"]) == ("decode", 64, 8192)
+    largest = largest_text(records, kind(record["model"], record["packed"]), record["topology"]) if headline else ""
     hbm = f"{record['hbm_bytes'] / GIB:.0f}" if "hbm_bytes" in record else "-"
     return [name, record["topology"], mesh, f"{record['max_slots']:,} x {record['max_len']:,}", record["program"],
-            total, hbm, "yes" if record.get("fits") else "no", temporaries, plan,
-            largest if (record["program"], record["max_slots"], record["max_len"]) == ("decode", 64, 8192) else "", f"{record['compile_s']:,.0f} s"]  # fmt: skip
+            total, hbm, "yes" if record.get("fits") else "no", temporaries, plan, largest,
+            f"{record['compile_s']:,.0f} s"]  # fmt: skip
 
 
 def _needed(error: str) -> str:
-    """What XLA's out-of-memory message says the program needs ("33.20G of temporaries"), or the error."""
+    """What XLA's out-of-memory message says the program needs ("33.20G (XLA's message)"), or the error."""
     match = re.search(r"required for HLO temporaries \(([0-9.]+G)\)", error)
     return f"{match[1]} (XLA's message)" if match else error[:60]
 
