@@ -147,12 +147,13 @@ def search_largest(case: tuple[str, bool, str, int, int], records: dict[tuple, d
 
 
 def largest_text(records: list[dict], kind_name: str, topology: str) -> str:
-    """The largest `max_slots` at 8192 for a table row: compiled bounds, else the extrapolation."""
+    """The largest `max_slots` at 8192 for a table row: compiled bounds (a count that fits and the count a step
+    above, which does not), else the extrapolation."""
     tried = [r for r in records if (kind(r["model"], r["packed"]), r["topology"], r["max_len"], r["program"])
              == (kind_name, topology, 8192, "decode")]  # fmt: skip
     fitting = [r["max_slots"] for r in tried if r.get("fits")]
     over = [r["max_slots"] for r in tried if not r.get("fits") and r["max_slots"] > max(fitting, default=0)]
-    if fitting and over:
+    if fitting and over and min(over) - max(fitting) <= SLOT_STEP:
         return f"{max(fitting):,} ({min(over):,} no)"
     if not fitting and over:
         return f"< {min(over):,}"
