@@ -148,7 +148,7 @@ def search_largest(case: tuple[str, bool, str, int, int], records: dict[tuple, d
 
 def largest_text(records: list[dict], kind_name: str, topology: str) -> str:
     """The largest `max_slots` at 8192 for a table row: compiled bounds (a count that fits and the count a step
-    above, which does not), else the extrapolation."""
+    above, which does not), or a compiled count above 64 that fits, else the extrapolation."""
     tried = [r for r in records if (kind(r["model"], r["packed"]), r["topology"], r["max_len"], r["program"])
              == (kind_name, topology, 8192, "decode")]  # fmt: skip
     fitting = [r["max_slots"] for r in tried if r.get("fits")]
@@ -157,6 +157,8 @@ def largest_text(records: list[dict], kind_name: str, topology: str) -> str:
         return f"{max(fitting):,} ({min(over):,} no)"
     if not fitting and over:
         return f"< {min(over):,}"
+    if max(fitting, default=64) > 64:
+        return f"{max(fitting):,} or more"
     at_64 = next((r for r in tried if r["max_slots"] == 64 and r.get("fits")), None)
     return f"~{extrapolated_slots(at_64):,} (extrapolated)" if at_64 else "-"
 
