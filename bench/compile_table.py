@@ -37,6 +37,7 @@ TOPOLOGIES = ["v6e:2x4", "v5e:2x4", "v5e:4x4", "v6e:2x2", "v5p:2x2x1", "v5p:2x2x
 SETTINGS = [(64, 8192), (8, 131072)]
 PACKED_TENSOR = 2
 SLOT_STEP = 32
+BASE_SLOTS, LARGEST_LEN = SETTINGS[0]  # `--largest` searches at this max_len, from the call of this many slots
 GIB, MIB = 1 << 30, 1 << 20
 
 
@@ -99,7 +100,7 @@ def plan_fields(engine, config, name: str) -> dict[str, int]:
 
 def replan(out: Path) -> None:
     """Recomputes the plan's figures of every record in `out` (no compile), rewriting it atomically."""
-    records = [json.loads(line) for line in out.read_text().splitlines()]
+    records = read_records(out)
     for record in records:
         topology = tpu_compile.load_topology(record["topology"])
         config = case_settings(record["model"], record["packed"], len(topology.devices), record["max_slots"],
@@ -112,6 +113,11 @@ def replan(out: Path) -> None:
     os.replace(temporary, out)
 
 
+def read_records(out: Path) -> list[dict]:
+    """The records of `out`, one a line (none if it does not exist yet)."""
+    return [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+
+
 def extrapolated_slots(record: dict) -> int:
     """The largest `max_slots` that a fitting (slots, 8192) decode record suggests would fit the chip: the
     cache and the temporaries taken to grow with the slots (the temporaries are mostly the sampling's, per
@@ -122,21 +128,21 @@ def extrapolated_slots(record: dict) -> int:
     return max(0, int((record["hbm_bytes"] - fixed) // per_slot))
 
 
-def search_largest(case: tuple[str, bool, str, int, int], records: dict[tuple, dict], compile_case) -> None:
-    """Compiles the decode call at multiples of SLOT_STEP slots (max_len 8192), from the extrapolation of the
-    64-slot call (compiled first where it is not in `records`) up while it fits or down until it does, until a
-    fitting count and the next one that does not are both compiled. `records` holds the results by key, and
-    `compile_case(slots)` compiles one count."""
-    model, packed, topology, _, _ = case
+def search_largest(model: str, packed: bool, topology: str, records: dict[tuple, dict], out: Path) -> None:
+    """Compiles the decode call at multiples of SLOT_STEP slots (max_len LARGEST_LEN), from the extrapolation
+    of the BASE_SLOTS call (compiled first where it is not in `records`) up while it fits or down until it does,
+    until a fitting count and the next one that does not are both compiled. `records` holds the results by key;
+    each compile is appended to `out`."""
 
     def result(slots: int) -> bool:
-        found = records.get((model, packed, topology, slots, 8192, "decode"))
+        found = records.get((model, packed, topology, slots, LARGEST_LEN, "decode"))
         if found is None:
-            found = compile_case(slots)
+            found = compile_and_append(out, (model, packed, topology, slots, LARGEST_LEN), "decode")
             records[key(found)] = found
         return bool(found.get("fits"))
 
-    guess = extrapolated_slots(records[(model, packed, topology, 64, 8192, "decode")]) if result(64) else 0
+    base = (model, packed, topology, BASE_SLOTS, LARGEST_LEN, "decode")
+    guess = extrapolated_slots(records[base]) if result(BASE_SLOTS) else 0
     slots = max(SLOT_STEP, guess // SLOT_STEP * SLOT_STEP)
     if result(slots):
         while result(slots + SLOT_STEP):
@@ -147,20 +153,20 @@ def search_largest(case: tuple[str, bool, str, int, int], records: dict[tuple, d
 
 
 def largest_text(records: list[dict], kind_name: str, topology: str) -> str:
-    """The largest `max_slots` at 8192 for a table row: compiled bounds (a count that fits and the count a step
-    above, which does not), or a compiled count above 64 that fits, else the extrapolation."""
+    """The largest `max_slots` at LARGEST_LEN for a table row: compiled bounds (a count that fits and the count a
+    step above, which does not), or a compiled count above BASE_SLOTS that fits, else the extrapolation."""
     tried = [r for r in records if (kind(r["model"], r["packed"]), r["topology"], r["max_len"], r["program"])
-             == (kind_name, topology, 8192, "decode")]  # fmt: skip
+             == (kind_name, topology, LARGEST_LEN, "decode")]  # fmt: skip
     fitting = [r["max_slots"] for r in tried if r.get("fits")]
     over = [r["max_slots"] for r in tried if not r.get("fits") and r["max_slots"] > max(fitting, default=0)]
     if fitting and over and min(over) - max(fitting) <= SLOT_STEP:
         return f"{max(fitting):,} ({min(over):,} no)"
     if not fitting and over:
         return f"< {min(over):,}"
-    if max(fitting, default=64) > 64:
+    if max(fitting, default=BASE_SLOTS) > BASE_SLOTS:
         return f"{max(fitting):,} or more"
-    at_64 = next((r for r in tried if r["max_slots"] == 64 and r.get("fits")), None)
-    return f"~{extrapolated_slots(at_64):,} (extrapolated)" if at_64 else "-"
+    base = next((r for r in tried if r["max_slots"] == BASE_SLOTS and r.get("fits")), None)
+    return f"~{extrapolated_slots(base):,} (extrapolated)" if base else "-"
 
 
 def table(records: list[dict]) -> str:
@@ -189,7 +195,7 @@ def table_cells(record: dict, records: list[dict]) -> list[str]:
         plan = f"{planned / MIB:,.1f} MiB ({planned / record['temp_bytes']:.2f}x)"
     else:
         total, temporaries, plan = _needed(record.get("error", "")), "-", "-"
-    headline = (record["program"], record["max_slots"], record["max_len"]) == ("decode", 64, 8192)
+    headline = (record["program"], record["max_slots"], record["max_len"]) == ("decode", BASE_SLOTS, LARGEST_LEN)
     largest = largest_text(records, kind(record["model"], record["packed"]), record["topology"]) if headline else ""
     hbm = f"{record['hbm_bytes'] / GIB:.0f}" if "hbm_bytes" in record else "-"
     return [name, record["topology"], mesh, f"{record['max_slots']:,} x {record['max_len']:,}", record["program"],
@@ -219,16 +225,15 @@ def main() -> None:
     if args.replan:
         replan(out)
         return
-    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    records = read_records(out)
     if args.table:
         print(table(records))
         return
     done = {key(record): record for record in records}
     chosen = [case for case in cases() if selected(case, args.kinds, args.topologies, args.settings)]
     if args.largest:
-        for case in dict.fromkeys(case[:3] + (64, 8192) for case in chosen):
-            search_largest(case, done, lambda slots, case=case: compile_and_append(out, (*case[:3], slots, 8192),
-                                                                                   "decode"))  # fmt: skip
+        for model, packed, topology in dict.fromkeys(case[:3] for case in chosen):
+            search_largest(model, packed, topology, done, out)
         return
     for program in args.programs.split(","):
         for case in chosen:
