@@ -31,6 +31,9 @@ from gptoss_dist.attention import DEFAULT_BLOCK
 
 F32 = jnp.float32
 KERNEL_NAME = "paged_decode_attention"  # the Mosaic kernel's name in the compiled program
+# The SMEM a call's scalar prefetch (page table and lengths) may take: half of the 1 MiB that Mosaic has on
+# v5e, v6e, v5p and tpu7x alike, leaving the rest to the kernel's own scalars.
+TABLE_BYTES = 512 * 1024
 
 
 def paged_decode_attention(
@@ -42,17 +45,42 @@ def paged_decode_attention(
     window: int | None = None,
     *,
     block: int = DEFAULT_BLOCK,
+    table_bytes: int = TABLE_BYTES,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of q [B, Hq, D] (each at position lengths[b] - 1) to the keys at positions [0, lengths[b])
     of row b's pages pages[b] [B, W] of pool [P, kv_heads, page, 2 * D], within the last `window` positions
-    when one is set; sinks [Hq]. Keys are read in pieces of `block_size(page, block)` positions. Returns
-    [B, Hq, D] in q's dtype."""
+    when one is set; sinks [Hq]. Keys are read in pieces of `block_size(page, block)` positions. The rows go
+    to the kernel in as few calls as keep each call's page table and lengths within `table_bytes` of SMEM.
+    Returns [B, Hq, D] in q's dtype."""
     batch, num_heads, head_dim = q.shape
     num_pages, num_kv, page, paired = pool.shape
     if paired != 2 * head_dim or num_heads % num_kv:
         raise ValueError(f"q {q.shape} does not match the pool {pool.shape} (need [P, kv, page, 2 * head_dim])")
-    group, piece = num_heads // num_kv, block_size(page, block)
+    rows = rows_per_call(pages.shape[1], table_bytes)
+    call = functools.partial(_call, pool=pool, sinks=sinks.astype(F32).reshape(num_kv, -1, 1),
+                             window=window, piece=block_size(page, block), interpret=interpret)  # fmt: skip
+    q = q.reshape(batch, num_kv, num_heads // num_kv, head_dim)
+    lengths, pages = lengths.astype(jnp.int32), jnp.clip(pages.astype(jnp.int32), 0, num_pages - 1)
+    out = [call(q[at : at + rows], pages[at : at + rows], lengths[at : at + rows]) for at in range(0, batch, rows)]
+    return jnp.concatenate(out).reshape(batch, num_heads, head_dim)
+
+
+def rows_per_call(width: int, table_bytes: int = TABLE_BYTES) -> int:
+    """The most rows of a page table `width` pages wide whose table and lengths (int32) fit in `table_bytes`."""
+    rows = table_bytes // (4 * (width + 1))
+    if rows < 1:
+        raise ValueError(f"a page table row of {width} pages does not fit in {table_bytes} bytes of SMEM")
+    return rows
+
+
+def _call(
+    q: jax.Array, pages: jax.Array, lengths: jax.Array, *, pool: jax.Array, sinks: jax.Array, window: int | None,
+    piece: int, interpret: bool,
+) -> jax.Array:  # fmt: skip
+    """One kernel call over the rows of q [B, kv_heads, group, D] and their pages and lengths."""
+    batch, num_kv, group, head_dim = q.shape
+    _, _, page, paired = pool.shape
     kernel = functools.partial(_kernel, page=page, piece=piece, window=window, scale=head_dim**-0.5)
     per_head = (None, None, group, head_dim)
     spec = pltpu.PrefetchScalarGridSpec(
@@ -69,21 +97,14 @@ def paged_decode_attention(
             pltpu.SemaphoreType.DMA((2,)),
         ],
     )
-    out = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
         grid_spec=spec,
-        out_shape=jax.ShapeDtypeStruct((batch, num_kv, group, head_dim), q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=interpret,
         name=KERNEL_NAME,
-    )(
-        lengths.astype(jnp.int32),
-        jnp.clip(pages.astype(jnp.int32), 0, num_pages - 1),
-        q.reshape(batch, num_kv, group, head_dim),
-        pool,
-        sinks.astype(F32).reshape(num_kv, group, 1),
-    )
-    return out.reshape(batch, num_heads, head_dim)
+    )(lengths, pages, q, pool, sinks)
 
 
 def block_size(page: int, block: int) -> int:

@@ -1,6 +1,8 @@
 """The TPU paged decode attention kernel (Pallas' interpreter on the CPU) against the portable blockwise path
 reading the same pool through the same page tables; in the engine, `test_paged.py`."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from gptoss_dist import compile as tpu_compile
 from gptoss_dist.attention import KeySpan, attend
 from gptoss_dist.model import paged_decode_kernel
 from gptoss_dist.sharding import MESH_AXES
-from gptoss_dist.tpu_paged_attention import paged_decode_attention
+from gptoss_dist.tpu_paged_attention import KERNEL_NAME, paged_decode_attention, rows_per_call
 
 PAGE, WIDTH, KV, GROUP, DIM = 8, 6, 2, 4, 16
 
@@ -34,15 +36,18 @@ def portable(q, pool, pages, lengths, sinks, window):
 
 
 @pytest.mark.parametrize(
-    ("window", "block", "dtype"), [(None, 512, jnp.float32), (12, 4, jnp.float32), (12, 512, jnp.bfloat16)]
+    ("window", "block", "dtype", "calls"),
+    [(None, 512, jnp.float32, 1), (12, 4, jnp.float32, 1), (12, 512, jnp.bfloat16, 1), (12, 4, jnp.float32, 3)],
 )
-def test_kernel_equals_the_portable_path(window, block, dtype):
+def test_kernel_equals_the_portable_path(window, block, dtype, calls):
     """Rows of no key, part of a page, whole pages and the whole table; a window that starts mid-page; pieces
-    of a whole page and of half a page."""
+    of a whole page and of half a page; the rows split over calls whose page tables fit a smaller SMEM."""
     lengths = jnp.asarray([0, 3, 8, 21, WIDTH * PAGE], jnp.int32)
     q, pool, pages, sinks = pool_and_tables(np.random.default_rng(0), lengths, dtype)
-    got = jax.jit(paged_decode_attention, static_argnames=("window", "block", "interpret"))(
-        q, pool, pages, lengths, sinks, window, block=block, interpret=True)  # fmt: skip
+    table_bytes = 4 * (WIDTH + 1) * -(-len(lengths) // calls)  # room for the rows of one of `calls` calls
+    kernel = partial(paged_decode_attention, window=window, block=block, table_bytes=table_bytes, interpret=True)
+    got = jax.jit(kernel)(q, pool, pages, lengths, sinks)
+    assert str(jax.make_jaxpr(kernel)(q, pool, pages, lengths, sinks)).count("pallas_call[") == calls
     expected = jax.jit(portable, static_argnames="window")(q, pool, pages, lengths, sinks, window)
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
@@ -70,3 +75,18 @@ def test_auto_takes_the_kernel_on_a_tpu_where_each_device_holds_its_rows(platfor
                 paged_decode_kernel("tpu_kernel", pool, 512)
     with pytest.raises(ValueError, match="attention_implementation must be one of"):
         paged_decode_kernel("paged", pool, 512)
+
+
+def test_a_batch_whose_page_table_outgrows_smem_compiles_for_a_tpu():
+    """The kernel prefetches its rows' page table into SMEM (1 MiB on every TPU generation): 3,000 rows of 128
+    pages (1.5 MiB of table) go to the kernel in calls that each fit, and compile for a v5e chip."""
+    batch, width, kv_heads, group, dim = 3000, 128, 8, 8, 64
+    device = jax.sharding.SingleDeviceSharding(tpu_compile.load_topology("v5e:2x2").devices[0])
+    shapes = [((batch, kv_heads * group, dim), jnp.bfloat16), ((1024, kv_heads, 64, 2 * dim), jnp.bfloat16),
+              ((batch, width), jnp.int32), ((batch,), jnp.int32), ((kv_heads * group,), jnp.float32)]  # fmt: skip
+    args = [jax.ShapeDtypeStruct(shape, dtype, sharding=device) for shape, dtype in shapes]
+    compiled = jax.jit(paged_decode_attention).lower(*args).compile()
+    calls = [line for line in compiled.as_text().splitlines() if f"%{KERNEL_NAME}." in line.split("=")[0]]
+    assert len(calls) == -(-batch // rows_per_call(width)) == 3
+    with pytest.raises(ValueError, match="a page table row of 200000 pages does not fit in 524288 bytes of SMEM"):
+        rows_per_call(200_000)
