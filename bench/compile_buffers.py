@@ -68,7 +68,7 @@ def main() -> None:
     programs = tpu_compile.job_programs(engine, all_buckets=False)
     name, lower = next(item for item in programs.items() if item[0].startswith(args.program))
     program = tpu_compile.compile_program(name, lower, topology.hbm_bytes)
-    planned = tpu_compile.planned_working(tpu_compile.plan_for(config, engine), name)
+    planned = tpu_compile.planned_working(tpu_compile.plan_for(config, engine, topology.chip), name)
     allocation, values = largest_temporaries(dump, args.count)
     print(json.dumps({"program": name, "topology": args.topology, "mesh": args.mesh, "layers": args.layers,
                       "temp_bytes": program.temp_bytes, "allocation_bytes": allocation, "plan_working_bytes": planned,

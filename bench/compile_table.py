@@ -79,7 +79,7 @@ def run_case(model: str, packed: bool, topology: tpu_compile.Topology, slots: in
     compiled = tpu_compile.compile_program(name, lower, topology.hbm_bytes)
     return {"model": model, "packed": packed, "topology": topology.name, "chip": topology.chip,
             "max_slots": slots, "max_len": length, "program": program, "mesh": tpu_compile.mesh_sizes(engine.mesh),
-            "libtpu": tpu_compile.libtpu_version(), **plan_fields(engine, config, name),
+            "libtpu": tpu_compile.libtpu_version(), **plan_fields(engine, config, topology.chip, name),
             **compiled.to_json()}  # fmt: skip
 
 
@@ -90,10 +90,10 @@ def case_settings(model: str, packed: bool, devices: int, slots: int, length: in
     return config
 
 
-def plan_fields(engine, config, name: str) -> dict[str, int]:
-    """The plan's figures for a case's program: weights, cache, and its working memory beside XLA's
+def plan_fields(engine, config, chip: str, name: str) -> dict[str, int]:
+    """The plan's figures for a case's program on `chip`: weights, cache, and its working memory beside XLA's
     temporaries."""
-    plan = tpu_compile.plan_for(config, engine)
+    plan = tpu_compile.plan_for(config, engine, chip)
     return {"plan_weights_bytes": plan.weights, "plan_kv_cache_bytes": plan.kv_cache,
             "plan_working_bytes": tpu_compile.planned_working(plan, name)}  # fmt: skip
 
@@ -107,7 +107,7 @@ def replan(out: Path) -> None:
                                record["max_len"])  # fmt: skip
         engine = tpu_compile.abstract_engine(config, topology)
         name = record.get("name") or record["program"]
-        record.update(plan_fields(engine, config, name))
+        record.update(plan_fields(engine, config, topology.chip, name))
     temporary = out.with_suffix(".tmp")
     temporary.write_text("".join(json.dumps(record) + "\n" for record in records))
     os.replace(temporary, out)

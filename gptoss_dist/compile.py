@@ -195,9 +195,9 @@ def job_programs(engine: Engine, all_buckets: bool) -> dict[str, Callable[[], ja
     return programs
 
 
-def plan_for(config: ml_collections.ConfigDict, engine: Engine) -> plan.MemoryPlan:
+def plan_for(config: ml_collections.ConfigDict, engine: Engine, chip: str) -> plan.MemoryPlan:
     return plan.plan_memory(engine.config, mesh_sizes(engine.mesh), pool=(engine.page_size, engine.kv_pages),
-                            **settings.plan_options(config))
+                            chip=chip, **settings.plan_options(config))
 
 
 # ------------------------------------------------------------------------------------------ compiling
@@ -258,7 +258,7 @@ def compile_job(
     for name, lower in job_programs(engine, all_buckets).items():
         progress(f"compiling {name}")
         programs.append(compile_program(name, lower, topology.hbm_bytes))
-    return Report(topology, mesh_sizes(engine.mesh), plan_for(config, engine), programs)
+    return Report(topology, mesh_sizes(engine.mesh), plan_for(config, engine, topology.chip), programs)
 
 
 # ------------------------------------------------------------------------------------------- the report

@@ -8,9 +8,9 @@ each slot's window in the sliding layers and the pool of `kv_pages` pages of `pa
 full-attention layers, split over `data` and, where they divide, the KV heads over `tensor`; the plan says how
 many tokens the pool holds per chip. Working memory is a model of
 XLA's temporaries for a TPU, buffer by buffer from their shapes (what they are: BENCHMARKS.md, "Working memory
-on a TPU"), per call: the decode call's (sampling's float32 logits over the vocabulary, or a block of keys)
-and the largest prefill call's (the experts' token rows beside the residual stream); the plan counts the
-larger. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
+on a TPU"), per call: the decode call's (sampling's float32 logits over the vocabulary, or a block of keys; on tpu7x,
+the weights its matmuls read, re-tiled) and the largest prefill call's (the experts' token rows beside the
+residual stream); the plan counts the larger. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
 """
 
 from __future__ import annotations
@@ -26,14 +26,18 @@ from gptoss_dist import settings
 from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.engine import cache_bytes, page_pool
-from gptoss_dist.placements import weight_placements
-from gptoss_dist.sharding import MESH_AXES, check_model_fits_mesh, mesh_shape
+from gptoss_dist.placements import Placement, weight_placements
+from gptoss_dist.sharding import MESH_AXES, check_model_fits_mesh, mesh_shape, spec_divisor
 
 GiB = 1 << 30
 # Memory per device: a chip's, except tpu7x's 192 GiB chip, which JAX sees as two devices.
 CHIPS = {"v5e": 16 * GiB, "v6e": 32 * GiB, "v5p": 95 * GiB, "tpu7x": 96 * GiB, "h100": 80 * GiB, "h200": 141 * GiB}
 F32 = 4
 LANES = 128  # a TPU vector register's lanes: an array's minor dimension is padded to a multiple
+# The weights a matmul reads, by name, and the dimensions it contracts (after the experts', where there is one).
+MATMUL_CONTRACTED_DIMS = {"q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "router": (0,), "gate_up": (1,),
+                          "down": (1,), "unembed": (0,)}  # fmt: skip
+TPU7X_BF16_TILE_ROWS = 16  # tpu7x's matmuls read bf16 weights in (16, 128) tiles; parameters have (8, 128)
 
 
 class PlanError(ValueError):
@@ -77,14 +81,33 @@ def _round_up(count: int, multiple: int) -> int:
     return -(-count // multiple) * multiple
 
 
+def retiled_weights_per_chip(placements: Sequence[Placement], sizes: Mapping[str, int], dtype) -> int:
+    """The bytes of the bf16 weights that a decode call on tpu7x copies from the parameters' (8, 128) tiles into
+    the (16, 128) tiles its matmuls read, every layer's at once, before the call's loop: each matrix a matmul reads
+    (`MATMUL_CONTRACTED_DIMS`) whose contracted dimensions on a chip come to a multiple of 16 rows (the experts'
+    `down` at `tensor` 8, 360 rows, is read as it is). Found in XLA's buffer assignment (BENCHMARKS.md)."""
+    if np.dtype(dtype).itemsize != 2:
+        return 0
+    total = 0
+    for placement in placements:
+        contracted_dims = MATMUL_CONTRACTED_DIMS.get(placement.name.rsplit(".", 1)[-1])
+        if contracted_dims is None:
+            continue
+        divisors = [*spec_divisor(placement.spec, sizes), *[1] * len(placement.shape)]
+        rows = math.prod(placement.shape[dim] // divisors[dim] for dim in contracted_dims)
+        total += placement.bytes_per_device if rows % TPU7X_BF16_TILE_ROWS == 0 else 0
+    return total
+
+
 def decode_working_per_chip(
     cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, pool: tuple[int, int], dtype,
-    rings: bool = True,
+    rings: bool = True, retiled_weights: int = 0,
 ) -> int:  # fmt: skip
     """The decode call's largest temporaries on one chip: the sliding layers' rings (`rings`) re-laid, once for
-    the whole call, and the larger of two phases that are not live together. Sampling: float32 logits [slots
-    of a data shard, vocabulary] whole twice (gathered, and noised for the draw), and twice the size of a
-    chip's shard of them (the logits' shard, and the sort's indices for a shard of the slots).
+    the whole call, the weights re-tiled for the call (`retiled_weights` bytes: tpu7x's), and the larger of
+    two phases that are not live together. Sampling: float32 logits [slots of a data shard, vocabulary] whole
+    twice (gathered, and noised for the draw), and twice the size of a chip's shard of them (the logits'
+    shard, and the sort's indices for a shard of the slots).
     Attention: a block of keys (64-wide heads padded to the 128 lanes), the KV heads second-minor, padded to
     whole 32-bit rows; the pool is read in place."""
     itemsize = np.dtype(dtype).itemsize
@@ -94,7 +117,7 @@ def decode_working_per_chip(
     kv_heads = _round_up(_kv_heads_per_chip(cfg, sizes), F32 // itemsize)
     attention = rows * min(DEFAULT_BLOCK, pool[0]) * kv_heads * _round_up(cfg.head_dim, LANES) * itemsize
     relaid_rings = kv_cache_per_chip(cfg, sizes, max_slots, max_len, 0, dtype) if rings else 0
-    return relaid_rings + max(sampling, attention)
+    return relaid_rings + retiled_weights + max(sampling, attention)
 
 
 def prefill_working_per_chip(
@@ -128,17 +151,22 @@ def plan_memory(
     packed_experts: bool = False,
     pool: tuple[int, int] | None = None,
     rings: bool = True,
+    chip: str = "",
+    steps_per_call: int = 1,
 ) -> MemoryPlan:
-    """The plan of a run whose pool has (page_size, kv_pages) `pool`
-    (`engine.page_pool`; None: the default), the sliding layers keeping a window per slot (`rings`) or, with
-    prefix caching, a pool too."""
-    weights = sum(p.bytes_per_device for p in weight_placements(cfg, sizes, dtype, packed_experts=packed_experts))
+    """The plan of a run on `chip` (a CHIPS name; its compiler's own temporaries: tpu7x's re-tiled weights,
+    copied before a decode call's loop of `steps_per_call` steps, none for a single step) whose pool has
+    (page_size, kv_pages) `pool` (`engine.page_pool`; None: the default), the sliding layers keeping a window
+    per slot (`rings`) or, with prefix caching, a pool too."""
+    placements = weight_placements(cfg, sizes, dtype, packed_experts=packed_experts)
+    weights = sum(p.bytes_per_device for p in placements)
+    retiled = retiled_weights_per_chip(placements, sizes, dtype) if chip == "tpu7x" and steps_per_call > 1 else 0
     pool = pool or page_pool(max_slots, max_len)
     page_size, kv_pages = pool
     return MemoryPlan(
         weights=weights,
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, page_size * kv_pages, dtype, rings),
-        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, pool, dtype, rings),
+        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, pool, dtype, rings, retiled),
         prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype,
                                                  packed_experts),
         pool_tokens=page_size * kv_pages // sizes["data"],
@@ -162,15 +190,16 @@ def check_fits(plan: MemoryPlan, chip_bytes: int, chip: str) -> None:
     )
 
 
-def render(plan: MemoryPlan, sizes: Mapping[str, int]) -> str:
-    """The plan of one run, and whether it fits each chip of CHIPS."""
+def render(plans: Mapping[str, MemoryPlan], sizes: Mapping[str, int]) -> str:
+    """The plans of one run on each chip of CHIPS (`plans`, by chip), and whether it fits each."""
     mesh = ", ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+    plan = next(iter(plans.values()))  # weights, cache and pool are the same on every chip
     lines = [
         f"per chip on mesh ({mesh}): weights {plan.weights / GiB:.2f} GiB, KV cache {plan.kv_cache / GiB:.2f} GiB",
         f"the KV pool holds {plan.pool_tokens:,} tokens per chip",
         f"{'chip':<6} {'memory':>9} {'decode':>8} {'prefill':>8} {'total':>8} {'used':>6}  fits  (GiB: working, total)",
     ]
-    for chip in CHIPS:
+    for chip, plan in plans.items():
         used = plan.total / CHIPS[chip]
         figures = "".join(f" {count / GiB:>8.2f}" for count in (plan.decode_working, plan.prefill_working, plan.total))
         lines.append(f"{chip:<6} {CHIPS[chip] / GiB:>6.0f} GiB{figures} {used:>6.0%}  {'yes' if used <= 1 else 'no'}")
@@ -221,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except ValueError as err:  # a ConfigError, a MeshError, or a pool that does not fit max_len or the mesh
             sys.exit(f"error: {err}")
         options = settings.plan_options(run_settings)
-        print(render(plan_memory(cfg, sizes, pool=pool, **options), sizes))
+        print(render({chip: plan_memory(cfg, sizes, pool=pool, chip=chip, **options) for chip in CHIPS}, sizes))
 
     app.run(run, argv=list(argv) if argv is not None else None)
 

@@ -108,7 +108,7 @@ def plan_options(settings: ml_collections.ConfigDict) -> dict[str, Any]:
     """`plan.plan_memory`'s keyword arguments from the run's settings, but for the chip and the page pool."""
     return {"max_slots": settings.max_slots, "max_len": settings.max_len, "prefill_tokens": settings.prefill_tokens,
             "dtype": np.dtype(dtype(settings)), "packed_experts": settings.packed_experts,
-            "rings": not settings.prefix_caching}  # fmt: skip
+            "rings": not settings.prefix_caching, "steps_per_call": settings.steps_per_call}  # fmt: skip
 
 
 def dtype(settings: ml_collections.ConfigDict) -> jnp.dtype:

@@ -60,7 +60,7 @@ def planned_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device
         pool = page_pool(config.max_slots, config.max_len, config.page_size, config.kv_pages, mesh_sizes(mesh)["data"])
         memory = plan.chip_memory(config.chip, jax.local_devices()[0])
         if memory is not None:
-            need = plan.plan_memory(model_config, mesh_sizes(mesh), pool=pool,
+            need = plan.plan_memory(model_config, mesh_sizes(mesh), pool=pool, chip=memory[0],
                                     **settings.plan_options(config))
             plan.check_fits(need, memory[1], memory[0])
     except ValueError as err:  # a PlanError, or a pool that does not split into data shards of a sequence each
