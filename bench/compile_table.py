@@ -12,7 +12,8 @@ All decode calls are compiled before any prefill call (decode is the one whose m
 A case already in `--out` is skipped, so a stopped run resumes. The mesh puts 8 devices (the KV heads) on
 `tensor` for bf16 experts, 2 for packed ones (`tensor` must divide intermediate_size / 32 = 90), the rest on
 `expert`. `--largest` searches the largest `max_slots` whose decode call fits at `max_len` 8192, in steps of
-SLOT_STEP, compiling each step (it starts from `extrapolated_slots`); `--table` shows the compiled bounds
+SLOT_STEP, compiling each step (it starts from `extrapolated_slots`, and gallops and bisects from there);
+`--table` shows the compiled bounds
 where there are some, else the extrapolation.
 """
 
@@ -129,12 +130,14 @@ def extrapolated_slots(record: dict) -> int:
 
 
 def search_largest(model: str, packed: bool, topology: str, records: dict[tuple, dict], out: Path) -> None:
-    """Compiles the decode call at multiples of SLOT_STEP slots (max_len LARGEST_LEN), from the extrapolation
-    of the BASE_SLOTS call (compiled first where it is not in `records`) up while it fits or down until it does,
-    until a fitting count and the next one that does not are both compiled. `records` holds the results by key;
-    each compile is appended to `out`."""
+    """Compiles the decode call at multiples of SLOT_STEP slots (max_len LARGEST_LEN) until a fitting count and
+    the next one, which does not, are both compiled: from the extrapolation of the BASE_SLOTS call (compiled
+    first where it is not in `records`), steps doubling up while it fits or down while it does not, then
+    halving the bracket. `records` holds the results by key; each compile is appended to `out`."""
 
     def result(slots: int) -> bool:
+        if slots <= 0:
+            return True  # no slot: the bottom of the bracket, not compiled
         found = records.get((model, packed, topology, slots, LARGEST_LEN, "decode"))
         if found is None:
             found = compile_and_append(out, (model, packed, topology, slots, LARGEST_LEN), "decode")
@@ -143,13 +146,19 @@ def search_largest(model: str, packed: bool, topology: str, records: dict[tuple,
 
     base = (model, packed, topology, BASE_SLOTS, LARGEST_LEN, "decode")
     guess = extrapolated_slots(records[base]) if result(BASE_SLOTS) else 0
-    slots = max(SLOT_STEP, guess // SLOT_STEP * SLOT_STEP)
-    if result(slots):
-        while result(slots + SLOT_STEP):
-            slots += SLOT_STEP
+    fits = failed = max(SLOT_STEP, guess // SLOT_STEP * SLOT_STEP)
+    step = SLOT_STEP
+    if result(fits):
+        while result(fits + step):
+            fits, step = fits + step, 2 * step
+        failed = fits + step
     else:
-        while slots > SLOT_STEP and not result(slots - SLOT_STEP):
-            slots -= SLOT_STEP
+        while not result(failed - step):
+            failed, step = failed - step, 2 * step
+        fits = max(0, failed - step)
+    while failed - fits > SLOT_STEP:
+        middle = (fits + failed) // (2 * SLOT_STEP) * SLOT_STEP
+        fits, failed = (middle, failed) if result(middle) else (fits, middle)
 
 
 def largest_text(records: list[dict], kind_name: str, topology: str) -> str:

@@ -8,6 +8,9 @@ while the last is read, in a loop of exactly as many steps as it has pieces: a s
 and no others, whatever the longest sequence of the batch or `max_len`. The portable path (`attention.attend`)
 reads every row up to the batch's longest sequence.
 
+Scalar prefetch puts a call's whole page table in SMEM (1 MiB on every TPU generation), so a large batch goes
+to the kernel in several calls of at most `rows_per_call` rows.
+
 The running softmax starts from the sink (maximum = sink, total = 1) as in `attention`, so a sequence that
 sees no key returns zeros. The pool is [P, kv_heads, page, 2 * D] (`model.LayerCache`: keys and values side by
 side, `attention.pair`), so a head's piece of a page is contiguous: whole (16, 128) tiles where the piece is a
