@@ -37,6 +37,7 @@ KERNEL_NAME = "paged_decode_attention"  # the Mosaic kernel's name in the compil
 # The SMEM a call's scalar prefetch (page table and lengths) may take: half of the 1 MiB that Mosaic has on
 # v5e, v6e, v5p and tpu7x alike, leaving the rest to the kernel's own scalars.
 TABLE_BYTES = 512 * 1024
+SMEM_ROW = 128  # SMEM holds a 2-D int32 array in rows of a multiple of 128 entries: [rows, 1] takes [rows, 128]
 
 
 def paged_decode_attention(
@@ -70,8 +71,9 @@ def paged_decode_attention(
 
 
 def rows_per_call(width: int, table_bytes: int = TABLE_BYTES) -> int:
-    """The most rows of a page table `width` pages wide whose table and lengths (int32) fit in `table_bytes`."""
-    rows = table_bytes // (4 * (width + 1))
+    """The most rows of a page table `width` pages wide whose table and lengths (int32) fit in `table_bytes`:
+    SMEM pads a row of the table to a multiple of 128 entries."""
+    rows = table_bytes // (4 * (-(-width // SMEM_ROW) * SMEM_ROW + 1))
     if rows < 1:
         raise ValueError(f"a page table row of {width} pages does not fit in {table_bytes} bytes of SMEM")
     return rows

@@ -12,7 +12,7 @@ from gptoss_dist import compile as tpu_compile
 from gptoss_dist.attention import KeySpan, attend
 from gptoss_dist.model import paged_decode_kernel
 from gptoss_dist.sharding import MESH_AXES
-from gptoss_dist.tpu_paged_attention import KERNEL_NAME, paged_decode_attention, rows_per_call
+from gptoss_dist.tpu_paged_attention import KERNEL_NAME, SMEM_ROW, paged_decode_attention, rows_per_call
 
 PAGE, WIDTH, KV, GROUP, DIM = 8, 6, 2, 4, 16
 
@@ -44,7 +44,7 @@ def test_kernel_equals_the_portable_path(window, block, dtype, calls):
     of a whole page and of half a page; the rows split over calls whose page tables fit a smaller SMEM."""
     lengths = jnp.asarray([0, 3, 8, 21, WIDTH * PAGE], jnp.int32)
     q, pool, pages, sinks = pool_and_tables(np.random.default_rng(0), lengths, dtype)
-    table_bytes = 4 * (WIDTH + 1) * -(-len(lengths) // calls)  # room for the rows of one of `calls` calls
+    table_bytes = 4 * (SMEM_ROW + 1) * -(-len(lengths) // calls)  # room for the rows of one of `calls` calls
     kernel = partial(paged_decode_attention, window=window, block=block, table_bytes=table_bytes, interpret=True)
     got = jax.jit(kernel)(q, pool, pages, lengths, sinks)
     assert str(jax.make_jaxpr(kernel)(q, pool, pages, lengths, sinks)).count("pallas_call[") == calls
@@ -77,12 +77,14 @@ def test_auto_takes_the_kernel_on_a_tpu_where_each_device_holds_its_rows(platfor
         paged_decode_kernel("paged", pool, 512)
 
 
-def test_a_batch_whose_page_table_outgrows_smem_compiles_for_a_tpu():
-    """The kernel prefetches its rows' page table into SMEM (1 MiB on every TPU generation): 3,000 rows of 128
-    pages (1.5 MiB of table) go to the kernel in calls that each fit, and compile for a v5e chip."""
-    batch, width, kv_heads, group, dim = 3000, 128, 8, 8, 64
+@pytest.mark.parametrize("width", [1, 128])
+def test_a_batch_whose_page_table_outgrows_smem_compiles_for_a_tpu(width):
+    """The kernel prefetches its rows' page table into SMEM (1 MiB on every TPU generation), rows padded to 128
+    entries: 3,000 rows (1.5 MiB of table, of one page or of 128) go to the kernel in calls that each fit, and
+    compile for a v5e chip."""
+    batch, kv_heads, group, dim, page = 3000, 8, 8, 64, 8192 // width
     device = jax.sharding.SingleDeviceSharding(tpu_compile.load_topology("v5e:2x2").devices[0])
-    shapes = [((batch, kv_heads * group, dim), jnp.bfloat16), ((1024, kv_heads, 64, 2 * dim), jnp.bfloat16),
+    shapes = [((batch, kv_heads * group, dim), jnp.bfloat16), ((64, kv_heads, page, 2 * dim), jnp.bfloat16),
               ((batch, width), jnp.int32), ((batch,), jnp.int32), ((kv_heads * group,), jnp.float32)]  # fmt: skip
     args = [jax.ShapeDtypeStruct(shape, dtype, sharding=device) for shape, dtype in shapes]
     compiled = jax.jit(paged_decode_attention).lower(*args).compile()
