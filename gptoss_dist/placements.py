@@ -7,6 +7,7 @@ and the sharding rules (nothing is allocated).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 from collections.abc import Mapping, Sequence
@@ -37,6 +38,16 @@ def weight_placements(
     cfg: ModelConfig, sizes: Mapping[str, int], dtype=np.dtype("bfloat16"), *, packed_experts: bool = False
 ) -> list[Placement]:
     """Every weight's placement on a mesh of these sizes, from the abstract model (nothing is allocated)."""
+    return list(_placements(cfg, tuple(sizes.items()), np.dtype(dtype), packed_experts))
+
+
+@functools.lru_cache(maxsize=8)
+def _placements(
+    cfg: ModelConfig, sizes: tuple[tuple[str, int], ...], dtype: np.dtype, packed_experts: bool
+) -> tuple[Placement, ...]:
+    """`weight_placements`, kept for the same arguments: building the abstract model takes about a second, and
+    the plan asks once for each chip it prints."""
+    sizes = dict(sizes)
     _, state = nnx.split(abstract_model(cfg, dtype=dtype, packed_experts=packed_experts))
     specs = dict(nnx.to_flat_state(param_specs(state, sizes)))
     placements = []
@@ -45,7 +56,7 @@ def weight_placements(
         nbytes = math.prod(value.shape) * np.dtype(value.dtype).itemsize
         per_device = nbytes // math.prod(spec_divisor(specs[path], sizes))
         placements.append(Placement(".".join(map(str, path)), value.shape, specs[path], nbytes, per_device))
-    return placements
+    return tuple(placements)
 
 
 def describe(

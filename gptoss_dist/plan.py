@@ -199,9 +199,10 @@ def render(plans: Mapping[str, MemoryPlan], sizes: Mapping[str, int]) -> str:
         f"the KV pool holds {plan.pool_tokens:,} tokens per chip",
         f"{'chip':<6} {'memory':>9} {'decode':>8} {'prefill':>8} {'total':>8} {'used':>6}  fits  (GiB: working, total)",
     ]
-    for chip, plan in plans.items():
-        used = plan.total / CHIPS[chip]
-        figures = "".join(f" {count / GiB:>8.2f}" for count in (plan.decode_working, plan.prefill_working, plan.total))
+    for chip, chip_plan in plans.items():
+        used = chip_plan.total / CHIPS[chip]
+        figures = "".join(f" {count / GiB:>8.2f}" for count in
+                          (chip_plan.decode_working, chip_plan.prefill_working, chip_plan.total))
         lines.append(f"{chip:<6} {CHIPS[chip] / GiB:>6.0f} GiB{figures} {used:>6.0%}  {'yes' if used <= 1 else 'no'}")
     return "\n".join(lines)
 
