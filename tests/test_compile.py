@@ -13,6 +13,7 @@ import pytest
 
 from gptoss_dist import compile as tpu_compile
 from gptoss_dist.config import FULL, SLIDING
+from gptoss_dist.engine import Engine
 from gptoss_dist.exit_codes import EXIT_CANNOT_START, EXIT_DOES_NOT_FIT
 from gptoss_dist.settings import SettingsError
 from gptoss_dist.sharding import MeshError
@@ -38,6 +39,14 @@ def small_settings(mesh: tuple[int, int, int]):
     config.update_from_flattened_dict(SMALL)
     config.mesh.update(dict(zip(("data", "tensor", "expert"), mesh)))
     return config
+
+
+def compiled_decode(config, topology_name: str) -> tuple[tpu_compile.Program, Engine]:
+    """The settings' decode call compiled for the topology, and the abstract engine it came from."""
+    topology = tpu_compile.load_topology(topology_name)
+    engine = tpu_compile.abstract_engine(config, topology)
+    name, lower = next(iter(tpu_compile.job_programs(engine, all_buckets=False).items()))
+    return tpu_compile.compile_program(name, lower, topology.hbm_bytes), engine
 
 
 def cli(*flags: str) -> subprocess.CompletedProcess:
@@ -119,11 +128,8 @@ def test_decode_reads_the_pool_in_place_and_the_plan_is_within_15_percent_of_xla
     config.update_from_flattened_dict({"model.num_layers": 1, "model.layer_types": (FULL,), "model.head_dim": 64,
                                        "model.vocab_size": 201088, "dtype": "bfloat16", "max_slots": 64,
                                        "max_len": 16384, "steps_per_call": 1})  # fmt: skip
-    topology = tpu_compile.load_topology("v6e:2x2")
-    engine = tpu_compile.abstract_engine(config, topology)
-    name, lower = next(iter(tpu_compile.job_programs(engine, all_buckets=False).items()))
-    decode = tpu_compile.compile_program(name, lower, topology.hbm_bytes)
-    estimate = tpu_compile.plan_for(config, engine, topology.chip)
+    decode, engine = compiled_decode(config, "v6e:2x2")
+    estimate = tpu_compile.plan_for(config, engine, "v6e")
     assert 64 << 20 < decode.temp_bytes < estimate.kv_cache, (decode.temp_bytes, estimate.kv_cache)
     assert 0.85 <= estimate.decode_working / decode.temp_bytes <= 1.15, (estimate.decode_working, decode.temp_bytes)
 
@@ -137,10 +143,7 @@ def test_on_tpu7x_the_plan_counts_the_weights_a_decode_loop_re_tiles():
     widths = {"hidden_size": 2880, "intermediate_size": 2880, "num_heads": 64, "num_kv_heads": 8, "head_dim": 64,
               "num_experts": 32, "vocab_size": 201088, "num_layers": 1, "layer_types": (SLIDING,)}  # fmt: skip
     config.update_from_flattened_dict({**{f"model.{key}": value for key, value in widths.items()}, "dtype": "bfloat16"})
-    topology = tpu_compile.load_topology("tpu7x:2x2x1")
-    engine = tpu_compile.abstract_engine(config, topology)
-    name, lower = next(iter(tpu_compile.job_programs(engine, all_buckets=False).items()))
-    decode = tpu_compile.compile_program(name, lower, topology.hbm_bytes)
+    decode, engine = compiled_decode(config, "tpu7x:2x2x1")
     on_tpu7x, on_v6e = (tpu_compile.plan_for(config, engine, chip).decode_working for chip in ("tpu7x", "v6e"))
     assert 0.85 <= on_tpu7x / decode.temp_bytes <= 1.15, (on_tpu7x, decode.temp_bytes)
     assert on_v6e < 0.1 * decode.temp_bytes, (on_v6e, decode.temp_bytes)
