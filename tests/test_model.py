@@ -3,14 +3,14 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 from conftest import small_config
+from flax import nnx
+from reference import load_reference, reference_logits
+
 from gptoss_dist import from_pretrained
 from gptoss_dist.config import FULL, SLIDING
-from gptoss_dist.model import EXPERTS_IMPLEMENTATIONS, GptOss, experts_blocked, experts_ragged, forward
+from gptoss_dist.model import EXPERTS_IMPLEMENTATIONS, GptOss, experts_blocked, experts_ragged, forward, routed_experts
 from gptoss_dist.random_checkpoint import write_random_checkpoint
-from reference import load_reference, reference_logits
 
 pytest.importorskip("transformers")
 
@@ -108,6 +108,29 @@ def test_blocked_experts_equal_ragged_dot_experts(num_tokens):
     held = group < experts
     np.testing.assert_allclose(np.asarray(blocked)[held], np.asarray(ragged)[held], rtol=1e-5, atol=1e-5)
     assert np.all(np.asarray(blocked)[~held] == 0)
+
+
+@pytest.mark.parametrize("chunk_tokens", [4, 7])
+def test_experts_in_chunks_of_tokens_equal_all_tokens_at_once(chunk_tokens):
+    """23 tokens, 4 or 7 at a time (the last chunk partial, padded), on the experts 2.. of a model: each token's
+    sum is the one it gets with every token at once, and a token routed only elsewhere gets zeros."""
+    rng = np.random.default_rng(chunk_tokens)
+    num_tokens, hidden, inter, experts_here = 23, 32, 48, 4
+    x = jnp.asarray(rng.normal(size=(num_tokens, hidden)), jnp.float32)
+    experts = rng.integers(0, 6, size=(num_tokens, 2))
+    experts[0] = (0, 1)  # both held elsewhere
+    weights = jnp.asarray(rng.dirichlet(np.ones(2), num_tokens), jnp.float32)
+    params = [jnp.asarray(rng.normal(size=shape) / 4, jnp.float32) for shape in
+              ((experts_here, hidden, 2 * inter), (experts_here, 2 * inter), (experts_here, inter, hidden),
+               (experts_here, hidden))]  # fmt: skip
+
+    def run(chunk):
+        return np.asarray(routed_experts(x, jnp.asarray(experts), weights, *params, limit=7.0, alpha=1.702,
+                                         first_expert=2, chunk_tokens=chunk))  # fmt: skip
+
+    whole, chunked = run(num_tokens), run(chunk_tokens)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-5, atol=1e-5)
+    assert np.all(chunked[0] == 0) and np.abs(chunked[1:]).min(axis=1).max() > 0
 
 
 def test_experts_implementation_is_one_of_the_named_ones():
