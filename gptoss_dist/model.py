@@ -38,6 +38,7 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "tpu_kernel")
 # chunks of 2,048). Each chunk reads its experts' weights again: at 2,048 tokens a chunk still brings each
 # expert 256 rows on average.
 EXPERT_CHUNK_TOKENS = 2048
+KERNEL_BLOCK_ROWS = 16  # the expert kernels' smallest row block (`row_blocks`)
 
 
 def _param(
@@ -450,13 +451,19 @@ class RowBlocks:
         return padded.at[self.slot].get(mode="fill", fill_value=0)
 
 
+def block_layout(num_rows: int, num_experts: int, smallest: int) -> tuple[int, int]:
+    """(rows a block, blocks) of `row_blocks`' layout for `num_rows` rows over `num_experts` experts: blocks of
+    `smallest`..128 rows, about num_rows/num_experts, and as many blocks as any routing fills."""
+    size = int(np.clip(_next_power_of_2(num_rows // num_experts), smallest, 128))
+    # Each expert in use pads its rows by at most size - 1, so this many blocks hold any routing.
+    return size, (num_rows + min(num_experts, num_rows) * (size - 1)) // size
+
+
 def row_blocks(row_group: jax.Array, sizes: jax.Array, num_experts: int, smallest: int) -> RowBlocks:
     """The padded layout of rows sorted by expert (`row_group` [rows], num_experts for rows held elsewhere;
     `sizes` [num_experts] rows per expert), with blocks of `smallest`..128 rows, about rows/num_experts."""
     num_rows = row_group.shape[0]
-    size = int(np.clip(_next_power_of_2(num_rows // num_experts), smallest, 128))
-    # Each expert in use pads its rows by at most size - 1, so this many blocks hold any routing.
-    num_blocks = (num_rows + min(num_experts, num_rows) * (size - 1)) // size
+    size, num_blocks = block_layout(num_rows, num_experts, smallest)
     blocks_of = -(-sizes // size)
     first_row = (jnp.cumsum(blocks_of) - blocks_of) * size  # of each expert, in the padded layout
     group = jnp.minimum(row_group, num_experts - 1)
@@ -505,7 +512,7 @@ def experts_kernel(
     """The experts on rows sorted by expert as two grouped matmuls, each a kernel (`matmul`: the GPU's
     `grouped_matmul` or the TPU's `tpu_grouped_matmul`) that reads only the used experts' weights, in place,
     dequantizing packed ones a tile at a time; `interpret` runs it with Pallas' interpreter."""
-    blocks = row_blocks(row_group, sizes, gate_up.shape[0], smallest=16)
+    blocks = row_blocks(row_group, sizes, gate_up.shape[0], smallest=KERNEL_BLOCK_ROWS)
     blocks_times = partial(matmul, block_expert=blocks.expert, block_rows=blocks.size, interpret=interpret)
     hidden = blocks_times(blocks.pad(rows), gate_up, gate_up_bias)
     out = blocks_times(clamped_swiglu(hidden, limit, alpha), down, down_bias)

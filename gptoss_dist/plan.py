@@ -6,11 +6,11 @@ Weights come from the sharding rules (exactly what each device holds); packed ex
 count their MXFP4 blocks and scales, a byte per two weights and one per 32. The KV cache is the engine's:
 each slot's window in the sliding layers and the pool of `kv_pages` pages of `page_size` positions in the
 full-attention layers, split over `data` and, where they divide, the KV heads over `tensor`; the plan says how
-many tokens the pool holds per chip. Working memory is a model of
-XLA's temporaries for a TPU, buffer by buffer from their shapes (what they are: BENCHMARKS.md, "Working memory
-on a TPU"), per call: the decode call's (sampling's float32 logits over the vocabulary, or a block of keys; on tpu7x,
-the weights its matmuls read, re-tiled) and the largest prefill call's (the experts' token rows beside the
-residual stream); the plan counts the larger. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
+many tokens the pool holds per chip. Working memory is a model of XLA's temporaries for a TPU, buffer by buffer
+from their shapes (what they are: BENCHMARKS.md, "Working memory on a TPU"), per call: the decode call's
+(sampling's float32 logits over the vocabulary, or a block of keys; on tpu7x, the weights its matmuls read,
+re-tiled) and the largest prefill call's (the residual stream beside one chunk of the experts' token copies);
+the plan counts the larger. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from gptoss_dist import settings
 from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.engine import cache_bytes, page_pool
+from gptoss_dist.model import EXPERT_CHUNK_TOKENS, KERNEL_BLOCK_ROWS, block_layout
 from gptoss_dist.placements import Placement, weight_placements
 from gptoss_dist.sharding import MESH_AXES, check_model_fits_mesh, mesh_shape, spec_divisor
 
@@ -38,6 +39,10 @@ LANES = 128  # a TPU vector register's lanes: an array's minor dimension is padd
 MATMUL_CONTRACTED_DIMS = {"q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "router": (0,), "gate_up": (1,),
                           "down": (1,), "unembed": (0,)}  # fmt: skip
 TPU7X_BF16_TILE_ROWS = 16  # tpu7x's matmuls read bf16 weights in (16, 128) tiles; parameters have (8, 128)
+# XLA's temporaries in a prefill call beyond the buffers the plan models, per layer: mostly the state of each
+# layer's asynchronous copies and slices, a few bytes each at 16 KiB strides, in its buffer assignment and as
+# much again beyond it (BENCHMARKS.md, "Working memory on a TPU").
+PREFILL_BYTES_PER_LAYER = 4 << 20
 
 
 class PlanError(ValueError):
@@ -125,19 +130,25 @@ def prefill_working_per_chip(
     packed_experts: bool = False,
 ) -> int:  # fmt: skip
     """The largest prefill call's temporaries on one chip (prompt pieces of at most `prefill_tokens` tokens in
-    all, a row or more per data shard): the residual stream twice (before and after its sum over the mesh),
-    and the experts' phase: the tokens' copies in their experts' rows, and the rows' outputs weighted in
-    float32, with the experts' bf16 outputs (XLA's grouped matmul) or a second float32 copy (the packed
-    experts' kernel). Rows of `hidden_size` are padded to the 128 lanes."""
+    all, a row or more per data shard): the residual stream twice (before and after its sum over the mesh), the
+    experts' output for every token, one more buffer of that size (XLA's temporaries exceed its buffer
+    assignment by about that much), one chunk of `EXPERT_CHUNK_TOKENS` tokens in the experts (its token copies
+    in their experts' order or, for packed experts (the TPU kernel), those copies padded to whole row blocks,
+    `model.block_layout`, and split into even and odd columns), and PREFILL_BYTES_PER_LAYER a layer. Rows of
+    `hidden_size` are padded to the 128 lanes."""
     data = sizes["data"]
     piece = min(max(1, prefill_tokens // data), max_len)
     rows = math.ceil(min(max_slots, max(data, prefill_tokens // piece)) / data)
     tokens = rows * piece
     itemsize = np.dtype(dtype).itemsize
-    hidden = _round_up(cfg.hidden_size, LANES)
-    expert_row = hidden * (itemsize + 2 * F32 if packed_experts else 2 * itemsize + F32)
-    experts = tokens * cfg.experts_per_token * expert_row
-    return 2 * tokens * hidden * itemsize + experts
+    residual = tokens * _round_up(cfg.hidden_size, LANES) * itemsize
+    copies = min(tokens, EXPERT_CHUNK_TOKENS) * cfg.experts_per_token
+    if packed_experts:
+        rows_a_block, blocks = block_layout(copies, cfg.num_experts // sizes["expert"], KERNEL_BLOCK_ROWS)
+        chunk = 2 * rows_a_block * blocks * _round_up(cfg.hidden_size // 2, LANES) * itemsize
+    else:
+        chunk = copies * _round_up(cfg.hidden_size, LANES) * itemsize
+    return 4 * residual + chunk + cfg.num_layers * PREFILL_BYTES_PER_LAYER
 
 
 def plan_memory(
