@@ -32,12 +32,12 @@ EXPERTS_IMPLEMENTATIONS = ("auto", "ragged", "blocked", "gpu_kernel", "tpu_kerne
 # How a decode step reads the pool of pages (`paged_decode_kernel`): the platform's best, the portable blockwise
 # path, or the TPU kernel that reads each sequence's own live pages.
 ATTENTION_IMPLEMENTATIONS = ("auto", "blockwise", "tpu_kernel")
-# Tokens the experts take at a time (`routed_experts`): a prefill call's token copies, sorted, padded to whole
-# row blocks, and weighted in float32, are made for this many tokens, not for the whole call (an 8,192-token
-# prefill of the 20B with packed experts on v6e:2x4: 1.44 GB of XLA's temporaries at 2 layers, 0.39 GB in
-# chunks of 2,048). Each chunk reads its experts' weights again: at 2,048 tokens a chunk still brings each
-# expert 256 rows on average.
-EXPERT_CHUNK_TOKENS = 2048
+# The experts take a call's tokens in chunks (`routed_experts`) that bring each expert this many rows on average
+# (`expert_chunk_tokens`): a chunk's token copies, sorted and padded to whole row blocks, are made for the chunk, not
+# for the whole call, and each chunk reads its experts' weights again, which at 512 rows costs no more time than
+# their matmuls (2 flops a bf16 weight a row: 512 per byte read, about a v6e's ratio of matmul to HBM speed, 560,
+# and above v5e's, v5p's and tpu7x's).
+CHUNK_ROWS_PER_EXPERT = 512
 KERNEL_BLOCK_ROWS = 16  # the expert kernels' smallest row block (`row_blocks`)
 
 
@@ -327,6 +327,12 @@ def route(x: jax.Array, router: jax.Array, router_bias: jax.Array, top_k: int) -
     return experts, jax.nn.softmax(top_logits, axis=-1)
 
 
+def expert_chunk_tokens(cfg: ModelConfig) -> int:
+    """The tokens a chunk of `routed_experts` takes: CHUNK_ROWS_PER_EXPERT rows an expert on average (4,096
+    tokens for the 20B, 16,384 for the 120B)."""
+    return CHUNK_ROWS_PER_EXPERT * cfg.num_experts // cfg.experts_per_token
+
+
 def routed_experts(
     x: jax.Array,
     experts: jax.Array,
@@ -340,7 +346,7 @@ def routed_experts(
     alpha: float,
     implementation: str = "auto",
     first_expert: jax.Array | int = 0,
-    chunk_tokens: int = EXPERT_CHUNK_TOKENS,
+    chunk_tokens: int,
     sum_over: tuple[str, ...] = (),
 ) -> jax.Array:
     """Sum over each token's chosen experts of weight * expert(token), for the experts held here.
@@ -388,10 +394,11 @@ def _routed_chunk(x, experts, weights, gate_up, gate_up_bias, down, down_bias, *
     sizes = jnp.bincount(group, length=num_here + 1)[:num_here].astype(jnp.int32)
     ffn = partial(experts_function(implementation, gate_up), limit=limit, alpha=alpha)
     out = ffn(x[order // experts.shape[1]], group[order], sizes, gate_up, gate_up_bias, down, down_bias)
-    # each token's rows gathered back and summed (a gather and a reduction, not a scatter-add of float32 rows)
+    # each token's rows gathered back and summed in float32, one of its k rows at a time (a scatter-add, or one
+    # sum over the k rows, makes float32 copies of all of them)
     by_token = out[jnp.argsort(order)].reshape(*experts.shape, out.shape[-1])
     held_weights = jnp.where(group.reshape(experts.shape) < num_here, weights, 0.0).astype(F32)
-    return jnp.einsum("tkh,tk->th", by_token.astype(F32), held_weights)
+    return sum(by_token[:, j].astype(F32) * held_weights[:, j, None] for j in range(experts.shape[1]))
 
 
 def target_platform() -> str:
@@ -552,6 +559,7 @@ class MoE(nnx.Module):
         self.down_bias = _constant((num, hidden), ("experts", "embed"), param_dtype, 0.0)
         self.packed, self.implementation = packed, implementation
         self.top_k, self.limit, self.alpha = cfg.experts_per_token, cfg.swiglu_limit, cfg.swiglu_alpha
+        self.chunk_tokens = expert_chunk_tokens(cfg)
 
     def expert_variables(self) -> tuple:
         """(gate_up, gate_up_bias, down, down_bias) as variables; packed matrices as `PackedMatrices`."""
@@ -568,7 +576,9 @@ class MoE(nnx.Module):
             experts, weights = route(tokens, self.router[...], self.router_bias[...], self.top_k)
         variables = self.expert_variables()
         params = jax.tree.map(lambda var: var[...], variables, is_leaf=_is_variable)
-        options = dict(limit=self.limit, alpha=self.alpha, implementation=self.implementation)
+        options = dict(
+            limit=self.limit, alpha=self.alpha, implementation=self.implementation, chunk_tokens=self.chunk_tokens
+        )
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty:
             with jax.named_scope("experts"):
@@ -585,7 +595,7 @@ def _is_variable(x) -> bool:
 
 def expert_parallel(
     mesh, tokens, experts, weights, params: tuple, param_axes: tuple, *, limit: float, alpha: float,
-    implementation: str = "auto",
+    implementation: str = "auto", chunk_tokens: int,
 ) -> jax.Array:  # fmt: skip
     """`routed_experts` over the mesh: each device runs only its experts (`expert` axis) and its slice of
     their intermediate dimension (`tensor` axis) on its data shard's tokens, and a sum over both axes
@@ -603,7 +613,8 @@ def expert_parallel(
         with jax.named_scope("experts"):
             return routed_experts(
                 tokens, experts, weights, gate_up, gate_up_bias, down, down_bias, limit=limit, alpha=alpha,
-                implementation=implementation, first_expert=first_expert, sum_over=("tensor", "expert"),
+                implementation=implementation, first_expert=first_expert, chunk_tokens=chunk_tokens,
+                sum_over=("tensor", "expert"),
             )  # fmt: skip
 
     # check_vma=False: the blocked experts' lax.cond has a branch that reads no expert weights

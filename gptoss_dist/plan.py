@@ -26,7 +26,7 @@ from gptoss_dist import settings
 from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.engine import cache_bytes, page_pool
-from gptoss_dist.model import EXPERT_CHUNK_TOKENS, KERNEL_BLOCK_ROWS, block_layout
+from gptoss_dist.model import KERNEL_BLOCK_ROWS, block_layout, expert_chunk_tokens
 from gptoss_dist.placements import Placement, weight_placements
 from gptoss_dist.sharding import MESH_AXES, check_model_fits_mesh, mesh_shape, spec_divisor
 
@@ -132,7 +132,7 @@ def prefill_working_per_chip(
     """The largest prefill call's temporaries on one chip (prompt pieces of at most `prefill_tokens` tokens in
     all, a row or more per data shard): the residual stream twice (before and after its sum over the mesh), the
     experts' output for every token, one more buffer of that size (XLA's temporaries exceed its buffer
-    assignment by about that much), one chunk of `EXPERT_CHUNK_TOKENS` tokens in the experts (its token copies
+    assignment by about that much), one chunk of tokens in the experts (`model.expert_chunk_tokens`) (its token copies
     in their experts' order or, for packed experts (the TPU kernel), those copies padded to whole row blocks,
     `model.block_layout`, and split into even and odd columns), and PREFILL_BYTES_PER_LAYER a layer. Rows of
     `hidden_size` are padded to the 128 lanes."""
@@ -142,7 +142,7 @@ def prefill_working_per_chip(
     tokens = rows * piece
     itemsize = np.dtype(dtype).itemsize
     residual = tokens * _round_up(cfg.hidden_size, LANES) * itemsize
-    copies = min(tokens, EXPERT_CHUNK_TOKENS) * cfg.experts_per_token
+    copies = min(tokens, expert_chunk_tokens(cfg)) * cfg.experts_per_token
     if packed_experts:
         rows_a_block, blocks = block_layout(copies, cfg.num_experts // sizes["expert"], KERNEL_BLOCK_ROWS)
         chunk = 2 * rows_a_block * blocks * _round_up(cfg.hidden_size // 2, LANES) * itemsize
