@@ -396,9 +396,9 @@ def _routed_chunk(x, experts, weights, gate_up, gate_up_bias, down, down_bias, *
     out = ffn(x[order // experts.shape[1]], group[order], sizes, gate_up, gate_up_bias, down, down_bias)
     # each token's rows gathered back and summed in float32, one of its k rows at a time (a scatter-add, or one
     # sum over the k rows, makes float32 copies of all of them)
-    by_token = out[jnp.argsort(order)].reshape(*experts.shape, out.shape[-1])
+    row_of = jnp.argsort(order).reshape(experts.shape)  # [N, k]: where each token's copies are in `out`
     held_weights = jnp.where(group.reshape(experts.shape) < num_here, weights, 0.0).astype(F32)
-    return sum(by_token[:, j].astype(F32) * held_weights[:, j, None] for j in range(experts.shape[1]))
+    return sum(out[row_of[:, j]].astype(F32) * held_weights[:, j, None] for j in range(experts.shape[1]))
 
 
 def target_platform() -> str:
