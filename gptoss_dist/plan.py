@@ -42,7 +42,7 @@ TPU7X_BF16_TILE_ROWS = 16  # tpu7x's matmuls read bf16 weights in (16, 128) tile
 # XLA's temporaries in a prefill call beyond the buffers the plan models, per layer: mostly the state of each
 # layer's asynchronous copies and slices, a few bytes each at 16 KiB strides, in its buffer assignment and as
 # much again beyond it (BENCHMARKS.md, "Working memory on a TPU").
-PREFILL_BYTES_PER_LAYER = 4 << 20
+PREFILL_BYTES_PER_LAYER = 3 << 20
 
 
 class PlanError(ValueError):
@@ -132,23 +132,21 @@ def prefill_working_per_chip(
     """The largest prefill call's temporaries on one chip (prompt pieces of at most `prefill_tokens` tokens in
     all, a row or more per data shard): the residual stream twice (before and after its sum over the mesh), the
     experts' output for every token, one more buffer of that size (XLA's temporaries exceed its buffer
-    assignment by about that much), one chunk of tokens in the experts (`model.expert_chunk_tokens`) (its token copies
-    in their experts' order or, for packed experts (the TPU kernel), those copies padded to whole row blocks,
-    `model.block_layout`, and split into even and odd columns), and PREFILL_BYTES_PER_LAYER a layer. Rows of
+    assignment by about that much), and one chunk of tokens in the experts (`model.expert_chunk_tokens`): its
+    token copies in their experts' order and the experts' output rows, for packed experts (the TPU kernel) rows
+    padded to whole row blocks (`model.block_layout`) in and out; and PREFILL_BYTES_PER_LAYER a layer. Rows of
     `hidden_size` are padded to the 128 lanes."""
     data = sizes["data"]
     piece = min(max(1, prefill_tokens // data), max_len)
     rows = math.ceil(min(max_slots, max(data, prefill_tokens // piece)) / data)
     tokens = rows * piece
-    itemsize = np.dtype(dtype).itemsize
-    residual = tokens * _round_up(cfg.hidden_size, LANES) * itemsize
+    row_bytes = _round_up(cfg.hidden_size, LANES) * np.dtype(dtype).itemsize
     copies = min(tokens, expert_chunk_tokens(cfg)) * cfg.experts_per_token
+    expert_rows = copies
     if packed_experts:
         rows_a_block, blocks = block_layout(copies, cfg.num_experts // sizes["expert"], KERNEL_BLOCK_ROWS)
-        chunk = 2 * rows_a_block * blocks * _round_up(cfg.hidden_size // 2, LANES) * itemsize
-    else:
-        chunk = copies * _round_up(cfg.hidden_size, LANES) * itemsize
-    return 4 * residual + chunk + cfg.num_layers * PREFILL_BYTES_PER_LAYER
+        expert_rows = 2 * rows_a_block * blocks
+    return 4 * tokens * row_bytes + (copies + expert_rows) * row_bytes + cfg.num_layers * PREFILL_BYTES_PER_LAYER
 
 
 def plan_memory(

@@ -152,9 +152,10 @@ def test_on_tpu7x_the_plan_counts_the_weights_a_decode_loop_re_tiles():
 
 
 def test_prefill_runs_the_experts_in_chunks_and_the_plan_is_within_15_percent_of_xla():
-    """A layer of the 20B's widths on v6e, one prefill call of 8,192 tokens: the experts take them 2,048 at a
-    time, so XLA's temporaries are about the residual stream's (45 MiB a copy) and one chunk's token copies,
-    as the plan models them, not the 32,768 copies of the whole call in bf16 and float32 (about 0.6 GiB)."""
+    """A layer of the 20B's widths on v6e, one prefill call of 8,192 tokens: the experts take them 4,096 at a
+    time, so XLA's temporaries are the residual stream's (45 MiB a copy) and one chunk's token copies, as the
+    plan models them (372 MiB; 511 MiB in one chunk, 876 MiB with the float32 copies of every token's rows that
+    the experts made before the chunks)."""
     config = small_settings((1, 8, 1))
     widths = {"hidden_size": 2880, "intermediate_size": 2880, "num_heads": 64, "num_kv_heads": 8, "head_dim": 64,
               "num_experts": 32, "num_layers": 1, "layer_types": (SLIDING,)}  # fmt: skip
@@ -162,7 +163,7 @@ def test_prefill_runs_the_experts_in_chunks_and_the_plan_is_within_15_percent_of
                                        "dtype": "bfloat16", "prefill_tokens": 8192, "max_len": 8192})  # fmt: skip
     prefill, engine = compiled(config, "v6e:2x4", "prefill")
     planned = tpu_compile.plan_for(config, engine, "v6e").prefill_working
-    assert prefill.name == "prefill 1x8192" and prefill.temp_bytes < 400 << 20, prefill.temp_bytes
+    assert prefill.name == "prefill 1x8192" and prefill.temp_bytes < 450 << 20, prefill.temp_bytes
     assert 0.85 <= planned / prefill.temp_bytes <= 1.15, (planned, prefill.temp_bytes)
 
 
