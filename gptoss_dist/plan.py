@@ -41,7 +41,7 @@ MATMUL_CONTRACTED_DIMS = {"q": (0,), "k": (0,), "v": (0,), "o": (0, 1), "router"
 TPU7X_BF16_TILE_ROWS = 16  # tpu7x's matmuls read bf16 weights in (16, 128) tiles; parameters have (8, 128)
 # XLA's temporaries in a prefill call beyond the buffers the plan models, per layer: mostly the state of each
 # layer's asynchronous copies and slices, a few bytes each at 16 KiB strides, in its buffer assignment and as
-# much again beyond it (BENCHMARKS.md, "Working memory on a TPU").
+# much again beyond it (BENCHMARKS.md, "Prefill on a TPU").
 PREFILL_BYTES_PER_LAYER = 3 << 20
 
 
