@@ -8,9 +8,9 @@ each slot's window in the sliding layers and the pool of `kv_pages` pages of `pa
 full-attention layers, split over `data` and, where they divide, the KV heads over `tensor`; the plan says how
 many tokens the pool holds per chip. Working memory is a model of XLA's temporaries for a TPU, buffer by buffer
 from their shapes (what they are: BENCHMARKS.md, "Working memory on a TPU"), per call: the decode call's
-(sampling's float32 logits over the vocabulary, or a block of keys; on tpu7x, the weights its matmuls read,
-re-tiled) and the largest prefill call's (the residual stream beside one chunk of the experts' token copies);
-the plan counts the larger. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
+(sampling's float32 logits over the vocabulary, the sliding layers' windows re-laid, a little a layer; on tpu7x,
+the weights its matmuls read, re-tiled) and the largest prefill call's (the residual stream beside one chunk of
+the experts' token copies); the plan counts the larger. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from gptoss_dist import settings
-from gptoss_dist.attention import DEFAULT_BLOCK
 from gptoss_dist.config import ModelConfig
 from gptoss_dist.engine import cache_bytes, page_pool
 from gptoss_dist.model import KERNEL_BLOCK_ROWS, block_layout, expert_chunk_tokens
@@ -43,6 +42,13 @@ TPU7X_BF16_TILE_ROWS = 16  # tpu7x's matmuls read bf16 weights in (16, 128) tile
 # layer's asynchronous copies and slices, a few bytes each at 16 KiB strides, in its buffer assignment and as
 # much again beyond it (BENCHMARKS.md, "Prefill on a TPU").
 PREFILL_BYTES_PER_LAYER = 3 << 20
+# The same in a decode call: the layers' small buffers live through the call, and those live in a step's layers
+# phase (BENCHMARKS.md, "Decode on a TPU: what grows with the layers").
+DECODE_BYTES_PER_LAYER = 9 << 17  # 1.125 MiB
+DECODE_STEP_BYTES_PER_LAYER = 1 << 19
+# Float32 logits over the whole vocabulary that a decode call's sampling holds in HBM at once, by chip (others:
+# 2). v5e keeps them in on-chip memory; v5p holds three in its buffer assignment and counts a fourth beyond it.
+SAMPLING_LOGITS_IN_HBM = {"v5e": 0, "v5p": 4}
 
 
 class PlanError(ValueError):
@@ -105,24 +111,27 @@ def retiled_weights_per_chip(placements: Sequence[Placement], sizes: Mapping[str
 
 
 def decode_working_per_chip(
-    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, pool: tuple[int, int], dtype,
-    rings: bool = True, retiled_weights: int = 0,
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, dtype, rings: bool = True,
+    retiled_weights: int = 0, chip: str = "",
 ) -> int:  # fmt: skip
-    """The decode call's largest temporaries on one chip: the sliding layers' rings (`rings`) re-laid, once for
-    the whole call, the weights re-tiled for the call (`retiled_weights` bytes: tpu7x's), and the larger of
-    two phases that are not live together. Sampling: float32 logits [slots of a data shard, vocabulary] whole
-    twice (gathered, and noised for the draw), and twice the size of a chip's shard of them (the logits'
-    shard, and the sort's indices for a shard of the slots).
-    Attention: a block of keys (64-wide heads padded to the 128 lanes), the KV heads second-minor, padded to
-    whole 32-bit rows; the pool is read in place."""
+    """The decode call's temporaries on one chip, as `chip`'s compiler (a CHIPS name) lays them out:
+    DECODE_BYTES_PER_LAYER a layer, the weights re-tiled for the call (`retiled_weights` bytes: tpu7x's), the
+    sliding layers' rings (`rings`) re-laid for attention, and the larger of two phases of a step that are not live
+    together. Sampling: float32 logits [slots of a data shard, vocabulary], whole (SAMPLING_LOGITS_IN_HBM of them)
+    and twice the size of a chip's shard of them (the logits' shard, and the sort's indices for a shard of the
+    slots). The layers: DECODE_STEP_BYTES_PER_LAYER a layer, and each layer's experts' down bias masked to one
+    device of `tensor`, twice. The re-laid rings are live through the call with one KV head a chip, and in the
+    layers' phase of each step with more. The pool is read in place. Rows of `hidden_size` are padded to the 128
+    lanes."""
     itemsize = np.dtype(dtype).itemsize
     rows = max_slots // sizes["data"]
     logits = rows * cfg.vocab_size * F32
-    sampling = 2 * logits + 2 * logits // (sizes["tensor"] * sizes["expert"])
-    kv_heads = _round_up(_kv_heads_per_chip(cfg, sizes), F32 // itemsize)
-    attention = rows * min(DEFAULT_BLOCK, pool[0]) * kv_heads * _round_up(cfg.head_dim, LANES) * itemsize
+    sampling = SAMPLING_LOGITS_IN_HBM.get(chip, 2) * logits + 2 * logits // (sizes["tensor"] * sizes["expert"])
+    down_bias = cfg.num_experts // sizes["expert"] * _round_up(cfg.hidden_size, LANES) * itemsize
     relaid_rings = kv_cache_per_chip(cfg, sizes, max_slots, max_len, 0, dtype) if rings else 0
-    return relaid_rings + retiled_weights + max(sampling, attention)
+    whole_call, layers = (relaid_rings, 0) if _kv_heads_per_chip(cfg, sizes) == 1 else (0, relaid_rings)
+    layers += cfg.num_layers * (DECODE_STEP_BYTES_PER_LAYER + 2 * down_bias)
+    return cfg.num_layers * DECODE_BYTES_PER_LAYER + retiled_weights + whole_call + max(sampling, layers)
 
 
 def prefill_working_per_chip(
@@ -175,7 +184,7 @@ def plan_memory(
     return MemoryPlan(
         weights=weights,
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, page_size * kv_pages, dtype, rings),
-        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, pool, dtype, rings, retiled),
+        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, dtype, rings, retiled, chip),
         prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype,
                                                  packed_experts),
         pool_tokens=page_size * kv_pages // sizes["data"],

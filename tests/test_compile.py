@@ -121,17 +121,18 @@ def test_settings_that_cannot_compile_are_refused_before_compiling(mesh, setting
         tpu_compile.compile_job(config, tpu_compile.load_topology("v5e:2x2"))
 
 
-def test_decode_reads_the_pool_in_place_and_the_plan_is_within_15_percent_of_xla():
-    """One full-attention layer of 64-wide heads and the 20B's vocabulary on v6e, 64 slots x 16,384
-    positions: the decode call's temporaries are sampling's float32 logits, as the plan models them, and hold
-    no copy of the layer's pool (256 MiB a chip), which the TPU compiler made for each step while attention
-    read and wrote the pool in pieces that did not match its layout."""
+@pytest.mark.parametrize("topology", ["v6e:2x2", "v5p:2x2x1"])
+def test_decode_reads_the_pool_in_place_and_the_plan_is_within_15_percent_of_xla(topology):
+    """One full-attention layer of 64-wide heads and the 20B's vocabulary, 64 slots x 16,384 positions: the
+    decode call's temporaries are sampling's float32 logits, as the plan models them (a v5p holds twice as many
+    whole-vocabulary copies as a v6e), and hold no copy of the layer's pool (256 MiB a chip), which the TPU
+    compiler made for each step while attention read and wrote the pool in pieces that did not match its layout."""
     config = small_settings((1, 2, 2))
     config.update_from_flattened_dict({"model.num_layers": 1, "model.layer_types": (FULL,), "model.head_dim": 64,
                                        "model.vocab_size": 201088, "dtype": "bfloat16", "max_slots": 64,
                                        "max_len": 16384, "steps_per_call": 1})  # fmt: skip
-    decode, engine = compiled(config, "v6e:2x2")
-    estimate = tpu_compile.plan_for(config, engine, "v6e")
+    decode, engine = compiled(config, topology)
+    estimate = tpu_compile.plan_for(config, engine, topology.split(":")[0])
     assert 64 << 20 < decode.temp_bytes < estimate.kv_cache, (decode.temp_bytes, estimate.kv_cache)
     assert 0.85 <= estimate.decode_working / decode.temp_bytes <= 1.15, (estimate.decode_working, decode.temp_bytes)
 
