@@ -42,12 +42,13 @@ TPU7X_BF16_TILE_ROWS = 16  # tpu7x's matmuls read bf16 weights in (16, 128) tile
 # layer's asynchronous copies and slices, a few bytes each at 16 KiB strides, in its buffer assignment and as
 # much again beyond it (BENCHMARKS.md, "Prefill on a TPU").
 PREFILL_BYTES_PER_LAYER = 3 << 20
-# The same in a decode call: the layers' small buffers live through the call, and those live in a step's layers
-# phase (BENCHMARKS.md, "Decode on a TPU: what grows with the layers").
+# The same in a decode call, fitted to issue 16's table of decode calls: what lives through the call, and what
+# lives only in a step's layers phase (BENCHMARKS.md, "Decode on a TPU: what grows with the layers").
 DECODE_BYTES_PER_LAYER = 9 << 17  # 1.125 MiB
 DECODE_STEP_BYTES_PER_LAYER = 1 << 19
 # Float32 logits over the whole vocabulary that a decode call's sampling holds in HBM at once, by chip (others:
-# 2). v5e keeps them in on-chip memory; v5p holds three in its buffer assignment and counts a fourth beyond it.
+# 2). v5e keeps them in on-chip memory (seen on 8 and 16 devices; on 4, one was in HBM); v5p holds three in its
+# buffer assignment and counts a fourth beyond it.
 SAMPLING_LOGITS_IN_HBM = {"v5e": 0, "v5p": 4}
 
 
