@@ -10,7 +10,8 @@ many tokens the pool holds per chip. Working memory is a model of XLA's temporar
 from their shapes (what they are: BENCHMARKS.md, "Working memory on a TPU"), per call: the decode call's
 (sampling's float32 logits over the vocabulary, the sliding layers' windows re-laid, a little a layer; on tpu7x,
 the weights its matmuls read, re-tiled) and the largest prefill call's (the residual stream beside one chunk of
-the experts' token copies); the plan counts the larger. `gptoss_dist.compile` gives XLA's own figures for a TPU topology.
+the experts' token copies); the plan counts the larger. `gptoss_dist.compile` gives XLA's own figures for a TPU
+topology.
 """
 
 from __future__ import annotations
