@@ -48,9 +48,11 @@ PREFILL_BYTES_PER_LAYER = 3 << 20
 DECODE_BYTES_PER_LAYER = 9 << 17  # 1.125 MiB
 DECODE_STEP_BYTES_PER_LAYER = 1 << 19
 # Float32 logits over the whole vocabulary that a decode call's sampling holds in HBM at once, by chip (others:
-# 2). v5e keeps them in on-chip memory (seen on 8 and 16 devices; on 4, one was in HBM); v5p holds three in its
-# buffer assignment and counts a fourth beyond it.
-SAMPLING_LOGITS_IN_HBM = {"v5e": 0, "v5p": 4}
+# 2): v5p holds three in its buffer assignment and counts a fourth beyond it. v5e keeps them in on-chip memory,
+# all of them where the vocabulary's logits are split V5E_ON_CHIP_SPLIT ways or more (v5e:2x4 and v5e:4x4), all
+# but one where they are split 4 ways (v5e:2x2).
+SAMPLING_LOGITS_IN_HBM = {"v5p": 4}
+V5E_ON_CHIP_SPLIT = 8
 
 
 class PlanError(ValueError):
@@ -112,6 +114,14 @@ def retiled_weights_per_chip(placements: Sequence[Placement], sizes: Mapping[str
     return total
 
 
+def _whole_logits_in_hbm(chip: str, split: int) -> int:
+    """How many whole-vocabulary float32 logits a decode call on `chip` holds in HBM, its logits split `split`
+    ways over the mesh."""
+    if chip == "v5e":
+        return 0 if split >= V5E_ON_CHIP_SPLIT else 1
+    return SAMPLING_LOGITS_IN_HBM.get(chip, 2)
+
+
 def decode_working_per_chip(
     cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, dtype, rings: bool = True,
     retiled_weights: int = 0, chip: str = "",
@@ -119,7 +129,7 @@ def decode_working_per_chip(
     """The decode call's temporaries on one chip, as `chip`'s compiler (a CHIPS name) lays them out:
     DECODE_BYTES_PER_LAYER a layer, the weights re-tiled for the call (`retiled_weights` bytes: tpu7x's), the
     sliding layers' rings (`rings`) re-laid for attention, and the larger of two phases of a step that are not live
-    together. Sampling: float32 logits [slots of a data shard, vocabulary], whole (SAMPLING_LOGITS_IN_HBM of them)
+    together. Sampling: float32 logits [slots of a data shard, vocabulary], whole (`_whole_logits_in_hbm` of them)
     and twice the size of a chip's shard of them (the logits' shard, and the sort's indices for a shard of the
     slots). The layers: DECODE_STEP_BYTES_PER_LAYER a layer, and each layer's experts' down bias masked to one
     device of `tensor`, twice. The re-laid rings are live through the call with one KV head a chip, and in the
@@ -128,7 +138,8 @@ def decode_working_per_chip(
     itemsize = np.dtype(dtype).itemsize
     rows = max_slots // sizes["data"]
     logits = rows * cfg.vocab_size * F32
-    sampling = SAMPLING_LOGITS_IN_HBM.get(chip, 2) * logits + 2 * logits // (sizes["tensor"] * sizes["expert"])
+    split = sizes["tensor"] * sizes["expert"]
+    sampling = _whole_logits_in_hbm(chip, split) * logits + 2 * logits // split
     down_bias = cfg.num_experts // sizes["expert"] * _round_up(cfg.hidden_size, LANES) * itemsize
     relaid_rings = kv_cache_per_chip(cfg, sizes, max_slots, max_len, 0, dtype) if rings else 0
     whole_call, layers = (relaid_rings, 0) if _kv_heads_per_chip(cfg, sizes) == 1 else (0, relaid_rings)
