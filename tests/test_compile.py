@@ -27,6 +27,10 @@ TINY = ROOT / "configs" / "tiny.py"
 # Two layers (one of each kind), short contexts: the programs' structure at the least compile time.
 SMALL = {"model.num_layers": 2, "model.layer_types": (SLIDING, FULL), "max_slots": 4, "max_len": 64,
          "prefill_tokens": 64, "steps_per_call": 2}  # fmt: skip
+# One sliding layer of the 20B's widths, in `model.*` settings.
+LAYER_OF_20B = {"model.hidden_size": 2880, "model.intermediate_size": 2880, "model.num_heads": 64,
+                "model.num_kv_heads": 8, "model.head_dim": 64, "model.num_experts": 32, "model.num_layers": 1,
+                "model.layer_types": (SLIDING,)}  # fmt: skip
 PROGRAM_KEYS = {"name", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes",
                 "fits", "compile_s", "collectives"}  # fmt: skip
 
@@ -133,7 +137,7 @@ def test_decode_reads_the_pool_in_place_and_the_plan_is_within_15_percent_of_xla
                                        "model.vocab_size": 201088, "dtype": "bfloat16", "max_slots": 64,
                                        "max_len": 16384, "steps_per_call": 1})  # fmt: skip
     decode, engine = compiled(config, topology)
-    estimate = tpu_compile.plan_for(config, engine, topology.split(":")[0])
+    estimate = tpu_compile.plan_for(config, engine, tpu_compile.load_topology(topology).chip)
     assert 64 << 20 < decode.temp_bytes < estimate.kv_cache, (decode.temp_bytes, estimate.kv_cache)
     assert 0.85 <= estimate.decode_working / decode.temp_bytes <= 1.15, (estimate.decode_working, decode.temp_bytes)
 
@@ -144,9 +148,7 @@ def test_on_tpu7x_the_plan_counts_the_weights_a_decode_loop_re_tiles():
     the experts' down, 360 rows a chip at tensor 8) before its loop. The plan counts those copies on tpu7x,
     within 15% of XLA's temporaries, and no copy on a v6e."""
     config = small_settings((1, 8, 1))
-    widths = {"hidden_size": 2880, "intermediate_size": 2880, "num_heads": 64, "num_kv_heads": 8, "head_dim": 64,
-              "num_experts": 32, "vocab_size": 201088, "num_layers": 1, "layer_types": (SLIDING,)}  # fmt: skip
-    config.update_from_flattened_dict({**{f"model.{key}": value for key, value in widths.items()}, "dtype": "bfloat16"})
+    config.update_from_flattened_dict({**LAYER_OF_20B, "model.vocab_size": 201088, "dtype": "bfloat16"})
     decode, engine = compiled(config, "tpu7x:2x2x1")
     on_tpu7x, on_v6e = (tpu_compile.plan_for(config, engine, chip).decode_working for chip in ("tpu7x", "v6e"))
     assert 0.85 <= on_tpu7x / decode.temp_bytes <= 1.15, (on_tpu7x, decode.temp_bytes)
@@ -159,10 +161,7 @@ def test_prefill_runs_the_experts_in_chunks_and_the_plan_is_within_15_percent_of
     plan models them (372 MiB; 511 MiB in one chunk, 876 MiB with the float32 copies of every token's rows that
     the experts made before the chunks)."""
     config = small_settings((1, 8, 1))
-    widths = {"hidden_size": 2880, "intermediate_size": 2880, "num_heads": 64, "num_kv_heads": 8, "head_dim": 64,
-              "num_experts": 32, "num_layers": 1, "layer_types": (SLIDING,)}  # fmt: skip
-    config.update_from_flattened_dict({**{f"model.{key}": value for key, value in widths.items()},
-                                       "dtype": "bfloat16", "prefill_tokens": 8192, "max_len": 8192})  # fmt: skip
+    config.update_from_flattened_dict({**LAYER_OF_20B, "dtype": "bfloat16", "prefill_tokens": 8192, "max_len": 8192})
     prefill, engine = compiled(config, "v6e:2x4", "prefill")
     planned = tpu_compile.plan_for(config, engine, "v6e").prefill_working
     assert prefill.name == "prefill 1x8192" and prefill.temp_bytes < 450 << 20, prefill.temp_bytes
