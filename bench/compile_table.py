@@ -6,6 +6,7 @@ topology and (max_slots, max_len), compiled one at a time, each program's figure
     python bench/compile_table.py --out=... --programs=decode --kinds=20B-bf16 --topologies=v6e:2x4 \
         --settings=64x8192   # only these cases
     python bench/compile_table.py --out=... --largest --kinds=20B-bf16 --topologies=v6e:2x4
+    python bench/compile_table.py --out=... --largest --research   # again, after a change to the model's code
     python bench/compile_table.py --out=... --table   # BENCHMARKS.md's table from the records; no compile
 
 All decode calls are compiled before any prefill call (decode is the one whose memory grows with the batch).
@@ -129,11 +130,17 @@ def extrapolated_slots(record: dict) -> int:
     return max(0, int((record["hbm_bytes"] - fixed) // per_slot))
 
 
-def search_largest(model: str, packed: bool, topology: str, records: dict[tuple, dict], out: Path) -> None:
+def is_search(record: dict) -> bool:
+    """Whether `record` is a compile of the largest `max_slots` search (not one of the table's own cases)."""
+    return (record["program"], record["max_len"]) == ("decode", LARGEST_LEN) and record["max_slots"] != BASE_SLOTS
+
+
+def search_largest(model: str, packed: bool, topology: str, records: dict[tuple, dict], out: Path,
+                   start: int | None = None) -> None:  # fmt: skip
     """Compiles the decode call at multiples of SLOT_STEP slots (max_len LARGEST_LEN) until a fitting count and
-    the next one, which does not, are both compiled: from the extrapolation of the BASE_SLOTS call (compiled
-    first where it is not in `records`), steps doubling up while it fits or down while it does not, then
-    halving the bracket. `records` holds the results by key; each compile is appended to `out`."""
+    the next one, which does not, are both compiled: from `start`, or else the extrapolation of the BASE_SLOTS
+    call (compiled first where it is not in `records`), steps doubling up while it fits or down while it does
+    not, then halving the bracket. `records` holds the results by key; each compile is appended to `out`."""
 
     def result(slots: int) -> bool:
         if slots <= 0:
@@ -145,7 +152,7 @@ def search_largest(model: str, packed: bool, topology: str, records: dict[tuple,
         return bool(found.get("fits"))
 
     base = (model, packed, topology, BASE_SLOTS, LARGEST_LEN, "decode")
-    guess = extrapolated_slots(records[base]) if result(BASE_SLOTS) else 0
+    guess = start if start is not None else extrapolated_slots(records[base]) if result(BASE_SLOTS) else 0
     fits = failed = max(SLOT_STEP, guess // SLOT_STEP * SLOT_STEP)
     step = SLOT_STEP
     if result(fits):
@@ -159,6 +166,13 @@ def search_largest(model: str, packed: bool, topology: str, records: dict[tuple,
     while failed - fits > SLOT_STEP:
         middle = (fits + failed) // (2 * SLOT_STEP) * SLOT_STEP
         fits, failed = (middle, failed) if result(middle) else (fits, middle)
+
+
+def earlier_bound(records: list[dict], model: str, packed: bool, topology: str) -> int | None:
+    """The largest `max_slots` that an earlier search compiled and found to fit, if any."""
+    fitting = [r["max_slots"] for r in records if is_search(r) and r.get("fits")
+               and (r["model"], r["packed"], r["topology"]) == (model, packed, topology)]  # fmt: skip
+    return max(fitting, default=None)
 
 
 def largest_text(records: list[dict], kind_name: str, topology: str) -> str:
@@ -189,7 +203,7 @@ def table(records: list[dict]) -> str:
         for case in cases():
             record = newest.get((*case, program))
             if record is not None:
-                lines.append("| " + " | ".join(table_cells(record, records)) + " |")
+                lines.append("| " + " | ".join(table_cells(record, list(newest.values()))) + " |")
     return "\n".join(lines)
 
 
@@ -224,6 +238,9 @@ def main() -> None:
     parser.add_argument("--programs", default="decode,prefill")
     parser.add_argument("--replan", action="store_true", help="recompute the plan's figures in --out; no compile")
     parser.add_argument("--largest", action="store_true", help="search the largest max_slots at max_len 8192")
+    parser.add_argument("--research", action="store_true",
+                        help="with --largest: search again after a code change, ignoring the earlier searches' "
+                             "records but starting from their largest fitting count")  # fmt: skip
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out; no compile")
     parser.add_argument("--kinds", default="", help="only these, comma-separated: 20B-bf16,120B-packed,...")
     parser.add_argument("--topologies", default="", help="only these, comma-separated")
@@ -241,8 +258,11 @@ def main() -> None:
     done = {key(record): record for record in records}
     chosen = [case for case in cases() if selected(case, args.kinds, args.topologies, args.settings)]
     if args.largest:
+        if args.research:
+            done = {key(record): record for record in records if not is_search(record)}
         for model, packed, topology in dict.fromkeys(case[:3] for case in chosen):
-            search_largest(model, packed, topology, done, out)
+            start = earlier_bound(records, model, packed, topology) if args.research else None
+            search_largest(model, packed, topology, done, out, start)
         return
     for program in args.programs.split(","):
         for case in chosen:
