@@ -43,6 +43,10 @@ TPU7X_BF16_TILE_ROWS = 16  # tpu7x's matmuls read bf16 weights in (16, 128) tile
 # layer's asynchronous copies and slices, a few bytes each at 16 KiB strides, in its buffer assignment and as
 # much again beyond it (BENCHMARKS.md, "Prefill on a TPU").
 PREFILL_BYTES_PER_LAYER = 3 << 20
+# Buffers of a prefill call's tokens' rows [tokens, hidden] in HBM at once, by chip (others: 4): v5p keeps the
+# attention's output beside its sum over `tensor` while the experts run, and XLA counts one more beyond its buffer
+# assignment (BENCHMARKS.md, "Issue 16's table").
+PREFILL_TOKEN_ROWS_IN_HBM = {"v5p": 6}
 # The same in a decode call, fitted to issue 16's table of decode calls: what lives through the call, and what
 # lives only in a step's layers phase (BENCHMARKS.md, "Decode on a TPU: what grows with the layers").
 DECODE_BYTES_PER_LAYER = 9 << 17  # 1.125 MiB
@@ -149,15 +153,16 @@ def decode_working_per_chip(
 
 def prefill_working_per_chip(
     cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, prefill_tokens: int, dtype,
-    packed_experts: bool = False,
+    packed_experts: bool = False, chip: str = "",
 ) -> int:  # fmt: skip
     """The largest prefill call's temporaries on one chip (prompt pieces of at most `prefill_tokens` tokens in
-    all, a row or more per data shard): the residual stream twice (before and after its sum over the mesh), the
-    experts' output for every token, one more buffer of that size (XLA's temporaries exceed its buffer
-    assignment by about that much), and one chunk of tokens in the experts (`model.expert_chunk_tokens`): its
-    token copies in their experts' order and the experts' output rows, for packed experts (the TPU kernel) rows
-    padded to whole row blocks (`model.block_layout`) in and out; and PREFILL_BYTES_PER_LAYER a layer. Rows of
-    `hidden_size` are padded to the 128 lanes."""
+    all, a row or more per data shard), as `chip`'s compiler lays them out: buffers of every token's rows
+    (PREFILL_TOKEN_ROWS_IN_HBM; on most chips 4: the residual stream before and after its sum over the mesh, the
+    experts' output, and one more, by which XLA's temporaries exceed its buffer assignment), and one chunk of
+    tokens in the experts (`model.expert_chunk_tokens`): its token copies in their experts' order and the
+    experts' output rows, for packed experts (the TPU kernel) rows padded to whole row blocks
+    (`model.block_layout`) in and out; and PREFILL_BYTES_PER_LAYER a layer. Rows of `hidden_size` are padded to
+    the 128 lanes."""
     data = sizes["data"]
     piece = min(max(1, prefill_tokens // data), max_len)
     rows = math.ceil(min(max_slots, max(data, prefill_tokens // piece)) / data)
@@ -168,7 +173,8 @@ def prefill_working_per_chip(
     if packed_experts:
         rows_a_block, blocks = block_layout(copies, cfg.num_experts // sizes["expert"], KERNEL_BLOCK_ROWS)
         expert_rows = 2 * rows_a_block * blocks
-    return 4 * tokens * row_bytes + (copies + expert_rows) * row_bytes + cfg.num_layers * PREFILL_BYTES_PER_LAYER
+    token_rows = PREFILL_TOKEN_ROWS_IN_HBM.get(chip, 4) * tokens
+    return (token_rows + copies + expert_rows) * row_bytes + cfg.num_layers * PREFILL_BYTES_PER_LAYER
 
 
 def plan_memory(
@@ -199,7 +205,7 @@ def plan_memory(
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, page_size * kv_pages, dtype, rings),
         decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, dtype, rings, retiled, chip),
         prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype,
-                                                 packed_experts),
+                                                 packed_experts, chip),
         pool_tokens=page_size * kv_pages // sizes["data"],
     )
 
