@@ -45,8 +45,9 @@ TPU7X_BF16_TILE_ROWS = 16  # tpu7x's matmuls read bf16 weights in (16, 128) tile
 PREFILL_BYTES_PER_LAYER = 3 << 20
 # Buffers of a prefill call's tokens' rows [tokens, hidden] in HBM at once, by chip (others: 4): v5p keeps the
 # attention's output beside its sum over `tensor` while the experts run, and XLA counts one more beyond its buffer
-# assignment (BENCHMARKS.md, "Issue 16's table").
-PREFILL_TOKEN_ROWS_IN_HBM = {"v5p": 6}
+# assignment (BENCHMARKS.md, "Issue 16's table"); tpu7x's XLA counts 84-237 MiB beyond its assignment, fitted as
+# three more (BENCHMARKS.md, "Prefill on tpu7x").
+PREFILL_TOKEN_ROWS_IN_HBM = {"v5p": 6, "tpu7x": 7}
 # The same in a decode call, fitted to issue 16's table of decode calls: what lives through the call, and what
 # lives only in a step's layers phase (BENCHMARKS.md, "Decode on a TPU: what grows with the layers").
 DECODE_BYTES_PER_LAYER = 9 << 17  # 1.125 MiB
@@ -153,7 +154,7 @@ def decode_working_per_chip(
 
 def prefill_working_per_chip(
     cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, prefill_tokens: int, dtype,
-    packed_experts: bool = False, chip: str = "",
+    packed_experts: bool = False, chip: str = "", retiled_gate_up: int = 0,
 ) -> int:  # fmt: skip
     """The largest prefill call's temporaries on one chip (prompt pieces of at most `prefill_tokens` tokens in
     all, a row or more per data shard), as `chip`'s compiler lays them out: buffers of every token's rows
@@ -162,7 +163,8 @@ def prefill_working_per_chip(
     tokens in the experts (`model.expert_chunk_tokens`): its token copies in their experts' order and the
     experts' output rows, for packed experts (the TPU kernel) rows padded to whole row blocks
     (`model.block_layout`) in and out; and PREFILL_BYTES_PER_LAYER a layer. Rows of `hidden_size` are padded to
-    the 128 lanes."""
+    the 128 lanes. On tpu7x, where the experts loop over chunks, two chunks' buffers and a layer's bf16 `gate_up`
+    re-tiled for the loop (`retiled_gate_up` bytes); in one chunk, bf16 experts' token copies in both tilings."""
     data = sizes["data"]
     piece = min(max(1, prefill_tokens // data), max_len)
     rows = math.ceil(min(max_slots, max(data, prefill_tokens // piece)) / data)
@@ -174,7 +176,22 @@ def prefill_working_per_chip(
         rows_a_block, blocks = block_layout(copies, cfg.num_experts // sizes["expert"], KERNEL_BLOCK_ROWS)
         expert_rows = 2 * rows_a_block * blocks
     token_rows = PREFILL_TOKEN_ROWS_IN_HBM.get(chip, 4) * tokens
-    return (token_rows + copies + expert_rows) * row_bytes + cfg.num_layers * PREFILL_BYTES_PER_LAYER
+    chunk = (copies + expert_rows) * row_bytes
+    working = token_rows * row_bytes + chunk + cfg.num_layers * PREFILL_BYTES_PER_LAYER
+    if chip != "tpu7x":
+        return working
+    chunks_loop = tokens > expert_chunk_tokens(cfg)
+    return working + _tpu7x_prefill_copies(chunk, copies * row_bytes, chunks_loop, packed_experts, retiled_gate_up)
+
+
+def _tpu7x_prefill_copies(chunk: int, token_copies: int, chunks_loop: bool, packed_experts: bool,
+                          retiled_gate_up: int) -> int:  # fmt: skip
+    """What tpu7x's prefill calls hold beyond other chips' (buffer dumps, BENCHMARKS.md "Prefill on tpu7x"): where
+    the experts loop over chunks, a second chunk's buffers and a layer's `gate_up` re-tiled into (16, 128) tiles
+    for the loop; in one chunk, bf16 experts' token copies in (16, 128) tiles beside (8, 128) ones."""
+    if chunks_loop:
+        return chunk + retiled_gate_up
+    return 0 if packed_experts else token_copies
 
 
 def plan_memory(
@@ -198,6 +215,8 @@ def plan_memory(
     placements = weight_placements(cfg, sizes, dtype, packed_experts=packed_experts)
     weights = sum(p.bytes_per_device for p in placements)
     retiled = retiled_weights_per_chip(placements, sizes, dtype) if chip == "tpu7x" and steps_per_call > 1 else 0
+    gate_up = [p for p in placements if p.name == "layers.0.mlp.gate_up"]
+    retiled_gate_up = retiled_weights_per_chip(gate_up, sizes, dtype) if chip == "tpu7x" else 0
     pool = pool or page_pool(max_slots, max_len)
     page_size, kv_pages = pool
     return MemoryPlan(
@@ -205,7 +224,7 @@ def plan_memory(
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, page_size * kv_pages, dtype, rings),
         decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, dtype, rings, retiled, chip),
         prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype,
-                                                 packed_experts, chip),
+                                                 packed_experts, chip, retiled_gate_up),
         pool_tokens=page_size * kv_pages // sizes["data"],
     )
 

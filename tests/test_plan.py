@@ -1,0 +1,32 @@
+"""The plan's model of a chip's working memory, where it differs by chip (what each term is: BENCHMARKS.md)."""
+
+import pytest
+
+from gptoss_dist import plan
+from gptoss_dist.config import FULL, SLIDING, ModelConfig
+
+ROW = 2944 * 2  # a bf16 row of the 20B's 2,880 widths, padded to the 128 lanes
+
+
+@pytest.mark.parametrize(
+    ("prefill_tokens", "mesh", "packed", "beyond_v6e"),
+    [
+        # 2 chunks of 4,096 tokens: a second chunk's 16,384 token copies and experts' rows, a layer's gate_up
+        (8192, (1, 8, 1), False, 3 * 8192 * ROW + 2 * 16384 * ROW + 32 * 2880 * (5760 // 8) * 2),
+        (4096, (1, 8, 1), False, 3 * 4096 * ROW + 16384 * ROW),  # one chunk: its token copies in both tilings
+        (4096, (1, 2, 4), True, 3 * 4096 * ROW),  # one chunk into the packed experts' kernel
+    ],
+    ids=["bf16-two-chunks", "bf16-one-chunk", "packed-one-chunk"],
+)
+def test_on_tpu7x_a_prefill_call_holds_what_its_dumps_show_beyond_a_v6e(prefill_tokens, mesh, packed, beyond_v6e):
+    """tpu7x's prefill: three more buffers of the tokens' rows, and where the experts loop over chunks a second
+    chunk and the layer's bf16 gate_up re-tiled for the loop; bf16 experts in one chunk hold their token copies
+    twice."""
+    cfg = ModelConfig(num_layers=2, layer_types=(SLIDING, FULL))
+    sizes = dict(zip(("data", "tensor", "expert"), mesh))
+    tpu7x, v6e = (
+        plan.plan_memory(cfg, sizes, max_slots=64, max_len=8192, prefill_tokens=prefill_tokens, packed_experts=packed,
+                         chip=chip).prefill_working
+        for chip in ("tpu7x", "v6e")
+    )  # fmt: skip
+    assert tpu7x - v6e == beyond_v6e
