@@ -219,8 +219,11 @@ def _finished(slots: Slots, max_len: int) -> jax.Array:
 def _next_tokens(
     model: GptOss, slots: Slots, hidden: jax.Array, logprobs: bool
 ) -> tuple[jax.Array, TokenScores | None]:
-    """The next token of each slot, and with `logprobs` their scores."""
-    logits = model.logits(hidden)[:, -1]
+    """The next token of each slot, and with `logprobs` their scores. The logits, split over the vocabulary, are
+    re-split over their rows (`sampling_rows`): each device sorts, draws and scores whole-vocabulary rows for its
+    share of the slots only, where without it the TPU compiler gathers every row's onto every device (at 960
+    slots of the 20B on v6e:2x4, 3.1 GiB of temporaries a chip; BENCHMARKS.md)."""
+    logits = constrain(model.logits(hidden)[:, -1], ("sampling_rows", None))
     keys = token_keys(slots.seed, slots.generated)
     tokens = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
     return tokens, token_scores(logits, tokens) if logprobs else None

@@ -8,8 +8,8 @@ each slot's window in the sliding layers and the pool of `kv_pages` pages of `pa
 full-attention layers, split over `data` and, where they divide, the KV heads over `tensor`; the plan says how
 many tokens the pool holds per chip. Working memory is a model of XLA's temporaries for a TPU, buffer by buffer
 from their shapes (what they are: BENCHMARKS.md, "Working memory on a TPU"), per call: the decode call's
-(sampling's float32 logits over the vocabulary, the sliding layers' windows re-laid, a little a layer; on tpu7x,
-the weights its matmuls read, re-tiled) and the largest prefill call's (the residual stream beside one chunk of
+(sampling's float32 rows over the vocabulary, a chip's share of the slots; a little a layer; on tpu7x, the
+weights its matmuls read, re-tiled) and the largest prefill call's (the residual stream beside one chunk of
 the experts' token copies); the plan counts the larger. `gptoss_dist.compile` gives XLA's own figures for a TPU
 topology.
 """
@@ -28,7 +28,7 @@ from gptoss_dist.config import ModelConfig
 from gptoss_dist.engine import cache_bytes, page_pool
 from gptoss_dist.model import KERNEL_BLOCK_ROWS, block_layout, expert_chunk_tokens
 from gptoss_dist.placements import Placement, weight_placements
-from gptoss_dist.sharding import MESH_AXES, check_model_fits_mesh, mesh_shape, spec_divisor
+from gptoss_dist.sharding import MESH_AXES, check_model_fits_mesh, logical_to_spec, mesh_shape, spec_divisor
 
 GiB = 1 << 30
 # Memory per device: a chip's, except tpu7x's 192 GiB chip, which JAX sees as two devices.
@@ -48,16 +48,16 @@ PREFILL_BYTES_PER_LAYER = 3 << 20
 # assignment (BENCHMARKS.md, "Issue 16's table"); tpu7x's XLA counts 84-237 MiB beyond its assignment, fitted as
 # three more (BENCHMARKS.md, "Prefill on tpu7x").
 PREFILL_TOKEN_ROWS_IN_HBM = {"v5p": 6, "tpu7x": 7}
-# The same in a decode call, fitted to issue 16's table of decode calls: what lives through the call, and what
-# lives only in a step's layers phase (BENCHMARKS.md, "Decode on a TPU: what grows with the layers").
-DECODE_BYTES_PER_LAYER = 9 << 17  # 1.125 MiB
-DECODE_STEP_BYTES_PER_LAYER = 1 << 19
-# Float32 logits over the whole vocabulary that a decode call's sampling holds in HBM at once, by chip (others:
-# 2): v5p holds three in its buffer assignment and counts a fourth beyond it. v5e keeps them in on-chip memory,
-# all of them where the vocabulary's logits are split V5E_ON_CHIP_SPLIT ways or more (v5e:2x4 and v5e:4x4), all
-# but one where they are split 4 ways (v5e:2x2).
-SAMPLING_LOGITS_IN_HBM = {"v5p": 4}
-V5E_ON_CHIP_SPLIT = 8
+# The same in a decode call, fitted to issue 16's table of decode calls (BENCHMARKS.md, "Decode on a TPU: what
+# grows with the layers", and "Sampling a row a device").
+DECODE_BYTES_PER_LAYER = 13 << 17  # 1.625 MiB
+# A decode call's sampling holds float32 buffers of a chip's share of the rows over the whole vocabulary (the
+# engine's `sampling_rows`): the logits, the sort's keys and indices, the noisy logits. Where each is at most
+# SAMPLING_ON_CHIP_ROW_BYTES (by chip; tpu7x kept none on chip at 24.5 MiB), one is in HBM and the rest in on-chip
+# memory; where larger, SAMPLING_ROW_BUFFERS of them are in HBM at once (others: 4). Read off buffer dumps:
+# BENCHMARKS.md, "Sampling a row a device".
+SAMPLING_ROW_BUFFERS = {"v5e": 3, "v6e": 4, "v5p": 4, "tpu7x": 5}
+SAMPLING_ON_CHIP_ROW_BYTES = {"v5e": 32 << 20, "v6e": 32 << 20, "v5p": 8 << 20}
 
 
 class PlanError(ValueError):
@@ -92,11 +92,6 @@ def kv_cache_per_chip(
     return cache_bytes(cfg, max_slots, max_len, pool_tokens, dtype, rings) // (sizes["data"] * kv_split)
 
 
-def _kv_heads_per_chip(cfg: ModelConfig, sizes: Mapping[str, int]) -> int:
-    tensor = sizes["tensor"]
-    return cfg.num_kv_heads // tensor if cfg.num_kv_heads % tensor == 0 else cfg.num_kv_heads
-
-
 def _round_up(count: int, multiple: int) -> int:
     return -(-count // multiple) * multiple
 
@@ -119,37 +114,33 @@ def retiled_weights_per_chip(placements: Sequence[Placement], sizes: Mapping[str
     return total
 
 
-def _whole_logits_in_hbm(chip: str, split: int) -> int:
-    """How many whole-vocabulary float32 logits a decode call on `chip` holds in HBM, its logits split `split`
-    ways over the mesh."""
-    if chip == "v5e":
-        return 0 if split >= V5E_ON_CHIP_SPLIT else 1
-    return SAMPLING_LOGITS_IN_HBM.get(chip, 2)
+def sampling_rows_per_chip(sizes: Mapping[str, int], max_slots: int, vocab_size: int) -> int:
+    """The rows of logits one chip samples in a decode step: its share of the slots over every device where they
+    divide, else over `data` (`sharding`'s rule for `sampling_rows`)."""
+    spec = logical_to_spec(("sampling_rows", None), (max_slots, vocab_size), sizes)
+    return max_slots // spec_divisor(spec, sizes)[0]
+
+
+def _sampling_bytes(chip: str, row_buffer: int) -> int:
+    """The bytes of HBM a decode step's sampling holds on `chip`, its buffers `row_buffer` bytes each."""
+    if row_buffer <= SAMPLING_ON_CHIP_ROW_BYTES.get(chip, 0):
+        return row_buffer
+    return SAMPLING_ROW_BUFFERS.get(chip, 4) * row_buffer
 
 
 def decode_working_per_chip(
-    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, dtype, rings: bool = True,
-    retiled_weights: int = 0, chip: str = "",
-) -> int:  # fmt: skip
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, dtype, retiled_weights: int = 0, chip: str = ""
+) -> int:
     """The decode call's temporaries on one chip, as `chip`'s compiler (a CHIPS name) lays them out:
-    DECODE_BYTES_PER_LAYER a layer, the weights re-tiled for the call (`retiled_weights` bytes: tpu7x's), the
-    sliding layers' rings (`rings`) re-laid for attention, and the larger of two phases of a step that are not live
-    together. Sampling: float32 logits [slots of a data shard, vocabulary], whole (`_whole_logits_in_hbm` of them)
-    and twice the size of a chip's shard of them (the logits' shard, and the sort's indices for a shard of the
-    slots). The layers: DECODE_STEP_BYTES_PER_LAYER a layer, and each layer's experts' down bias masked to one
-    device of `tensor`, twice. The re-laid rings are live through the call with one KV head a chip, and in the
-    layers' phase of each step with more. The pool is read in place. Rows of `hidden_size` are padded to the 128
-    lanes."""
-    itemsize = np.dtype(dtype).itemsize
-    rows = max_slots // sizes["data"]
-    logits = rows * cfg.vocab_size * F32
-    split = sizes["tensor"] * sizes["expert"]
-    sampling = _whole_logits_in_hbm(chip, split) * logits + 2 * logits // split
-    down_bias = cfg.num_experts // sizes["expert"] * _round_up(cfg.hidden_size, LANES) * itemsize
-    relaid_rings = kv_cache_per_chip(cfg, sizes, max_slots, max_len, 0, dtype) if rings else 0
-    whole_call, layers = (relaid_rings, 0) if _kv_heads_per_chip(cfg, sizes) == 1 else (0, relaid_rings)
-    layers += cfg.num_layers * (DECODE_STEP_BYTES_PER_LAYER + 2 * down_bias)
-    return cfg.num_layers * DECODE_BYTES_PER_LAYER + retiled_weights + whole_call + max(sampling, layers)
+    DECODE_BYTES_PER_LAYER a layer, the weights re-tiled for the call (`retiled_weights` bytes: tpu7x's),
+    sampling's float32 rows of the whole vocabulary, a chip's share of the slots (`sampling_rows_per_chip`;
+    `_sampling_bytes`), and each layer's experts' down bias masked to one device of `tensor`, twice. The pool is
+    read in place, and the sliding layers' windows re-laid for attention sit in on-chip memory. Rows of
+    `hidden_size` are padded to the 128 lanes."""
+    row_buffer = sampling_rows_per_chip(sizes, max_slots, cfg.vocab_size) * cfg.vocab_size * F32
+    down_bias = cfg.num_experts // sizes["expert"] * _round_up(cfg.hidden_size, LANES) * np.dtype(dtype).itemsize
+    layers = cfg.num_layers * (DECODE_BYTES_PER_LAYER + 2 * down_bias)
+    return layers + retiled_weights + _sampling_bytes(chip, row_buffer)
 
 
 def prefill_working_per_chip(
@@ -222,7 +213,7 @@ def plan_memory(
     return MemoryPlan(
         weights=weights,
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, page_size * kv_pages, dtype, rings),
-        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, dtype, rings, retiled, chip),
+        decode_working=decode_working_per_chip(cfg, sizes, max_slots, dtype, retiled, chip),
         prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype,
                                                  packed_experts, chip, retiled_gate_up),
         pool_tokens=page_size * kv_pages // sizes["data"],

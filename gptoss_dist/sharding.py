@@ -39,11 +39,16 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "expert_mlp": ("tensor",),
     # activations and KV cache
     "batch": ("data",),
+    # a decode step's rows of logits while it samples: each device sorts and draws for its own rows over the
+    # whole vocabulary, instead of every device holding every row's
+    "sampling_rows": ("data", "tensor", "expert"),
     "seq": None,
     "cache_seq": None,
 }
 # Logical axes that fall back to replication when their mesh axes do not divide them.
 REPLICATE_IF_INDIVISIBLE = {"kv_heads"}
+# Logical axes that fall back to another's mesh axes when theirs do not divide them.
+FALLBACK_IF_INDIVISIBLE = {"sampling_rows": "batch"}
 
 
 class MeshError(ValueError):
@@ -116,13 +121,21 @@ def logical_to_spec(
     """The PartitionSpec of an array with these logical axes, on a mesh of these sizes."""
     spec = []
     for name, dim in zip(logical_axes, shape, strict=True):
-        axes = tuple(a for a in (RULES[name] or ()) if sizes[a] > 1) if name is not None else ()
-        if axes and dim % math.prod(sizes[a] for a in axes):
-            if name not in REPLICATE_IF_INDIVISIBLE:
-                raise MeshError(f"axis {name!r} of size {dim} does not divide over mesh axes {axes}")
-            axes = ()
+        axes = _dividing_axes(name, dim, sizes) if name is not None else ()
         spec.append(axes[0] if len(axes) == 1 else (axes or None))
     return PartitionSpec(*spec)
+
+
+def _dividing_axes(name: str, dim: int, sizes: Mapping[str, int]) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split a dimension of `dim` with logical axis `name`."""
+    axes = tuple(a for a in (RULES[name] or ()) if sizes[a] > 1)
+    if not axes or dim % math.prod(sizes[a] for a in axes) == 0:
+        return axes
+    if name in REPLICATE_IF_INDIVISIBLE:
+        return ()
+    if name in FALLBACK_IF_INDIVISIBLE:
+        return _dividing_axes(FALLBACK_IF_INDIVISIBLE[name], dim, sizes)
+    raise MeshError(f"axis {name!r} of size {dim} does not divide over mesh axes {axes}")
 
 
 def spec_divisor(spec: PartitionSpec, sizes: Mapping[str, int]) -> list[int]:

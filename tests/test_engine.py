@@ -58,7 +58,9 @@ def test_seeded_sampling_depends_only_on_the_request(checkpoint, model):
     mesh = mesh_of((2, 2, 2))
     sharded = from_pretrained(checkpoint, dtype=jnp.float32, mesh=mesh)
     on_mesh = probe_tokens(Engine(sharded, mesh, max_slots=4, max_len=96), [*others[:5], sampled(probe)])
-    assert alone == in_batch == after_refill == on_mesh
+    # eight slots: each of the mesh's eight devices samples its own row (four: each data shard samples its two)
+    row_a_device = probe_tokens(Engine(sharded, mesh, max_slots=8, max_len=96), [*others, sampled(probe)])
+    assert alone == in_batch == after_refill == on_mesh == row_a_device
     other_seed = Engine(model, max_slots=1, max_len=64).generate([Request(probe, 24, 1.0, 40, 0.9, seed=99)])
     assert other_seed[0].tokens != alone
 

@@ -65,11 +65,11 @@ def check_against(reference, request: Request, result: Result) -> None:
 
 
 def test_logprobs_equal_transformers_across_prompt_pieces_on_a_mesh(small_checkpoint, reference):
-    """Prefill calls of two rows of 8 tokens on a 2x2x2 mesh: the prompts go in 4 and 3 pieces. (The engine runs
-    the same code unsharded.)"""
+    """Prefill calls of two rows of 8 tokens on a 2x2x2 mesh: the prompts go in 4 and 3 pieces. Eight slots: a
+    decode step scores each slot's token on its own device. (The engine runs the same code unsharded.)"""
     mesh = make_mesh(dict(zip(MESH_AXES, (2, 2, 2))), small_config(), jax.devices()[:8])
     model = from_pretrained(small_checkpoint, dtype=jnp.float32, mesh=mesh)
-    engine = Engine(model, mesh, max_slots=2, max_len=64, steps_per_call=4, prefill_tokens=16, min_prefill_len=8)
+    engine = Engine(model, mesh, max_slots=8, max_len=64, steps_per_call=4, prefill_tokens=16, min_prefill_len=8)
     requests = scored_requests()
     results = engine.generate(requests)
     assert set(engine.prefill_shapes) == {(2, 8)} and sum(engine.prefill_shapes.values()) >= 4

@@ -30,3 +30,25 @@ def test_on_tpu7x_a_prefill_call_holds_what_its_dumps_show_beyond_a_v6e(prefill_
         for chip in ("tpu7x", "v6e")
     )  # fmt: skip
     assert tpu7x - v6e == beyond_v6e
+
+
+@pytest.mark.parametrize(
+    ("slots", "mesh", "chip", "in_hbm"),
+    [
+        (64, (1, 8, 1), "v6e", 8),  # 8 rows a chip (6.1 MiB): one buffer in HBM, the rest on chip
+        (512, (1, 8, 1), "v6e", 4 * 64),  # 64 rows a chip (49 MiB): four in HBM
+        (512, (1, 8, 1), "v5e", 3 * 64),
+        (64, (1, 4, 1), "v5p", 4 * 16),  # 16 rows (12.3 MiB) are past v5p's on-chip share
+        (4, (1, 8, 1), "v6e", 4),  # 4 rows do not divide over 8 devices: every row on each chip of the data shard
+        (12, (2, 2, 2), "v6e", 6),  # nor 12 rows over 8: each data shard's 6
+    ],
+)
+def test_decode_sampling_counts_a_chip_s_rows_of_the_vocabulary(slots, mesh, chip, in_hbm):
+    """Sampling's float32 rows of the whole vocabulary: a chip's share of the slots where they divide over the
+    mesh (else its data shard's), one buffer in HBM while a buffer fits the chip's on-chip share, else the
+    chip's count of them (buffer dumps: BENCHMARKS.md)."""
+    cfg = ModelConfig(num_layers=2, layer_types=(SLIDING, FULL))
+    sizes = dict(zip(("data", "tensor", "expert"), mesh))
+    working = plan.plan_memory(cfg, sizes, max_slots=slots, max_len=8192, chip=chip).decode_working
+    layers = 2 * (plan.DECODE_BYTES_PER_LAYER + 2 * cfg.num_experts // sizes["expert"] * ROW)
+    assert working - layers == in_hbm * cfg.vocab_size * 4

@@ -111,6 +111,19 @@ def test_kv_heads_are_replicated_where_tensor_does_not_divide_them():
     assert logical_to_spec(("embed", "q_heads", "head_dim"), (64, 8, 16), sizes) == PartitionSpec(None, "tensor", None)
 
 
+def test_sampling_rows_spread_over_every_device_and_else_over_data():
+    """A decode step's logits [rows, vocabulary] are sampled a row a device where the rows divide over the whole
+    mesh; where they do not, over `data` as the batch is; where they do not divide over `data` either, it is an
+    error, as for the batch."""
+    sizes = {"data": 2, "tensor": 2, "expert": 2}
+    axes = ("sampling_rows", None)
+    assert logical_to_spec(axes, (16, 64), sizes) == PartitionSpec(("data", "tensor", "expert"), None)
+    assert logical_to_spec(axes, (4, 64), sizes) == PartitionSpec("data", None)
+    assert logical_to_spec(axes, (8, 64), {"data": 1, "tensor": 8, "expert": 1}) == PartitionSpec("tensor", None)
+    with pytest.raises(MeshError, match="axis 'batch' of size 3 does not divide over mesh axes"):
+        logical_to_spec(axes, (3, 64), sizes)
+
+
 def test_compiled_forward_never_gathers_expert_weights(checkpoint, batch):
     tokens, mask, _ = batch
     mesh = mesh_of((2, 2, 2))
