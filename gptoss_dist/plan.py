@@ -51,13 +51,14 @@ PREFILL_TOKEN_ROWS_IN_HBM = {"v5p": 6, "tpu7x": 7}
 # The same in a decode call, fitted to issue 16's table of decode calls (BENCHMARKS.md, "Decode on a TPU: what
 # grows with the layers", and "Sampling a row a device").
 DECODE_BYTES_PER_LAYER = 13 << 17  # 1.625 MiB
+# The largest of a decode call's buffers that the compiler keeps in on-chip memory, by chip (tpu7x kept none at
+# 24.5 MiB; others: none): sampling's and the sliding layers' windows re-laid for attention, one layer's.
+ON_CHIP_BUFFER_BYTES = {"v5e": 32 << 20, "v6e": 32 << 20, "v5p": 8 << 20}
 # A decode call's sampling holds float32 buffers of a chip's share of the rows over the whole vocabulary (the
-# engine's `sampling_rows`): the logits, the sort's keys and indices, the noisy logits. Where each is at most
-# SAMPLING_ON_CHIP_ROW_BYTES (by chip; tpu7x kept none on chip at 24.5 MiB), one is in HBM and the rest in on-chip
-# memory; where larger, SAMPLING_ROW_BUFFERS of them are in HBM at once (others: 4). Read off buffer dumps:
-# BENCHMARKS.md, "Sampling a row a device".
+# engine's `sampling_rows`): the logits, the sort's keys and indices, the noisy logits. Where each fits on chip,
+# one is in HBM and the rest on chip; where not, SAMPLING_ROW_BUFFERS of them are in HBM at once (others: 4). Read
+# off buffer dumps: BENCHMARKS.md, "Sampling a row a device".
 SAMPLING_ROW_BUFFERS = {"v5e": 3, "v6e": 4, "v5p": 4, "tpu7x": 5}
-SAMPLING_ON_CHIP_ROW_BYTES = {"v5e": 32 << 20, "v6e": 32 << 20, "v5p": 8 << 20}
 
 
 class PlanError(ValueError):
@@ -123,24 +124,36 @@ def sampling_rows_per_chip(sizes: Mapping[str, int], max_slots: int, vocab_size:
 
 def _sampling_bytes(chip: str, row_buffer: int) -> int:
     """The bytes of HBM a decode step's sampling holds on `chip`, its buffers `row_buffer` bytes each."""
-    if row_buffer <= SAMPLING_ON_CHIP_ROW_BYTES.get(chip, 0):
+    if row_buffer <= ON_CHIP_BUFFER_BYTES.get(chip, 0):
         return row_buffer
     return SAMPLING_ROW_BUFFERS.get(chip, 4) * row_buffer
 
 
+def _relaid_windows_bytes(
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, dtype, chip: str
+) -> int:  # fmt: skip
+    """The bytes of HBM that the sliding layers' windows, re-laid for attention, take on `chip`: none where a
+    layer's fits on chip, else every layer's."""
+    windows = kv_cache_per_chip(cfg, sizes, max_slots, max_len, 0, dtype)
+    sliding_layers = sum(cfg.window(layer) is not None for layer in range(cfg.num_layers))
+    return 0 if windows <= sliding_layers * ON_CHIP_BUFFER_BYTES.get(chip, 0) else windows
+
+
 def decode_working_per_chip(
-    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, dtype, retiled_weights: int = 0, chip: str = ""
-) -> int:
+    cfg: ModelConfig, sizes: Mapping[str, int], max_slots: int, max_len: int, dtype, rings: bool = True,
+    retiled_weights: int = 0, chip: str = "",
+) -> int:  # fmt: skip
     """The decode call's temporaries on one chip, as `chip`'s compiler (a CHIPS name) lays them out:
     DECODE_BYTES_PER_LAYER a layer, the weights re-tiled for the call (`retiled_weights` bytes: tpu7x's),
     sampling's float32 rows of the whole vocabulary, a chip's share of the slots (`sampling_rows_per_chip`;
-    `_sampling_bytes`), and each layer's experts' down bias masked to one device of `tensor`, twice. The pool is
-    read in place, and the sliding layers' windows re-laid for attention sit in on-chip memory. Rows of
-    `hidden_size` are padded to the 128 lanes."""
+    `_sampling_bytes`), the sliding layers' windows (`rings`) re-laid for attention where they do not fit on chip,
+    and each layer's experts' down bias masked to one device of `tensor`, twice. The pool is read in place. Rows
+    of `hidden_size` are padded to the 128 lanes."""
     row_buffer = sampling_rows_per_chip(sizes, max_slots, cfg.vocab_size) * cfg.vocab_size * F32
     down_bias = cfg.num_experts // sizes["expert"] * _round_up(cfg.hidden_size, LANES) * np.dtype(dtype).itemsize
     layers = cfg.num_layers * (DECODE_BYTES_PER_LAYER + 2 * down_bias)
-    return layers + retiled_weights + _sampling_bytes(chip, row_buffer)
+    windows = _relaid_windows_bytes(cfg, sizes, max_slots, max_len, dtype, chip) if rings else 0
+    return layers + retiled_weights + _sampling_bytes(chip, row_buffer) + windows
 
 
 def prefill_working_per_chip(
@@ -213,7 +226,7 @@ def plan_memory(
     return MemoryPlan(
         weights=weights,
         kv_cache=kv_cache_per_chip(cfg, sizes, max_slots, max_len, page_size * kv_pages, dtype, rings),
-        decode_working=decode_working_per_chip(cfg, sizes, max_slots, dtype, retiled, chip),
+        decode_working=decode_working_per_chip(cfg, sizes, max_slots, max_len, dtype, rings, retiled, chip),
         prefill_working=prefill_working_per_chip(cfg, sizes, max_slots, max_len, prefill_tokens, dtype,
                                                  packed_experts, chip, retiled_gate_up),
         pool_tokens=page_size * kv_pages // sizes["data"],

@@ -52,3 +52,21 @@ def test_decode_sampling_counts_a_chip_s_rows_of_the_vocabulary(slots, mesh, chi
     working = plan.plan_memory(cfg, sizes, max_slots=slots, max_len=8192, chip=chip).decode_working
     layers = 2 * (plan.DECODE_BYTES_PER_LAYER + 2 * cfg.num_experts // sizes["expert"] * ROW)
     assert working - layers == in_hbm * cfg.vocab_size * 4
+
+
+@pytest.mark.parametrize(("slots", "mesh", "chip", "counted"), [
+    (64, (1, 2, 4), "v6e", False),  # 4 KV heads a chip: a layer's window 8 MiB, on chip
+    (288, (1, 2, 4), "v6e", True),  # 36 MiB a layer: in HBM, as at 288 slots of the 20B packed on v6e:2x4
+    (64, (1, 2, 4), "tpu7x", True),  # tpu7x keeps none on chip
+])  # fmt: skip
+def test_decode_counts_the_windows_re_laid_for_attention_where_a_layer_s_does_not_fit_on_chip(
+    slots, mesh, chip, counted
+):
+    cfg = ModelConfig(num_layers=2, layer_types=(SLIDING, FULL))
+    sizes = dict(zip(("data", "tensor", "expert"), mesh))
+    with_rings, without = (
+        plan.plan_memory(cfg, sizes, max_slots=slots, max_len=8192, chip=chip, rings=rings).decode_working
+        for rings in (True, False)
+    )
+    window = slots * cfg.sliding_window * 4 * cfg.head_dim * 2 * 2  # keys and values, 4 KV heads a chip, bf16
+    assert with_rings - without == (window if counted else 0)
