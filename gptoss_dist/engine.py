@@ -221,8 +221,8 @@ def _next_tokens(
 ) -> tuple[jax.Array, TokenScores | None]:
     """The next token of each slot, and with `logprobs` their scores. The logits, split over the vocabulary, are
     re-split over their rows (`sampling_rows`): each device sorts, draws and scores whole-vocabulary rows for its
-    share of the slots only, where without it the TPU compiler gathers every row's onto every device (at 960
-    slots of the 20B on v6e:2x4, 3.1 GiB of temporaries a chip; BENCHMARKS.md)."""
+    share of the slots only. Without it the TPU compiler gathers every row onto every device: a 2-layer call of the
+    20B's widths at 960 slots on v6e:2x4 held 3.07 GiB of temporaries a chip, 0.38 GiB with it (BENCHMARKS.md)."""
     logits = constrain(model.logits(hidden)[:, -1], ("sampling_rows", None))
     keys = token_keys(slots.seed, slots.generated)
     tokens = sample(logits, keys, slots.temperature, slots.top_k, slots.top_p)
