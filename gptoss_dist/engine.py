@@ -161,8 +161,11 @@ def cache_bytes(
 def page_pool(max_slots: int, max_len: int, page_size: int = 0, kv_pages: int = 0, data: int = 1) -> tuple[int, int]:
     """(page_size, kv_pages) of the full-attention layers' pool, 0 meaning the default: a page of `max_len`
     positions, and as many pages as every slot needs at full length. ValueError, naming the setting, where the
-    page size does not divide max_len, the mesh's `data` shards do not divide the pages, or a shard's pages
-    (each slot takes its pages from its own shard's, `_PagePool`) cannot hold one sequence of max_len."""
+    mesh's `data` shards do not divide the slots or the pages, the page size does not divide max_len, or a
+    shard's pages (each slot takes its pages from its own shard's, `_PagePool`) cannot hold one sequence of
+    max_len."""
+    if max_slots % data:
+        raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
     if page_size < 0 or kv_pages < 0:
         raise ValueError(f"page_size ({page_size}) and kv_pages ({kv_pages}) must be >= 0 (0: the default)")
     page_size = page_size or max_len
@@ -582,8 +585,6 @@ class Engine:
         self.stop_tokens = tuple(stop_tokens)
         self.stop_width = len(self.stop_tokens) + MAX_REQUEST_STOP_TOKENS
         data = mesh_sizes(mesh)["data"] if mesh is not None else 1
-        if max_slots % data:
-            raise ValueError(f"max_slots={max_slots} must be a multiple of the mesh's data axis ({data})")
         self.page_size, self.kv_pages = page_pool(max_slots, max_len, page_size, kv_pages, data)
         self.data_shards = data
         self.prefix_caching = prefix_caching

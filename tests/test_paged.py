@@ -158,6 +158,8 @@ def test_n_samples_are_the_requests_seeded_seed_plus_index(model, mixed):
 def test_bad_page_settings_are_refused_by_name(model, pool, message):
     with pytest.raises(ValueError, match=message):
         mixed_engine(model, **pool)
+    with pytest.raises(ValueError, match=r"max_slots=3 must be a multiple of the mesh's data axis \(2\)"):
+        page_pool(3, 96, 8, 16, data=2)
     with pytest.raises(ValueError, match="kv_pages=13 must be a multiple of the mesh's data axis"):
         page_pool(4, 96, 8, 13, data=2)
     with pytest.raises(ValueError, match="kv_pages=18, 9 in each of the mesh's 2 data shards, cannot hold one"):
