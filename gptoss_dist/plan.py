@@ -51,8 +51,8 @@ PREFILL_TOKEN_ROWS_IN_HBM = {"v5p": 6, "tpu7x": 7}
 # The same in a decode call, fitted to issue 16's table of decode calls (BENCHMARKS.md, "Decode on a TPU: what
 # grows with the layers", and "Sampling a row a device").
 DECODE_BYTES_PER_LAYER = 13 << 17  # 1.625 MiB
-# The largest of a decode call's buffers that the compiler keeps in on-chip memory, by chip (tpu7x kept none at
-# 24.5 MiB; others: none): sampling's and the sliding layers' windows re-laid for attention, one layer's.
+# The largest decode-call buffer the compiler keeps in on-chip memory, by chip (others: none; tpu7x kept none even
+# at 24.5 MiB): one of sampling's row buffers, or one layer's window re-laid for attention.
 ON_CHIP_BUFFER_BYTES = {"v5e": 32 << 20, "v6e": 32 << 20, "v5p": 8 << 20}
 # A decode call's sampling holds float32 buffers of a chip's share of the rows over the whole vocabulary (the
 # engine's `sampling_rows`): the logits, the sort's keys and indices, the noisy logits. Where each fits on chip,
